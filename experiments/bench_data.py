@@ -1,0 +1,124 @@
+"""Data-pipeline throughput: generation + batching, and batching alone from cached arrays.
+
+Usage: `python experiments/bench_data.py --json` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import numpy as np
+
+from pdeformer.data import (
+    ListOpsConfig,
+    PathfinderConfig,
+    Split,
+    generate_listops,
+    generate_pathfinder,
+    iterate_batches,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark settings.
+
+    **Arguments:**
+
+    - `listops_examples`, `pathfinder_examples`: examples generated per measurement.
+    - `listops_min_length`, `listops_max_length`: ListOps bounds (LRA: 500, 2000).
+    - `batch_size`: batch size for batching (LRA: 32 ListOps, 512 Pathfinder; one size here).
+    - `batching_repeats`: epochs over the cached arrays for the batching-only figure.
+    - `seed`: generation seed.
+    """
+
+    listops_examples: int = 500
+    pathfinder_examples: int = 4096
+    listops_min_length: int = 500
+    listops_max_length: int = 2000
+    batch_size: int = 32
+    batching_repeats: int = 5
+    seed: int = 0
+
+
+def _drain(split: Split, batch_size: int, epochs: int, pad_to: int | None) -> int:
+    count = 0
+    for epoch in range(epochs):
+        for batch in iterate_batches(split, batch_size, seed=0, epoch=epoch, pad_to=pad_to):
+            count += batch.labels.shape[0]
+    return count
+
+
+def train_steps_per_second(config: BenchConfig) -> float | None:
+    """TODO(model): fill in with the model's jitted train step on a generated batch.
+
+    **Arguments:**
+
+    - `config`: benchmark settings.
+
+    **Returns:**
+
+    Steps per second, or `None` until the model exists.
+    """
+    del config
+    return None
+
+
+def main(config: BenchConfig) -> dict[str, float | None]:
+    """Run the benchmarks.
+
+    **Arguments:**
+
+    - `config`: benchmark settings.
+
+    **Returns:**
+
+    A dict with `listops_examples_per_second`, `pathfinder_examples_per_second` (generation +
+    batching), the matching `*_batching_examples_per_second` (cached arrays) and
+    `train_steps_per_second`.
+    """
+    out: dict[str, float | None] = {}
+    lcfg = ListOpsConfig(min_length=config.listops_min_length, max_length=config.listops_max_length)
+    t0 = time.perf_counter()
+    listops = generate_listops(config.listops_examples, lcfg, seed=config.seed)
+    n = _drain(listops, config.batch_size, 1, pad_to=lcfg.max_length)
+    out["listops_examples_per_second"] = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    n = _drain(listops, config.batch_size, config.batching_repeats, pad_to=lcfg.max_length)
+    out["listops_batching_examples_per_second"] = n / (time.perf_counter() - t0)
+
+    pcfg = PathfinderConfig()
+    t0 = time.perf_counter()
+    images, labels = generate_pathfinder(config.pathfinder_examples, pcfg, seed=config.seed)[:2]
+    flat = images.reshape(images.shape[0], -1)
+    pf = Split(flat, np.full(flat.shape[0], flat.shape[1], np.int32), labels)
+    n = _drain(pf, config.batch_size, 1, pad_to=None)
+    out["pathfinder_examples_per_second"] = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    n = _drain(pf, config.batch_size, config.batching_repeats, pad_to=None)
+    out["pathfinder_batching_examples_per_second"] = n / (time.perf_counter() - t0)
+    out["train_steps_per_second"] = train_steps_per_second(config)
+    return out
+
+
+def _parse() -> tuple[BenchConfig, bool]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    for f in dataclasses.fields(BenchConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+    args = p.parse_args()
+    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
+    return cfg, args.json
+
+
+if __name__ == "__main__":
+    cfg, as_json = _parse()
+    result = main(cfg)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value if value is None else round(value, 1)}")

@@ -1,0 +1,39 @@
+"""pdeformer: Transformers as partial differential equations in depth.
+
+One vector field (`Field`), many integrators: `Discrete()` is the standard Transformer,
+`Continuous(solver, controller, adjoint)` its exact flow under diffrax.
+"""
+
+from .depth import AbstractDepth as AbstractDepth
+from .depth import Continuous as Continuous
+from .depth import DepthSolution as DepthSolution
+from .depth import DepthStats as DepthStats
+from .depth import Discrete as Discrete
+from .depth import evaluations_per_step as evaluations_per_step
+from .field import AbstractComposition as AbstractComposition
+from .field import AbstractSchedule as AbstractSchedule
+from .field import Block as Block
+from .field import Field as Field
+from .field import Interpolated as Interpolated
+from .field import ParallelBlock as ParallelBlock
+from .field import PerLayer as PerLayer
+from .field import SequentialBlock as SequentialBlock
+from .field import Shared as Shared
+from .models import AbstractPooling as AbstractPooling
+from .models import AbstractPositions as AbstractPositions
+from .models import Classifier as Classifier
+from .models import ClsPooling as ClsPooling
+from .models import Encoder as Encoder
+from .models import LearnedPositions as LearnedPositions
+from .models import MeanPooling as MeanPooling
+from .models import SinusoidalPositions as SinusoidalPositions
+from .operators import AbstractNorm as AbstractNorm
+from .operators import DiffusionOperator as DiffusionOperator
+from .operators import Identity as Identity
+from .operators import LayerNorm as LayerNorm
+from .operators import MultiHeadAttention as MultiHeadAttention
+from .operators import Reaction as Reaction
+from .operators import RMSNorm as RMSNorm
+from .operators import neumann_laplacian as neumann_laplacian
+
+__version__ = "0.1.0"

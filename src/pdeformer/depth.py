@@ -1,0 +1,466 @@
+"""Integrators in depth: `Discrete` (the standard Transformer) and `Continuous` (diffrax).
+
+Both take the same `Field` and return a `DepthSolution` with the final state and honest
+statistics. The state may carry leading batch axes: the whole batch is integrated as one
+ODE (one step-size sequence), which keeps the piecewise field's branch a real
+`lax.cond` and avoids running each sample's adaptive loop to the slowest sample.
+"""
+
+import abc
+from collections.abc import Sequence
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from .field import Field
+
+
+class DepthStats(eqx.Module):
+    """Statistics of one integration in depth.
+
+    - `num_steps`: steps attempted (accepted + rejected).
+    - `num_accepted_steps`, `num_rejected_steps`.
+    - `nfe`: evaluations of the vector field, rejected steps included.
+    - `success`: `False` where the solver failed (e.g. `max_steps` reached) and the caller
+      asked not to raise.
+    """
+
+    num_steps: Int[Array, ""]
+    num_accepted_steps: Int[Array, ""]
+    num_rejected_steps: Int[Array, ""]
+    nfe: Int[Array, ""]
+    success: Bool[Array, ""]
+
+
+class DepthSolution(eqx.Module):
+    """The result of integrating a field in depth.
+
+    - `u`: the final state `u(T)`.
+    - `ts`: the depths where states were saved, or `None`.
+    - `us`: the saved states, stacked on a leading axis, or `None`.
+    - `stats`: a `DepthStats`.
+    """
+
+    u: Float[Array, "*batch seq dim"]
+    ts: Float[Array, " saves"] | None
+    us: Float[Array, "saves *batch seq dim"] | None
+    stats: DepthStats
+
+
+def _batched(fn, ndim: int, has_mask: bool):
+    """A per-sequence rate `fn(t, u, mask)` as a function of the (possibly batched) state."""
+    for _ in range(ndim - 2):
+        fn = jax.vmap(fn, in_axes=(None, 0, 0 if has_mask else None))
+    return fn
+
+
+def _check_state(u0, mask):
+    if u0.ndim < 2:
+        raise TypeError(
+            f"the state must have shape (*batch, seq, dim); got shape {u0.shape}. "
+            "Pass token states of one sequence as (seq, dim) or a batch as (batch, seq, dim)."
+        )
+    if not jnp.issubdtype(u0.dtype, jnp.floating):
+        raise TypeError(f"the state must be floating point; got dtype {u0.dtype}.")
+    if mask is not None:
+        if mask.shape != u0.shape[:-1]:
+            raise TypeError(
+                f"mask must have shape {u0.shape[:-1]} (the state's shape without its last "
+                f"axis); got {mask.shape}."
+            )
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"mask must be boolean (True = valid token); got dtype {mask.dtype}.")
+
+
+def _check_save_at(save_at, t1: float) -> np.ndarray | None:
+    if save_at is None:
+        return None
+    ts = np.asarray(save_at, dtype=np.float64)
+    if ts.ndim != 1 or ts.size == 0 or np.any(ts < 0) or np.any(ts > t1) or np.any(np.diff(ts) < 0):
+        raise ValueError(
+            f"save_at must be a non-empty, non-decreasing sequence of depths in [0, {t1}]; "
+            f"got {save_at!r}."
+        )
+    return ts
+
+
+class AbstractDepth(eqx.Module):
+    """An integrator of a `Field` over depth `[0, T]`."""
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        field: Field,
+        u0: Float[Array, "*batch seq dim"],
+        mask: Bool[Array, "*batch seq"] | None = None,
+        *,
+        save_at: Sequence[float] | None = None,
+    ) -> DepthSolution:
+        """Integrate `field` from `u0` over `[0, field.num_layers]`.
+
+        **Arguments:**
+
+        - `field`: the vector field.
+        - `u0`: initial token states, `(seq, dim)` or with leading batch axes.
+        - `mask`: key-padding mask matching `u0` without its channel axis, or `None`.
+        - `save_at`: depths at which to save the state (e.g. `range(L + 1)` for per-layer
+          states), or `None`.
+
+        **Returns:**
+
+        A `DepthSolution`.
+        """
+
+
+class Discrete(AbstractDepth):
+    """Forward Euler with the field's discrete step: exactly the standard Transformer.
+
+    With the sequential composition the step is 1/2 and each layer is the pre-LN block
+    `u + A(N u)`, `u + R(N' u)`; with `post_norm=True` the norms move out of the field and
+    after each step instead (`N(u + A(u))`: the post-LN Transformer).
+
+    **Arguments:**
+
+    - `post_norm`: use the post-LN arrangement.
+    """
+
+    post_norm: bool = eqx.field(static=True, default=False)
+
+    def __call__(self, field, u0, mask=None, *, save_at=None):
+        _check_state(u0, mask)
+        ts_save = _check_save_at(save_at, field.t1)
+        h = field.discrete_step
+        num_steps = round(field.t1 / h)
+        if ts_save is not None:
+            k = ts_save / h
+            if not np.allclose(k, np.round(k)):
+                raise ValueError(
+                    f"Discrete can save only at multiples of its step {h}; got save_at={save_at!r}."
+                )
+        f = _batched(field, u0.ndim, mask is not None)
+        f_raw = _batched(
+            lambda t, v, m: field(t, v, m, normalize=False), u0.ndim, mask is not None
+        )
+        step_dtype = u0.dtype
+        h_arr = jnp.asarray(h, step_dtype)
+        post_norm = self.post_norm
+
+        def step(u, t):
+            if post_norm:
+                block, phase = field.layer(t)
+                norm = field.composition.post_norm(block, phase)
+                # Norms are token-wise, so the batch can be flattened into the token axis.
+                new = norm((u + h_arr * f_raw(t, u, mask)).reshape(-1, u.shape[-1]))
+                new = new.reshape(u.shape)
+                if mask is not None:
+                    new = jnp.where(mask[..., None], new, u)
+            else:
+                new = u + h_arr * f(t, u, mask)
+            return new, (new if ts_save is not None else None)
+
+        ts = jnp.arange(num_steps, dtype=step_dtype) * h_arr
+        u1, traj = jax.lax.scan(step, u0, ts)
+        us = None
+        ts_out = None
+        if ts_save is not None:
+            traj = jnp.concatenate([u0[None], traj], axis=0)
+            idx = np.round(ts_save / h).astype(np.int32)
+            us = traj[idx]
+            ts_out = jnp.asarray(ts_save, step_dtype)
+        n = jnp.asarray(num_steps, jnp.int32)
+        stats = DepthStats(
+            num_steps=n,
+            num_accepted_steps=n,
+            num_rejected_steps=jnp.asarray(0, jnp.int32),
+            nfe=n,
+            success=jnp.asarray(True),
+        )
+        return DepthSolution(u=u1, ts=ts_out, us=us, stats=stats)
+
+
+def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, bool]:
+    """Vector-field evaluations per step of an explicit solver, and whether it is FSAL.
+
+    An FSAL ("first same as last") Runge–Kutta method reuses its last stage as the next
+    step's first, so it pays `stages - 1` per step plus one evaluation at the start and
+    after every jump of the field.
+
+    **Raises:**
+
+    `ValueError` for solvers whose evaluation count is not fixed per step (implicit
+    solvers, whose Newton iterations vary).
+    """
+    if isinstance(solver, diffrax.Euler):
+        return 1, False
+    tableau = getattr(solver, "tableau", None)
+    if isinstance(tableau, diffrax.ButcherTableau) and isinstance(solver, diffrax.AbstractERK):
+        if tableau.fsal:
+            return tableau.num_stages - 1, True
+        return tableau.num_stages, False
+    raise ValueError(
+        f"cannot count vector-field evaluations for {type(solver).__name__}: pass an explicit "
+        "solver (Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8)."
+    )
+
+
+def _array_tolerances(controller):
+    """Tolerances as arrays, so that changing them does not recompile a jitted call."""
+    if isinstance(controller, diffrax.ClipStepSizeController):
+        return eqx.tree_at(lambda c: c.controller, controller, _array_tolerances(controller.controller))
+    if isinstance(controller, diffrax.PIDController):
+        rtol, atol = controller.rtol, controller.atol
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            if not isinstance(v, jax.core.Tracer) and float(np.asarray(v)) < 0:
+                raise ValueError(
+                    f"PIDController {name} must be >= 0; got {name}={float(np.asarray(v))}. "
+                    "Pass e.g. rtol=1e-3, atol=1e-5."
+                )
+        if not isinstance(rtol, jax.core.Tracer) and not isinstance(atol, jax.core.Tracer):
+            if float(np.asarray(rtol)) == 0 and float(np.asarray(atol)) == 0:
+                raise ValueError("PIDController needs rtol > 0 or atol > 0; got both 0.")
+        return eqx.tree_at(
+            lambda c: (c.rtol, c.atol),
+            controller,
+            (jnp.asarray(rtol, dtype=float), jnp.asarray(atol, dtype=float)),
+        )
+    return controller
+
+
+class _FirstStageCounter(diffrax.AbstractAdaptiveStepSizeController):
+    """Wraps a controller to count the steps whose first stage is evaluated afresh.
+
+    An FSAL method reuses the previous step's last stage, except on the first step and on
+    every attempt that starts after a jump (retries of a rejected post-jump step included).
+    diffrax's statistics do not say how many such attempts there were; this state does.
+    """
+
+    controller: diffrax.AbstractAdaptiveStepSizeController
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):
+        return self.controller.norm
+
+    def wrap(self, direction):
+        return _FirstStageCounter(self.controller.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        t1, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        return t1, (inner, jnp.asarray(True), jnp.asarray(0, jnp.int32))
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, state):
+        inner, fresh, count = state
+        count = count + fresh.astype(jnp.int32)
+        keep, next_t0, next_t1, made_jump, inner, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, inner
+        )
+        # A rejected attempt is retried from the same start, so it stays fresh.
+        fresh = jnp.where(keep, jnp.asarray(made_jump), fresh)
+        return keep, next_t0, next_t1, made_jump, (inner, fresh, count), result
+
+
+class Continuous(AbstractDepth):
+    """The exact flow of the field, integrated by diffrax.
+
+    **Arguments:**
+
+    - `solver`: any explicit diffrax solver (default `diffrax.Tsit5()`).
+    - `controller`: a step-size controller (default
+      `diffrax.PIDController(rtol=1e-3, atol=1e-5)`); for a fixed-step solve pass
+      `diffrax.ConstantStepSize()` with `dt0`. The field's jump times are handed to
+      adaptive controllers (through `diffrax.ClipStepSizeController`) at call time.
+      Tolerances are stored as arrays, so changing them does not recompile.
+    - `adjoint`: how to differentiate (default `diffrax.RecursiveCheckpointAdjoint()`).
+    - `dt0`: initial (or constant) step; default: the field's discrete step.
+    - `max_steps`: the most steps the solver may take.
+    - `throw`: raise on failure (default); with `False`, failure is reported in
+      `stats.success` and the state is what the solver reached.
+    """
+
+    solver: diffrax.AbstractSolver
+    controller: diffrax.AbstractStepSizeController
+    adjoint: diffrax.AbstractAdjoint
+    dt0: float | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        solver: diffrax.AbstractSolver | None = None,
+        controller: diffrax.AbstractStepSizeController | None = None,
+        adjoint: diffrax.AbstractAdjoint | None = None,
+        *,
+        dt0: float | None = None,
+        max_steps: int = 4096,
+        throw: bool = True,
+    ):
+        self.solver = diffrax.Tsit5() if solver is None else solver
+        controller = diffrax.PIDController(rtol=1e-3, atol=1e-5) if controller is None else controller
+        if not isinstance(self.solver, diffrax.AbstractSolver):
+            raise ValueError(f"solver must be a diffrax solver, e.g. diffrax.Tsit5(); got {solver!r}.")
+        if not isinstance(controller, diffrax.AbstractStepSizeController):
+            raise ValueError(
+                "controller must be a diffrax step-size controller, e.g. "
+                f"diffrax.PIDController(rtol=1e-3, atol=1e-5); got {controller!r}."
+            )
+        evaluations_per_step(self.solver)  # validates the solver early
+        self.controller = _array_tolerances(controller)
+        self.adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
+        if dt0 is not None and not dt0 > 0:
+            raise ValueError(f"dt0 must be > 0; got dt0={dt0}.")
+        if not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive int; got max_steps={max_steps!r}.")
+        self.dt0 = None if dt0 is None else float(dt0)
+        self.max_steps = max_steps
+        self.throw = throw
+
+    def __call__(self, field, u0, mask=None, *, save_at=None):
+        _check_state(u0, mask)
+        ts_save = _check_save_at(save_at, field.t1)
+        if isinstance(self.controller, diffrax.AbstractAdaptiveStepSizeController):
+            return self._adaptive(field, u0, mask, ts_save)
+        return self._piecewise(field, u0, mask, ts_save)
+
+    def _stats(self, num_steps, accepted, rejected, restarts, success) -> DepthStats:
+        per_step, fsal = evaluations_per_step(self.solver)
+        nfe = per_step * num_steps
+        if fsal:
+            # An FSAL method evaluates its first stage afresh at the start and after each
+            # jump of the field (the stored last stage belongs to the other side).
+            nfe = nfe + restarts
+        return DepthStats(
+            num_steps=num_steps,
+            num_accepted_steps=accepted,
+            num_rejected_steps=rejected,
+            nfe=jnp.asarray(nfe, jnp.int32),
+            success=success,
+        )
+
+    def _adaptive(self, field, u0, mask, ts_save):
+        f = _batched(field, u0.ndim, mask is not None)
+        term = diffrax.ODETerm(lambda t, u, args: f(t, u, args))
+        jumps = field.jump_times()
+        controller = self.controller
+        if jumps:
+            jump_ts = jnp.asarray(jumps, dtype=u0.dtype)
+            if isinstance(controller, diffrax.ClipStepSizeController):
+                if controller.jump_ts is not None:
+                    jump_ts = jnp.unique(jnp.concatenate([controller.jump_ts, jump_ts]))
+                controller = eqx.tree_at(
+                    lambda c: c.jump_ts, controller, jump_ts, is_leaf=lambda x: x is None
+                )
+            else:
+                controller = diffrax.ClipStepSizeController(controller, jump_ts=jump_ts)
+        controller = _FirstStageCounter(controller)
+        if ts_save is None:
+            saveat = diffrax.SaveAt(t1=True, controller_state=True)
+        else:
+            # t1 is always saved last, so the final state is there whatever was asked.
+            ts = jnp.asarray(np.append(ts_save, field.t1), u0.dtype)
+            saveat = diffrax.SaveAt(ts=ts, controller_state=True)
+        sol = diffrax.diffeqsolve(
+            term,
+            self.solver,
+            t0=0.0,
+            t1=field.t1,
+            dt0=field.discrete_step if self.dt0 is None else self.dt0,
+            y0=u0,
+            args=mask,
+            stepsize_controller=controller,
+            adjoint=self.adjoint,
+            saveat=saveat,
+            max_steps=self.max_steps,
+            throw=self.throw,
+        )
+        stats = self._stats(
+            jnp.asarray(sol.stats["num_steps"], jnp.int32),
+            jnp.asarray(sol.stats["num_accepted_steps"], jnp.int32),
+            jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
+            sol.controller_state[2],
+            sol.result == diffrax.RESULTS.successful,
+        )
+        if ts_save is None:
+            return DepthSolution(u=sol.ys[-1], ts=None, us=None, stats=stats)
+        return DepthSolution(u=sol.ys[-1], ts=sol.ts[:-1], us=sol.ys[:-1], stats=stats)
+
+    def _piecewise(self, field, u0, mask, ts_save):
+        # A fixed-step solve is run piece by piece over the smooth intervals of the field
+        # (between its jumps and layer boundaries), each piece told which interval it is
+        # on: a stage evaluated exactly at a jump then takes the rate of its own piece,
+        # and the method keeps its order.
+        breaks = sorted(set(field.jump_times()) | set(range(1, field.num_layers)))
+        edges = np.array([0.0, *breaks, field.t1])
+        widths = np.diff(edges)
+        if not np.allclose(widths, widths[0]):
+            raise ValueError(f"the field's smooth pieces must have equal widths; got {edges}.")
+        width = float(widths[0])
+        dt0 = field.discrete_step if self.dt0 is None else self.dt0
+        steps = max(1, round(width / dt0))
+        if not np.isclose(steps * dt0, width):
+            raise ValueError(
+                f"with a constant step size, dt0 must divide the field's smooth pieces of "
+                f"width {width}; got dt0={dt0}. Pass e.g. dt0={width}/2**k."
+            )
+        if ts_save is not None and not np.all(np.isin(np.round(ts_save, 12), np.round(edges, 12))):
+            raise ValueError(
+                f"with a constant step size, save_at must be among the piece edges "
+                f"{edges.tolist()}; got {ts_save.tolist()}. Use an adaptive controller to "
+                "save elsewhere."
+            )
+        def rate(t, u, args):
+            m, anchor = args
+            fn = _batched(lambda t, v, mm: field(t, v, mm, anchor=anchor), u0.ndim, m is not None)
+            return fn(t, u, m)
+
+        term = diffrax.ODETerm(rate)
+        dtype = u0.dtype
+        starts = jnp.asarray(edges[:-1], dtype)
+
+        def piece(u, t0):
+            t1 = t0 + jnp.asarray(width, dtype)
+            anchor = t0 + jnp.asarray(width / 2, dtype)
+            sol = diffrax.diffeqsolve(
+                term,
+                self.solver,
+                t0=t0,
+                t1=t1,
+                dt0=jnp.asarray(width / steps, dtype),
+                y0=u,
+                args=(mask, anchor),
+                stepsize_controller=self.controller,
+                adjoint=self.adjoint,
+                saveat=diffrax.SaveAt(t1=True),
+                max_steps=self.max_steps,
+                throw=self.throw,
+            )
+            u1 = sol.ys[-1]
+            counts = jnp.stack(
+                [
+                    jnp.asarray(sol.stats["num_steps"], jnp.int32),
+                    jnp.asarray(sol.stats["num_accepted_steps"], jnp.int32),
+                    jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
+                    (sol.result == diffrax.RESULTS.successful).astype(jnp.int32),
+                ]
+            )
+            return u1, (u1 if ts_save is not None else None, counts)
+
+        u1, (traj, counts) = jax.lax.scan(piece, u0, starts)
+        total = jnp.sum(counts, axis=0)
+        num_pieces = len(edges) - 1
+        stats = self._stats(total[0], total[1], total[2], num_pieces, total[3] == num_pieces)
+        if ts_save is None:
+            return DepthSolution(u=u1, ts=None, us=None, stats=stats)
+        traj = jnp.concatenate([u0[None], traj], axis=0)
+        idx = np.searchsorted(np.round(edges, 12), np.round(ts_save, 12))
+        return DepthSolution(u=u1, ts=jnp.asarray(ts_save, dtype), us=traj[idx], stats=stats)

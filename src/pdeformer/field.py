@@ -1,0 +1,353 @@
+"""The PDE right-hand side: one vector field from which every model of the library follows.
+
+    du/dt = A(N(u)) + R(N'(u)) + D Lap(u)
+
+With the sequential composition, layer `l` owns the depth interval `[l, l+1)`: attention
+acts on `[l, l+1/2)` with rate `2 A_l(N_l(u))`, the reaction on `[l+1/2, l+1)` with rate
+`2 R_l(N'_l(u))`. Forward Euler with step 1/2 is then the pre-LN Transformer, bit for bit.
+"""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, Scalar
+
+from .operators import AbstractNorm, DiffusionOperator, LayerNorm, MultiHeadAttention, Reaction
+
+
+class Block(eqx.Module):
+    """The weights of one layer: two norms, attention and the reaction (FFN).
+
+    A `Field` holds these stacked on a leading axis (one slice per depth node).
+    """
+
+    attention_norm: AbstractNorm
+    attention: MultiHeadAttention
+    reaction_norm: AbstractNorm
+    reaction: Reaction
+
+    def attend(
+        self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"] | None, normalize: bool = True
+    ) -> Float[Array, "seq dim"]:
+        """`A(N(u))`, or `A(u)` with `normalize=False` (post-LN)."""
+        return self.attention(self.attention_norm(u) if normalize else u, mask)
+
+    def react(self, u: Float[Array, "seq dim"], normalize: bool = True) -> Float[Array, "seq dim"]:
+        """`R(N'(u))`, or `R(u)` with `normalize=False` (post-LN)."""
+        return self.reaction(self.reaction_norm(u) if normalize else u)
+
+
+# ---------------------------------------------------------------------------------------
+# Depth schedules: how the weights depend on depth t.
+# ---------------------------------------------------------------------------------------
+
+
+class AbstractSchedule(eqx.Module):
+    """How the field's weights depend on depth `t in [0, num_layers]`."""
+
+    @abc.abstractmethod
+    def num_nodes(self, num_layers: int) -> int:
+        """How many weight sets are stacked for `num_layers` layers."""
+
+    @abc.abstractmethod
+    def weights(self, stacked: Block, t: Scalar, num_layers: int, anchor: Scalar) -> Block:
+        """The block of weights in force at depth `t` on the piece containing `anchor`."""
+
+    @abc.abstractmethod
+    def jump_times(self, num_layers: int) -> tuple[float, ...]:
+        """Depths in `(0, num_layers)` where the weights jump."""
+
+
+def _index(stacked: Block, i) -> Block:
+    arrays, static = eqx.partition(stacked, eqx.is_array)
+    return eqx.combine(jax.tree.map(lambda x: x[i], arrays), static)
+
+
+class PerLayer(AbstractSchedule):
+    """One weight set per layer, piecewise constant in depth: the standard Transformer."""
+
+    def num_nodes(self, num_layers: int) -> int:
+        return num_layers
+
+    def weights(self, stacked: Block, t: Scalar, num_layers: int, anchor: Scalar) -> Block:
+        i = jnp.clip(jnp.floor(anchor).astype(jnp.int32), 0, num_layers - 1)
+        return _index(stacked, i)
+
+    def jump_times(self, num_layers: int) -> tuple[float, ...]:
+        return tuple(float(k) for k in range(1, num_layers))
+
+
+class Shared(AbstractSchedule):
+    """One weight set for all depths: the classic (autonomous) neural ODE."""
+
+    def num_nodes(self, num_layers: int) -> int:
+        return 1
+
+    def weights(self, stacked: Block, t: Scalar, num_layers: int, anchor: Scalar) -> Block:
+        return _index(stacked, 0)
+
+    def jump_times(self, num_layers: int) -> tuple[float, ...]:
+        return ()
+
+
+class Interpolated(AbstractSchedule):
+    """Weights linear in `t` between nodes at `t = 0, 1, ..., num_layers`: no weight jumps."""
+
+    def num_nodes(self, num_layers: int) -> int:
+        return num_layers + 1
+
+    def weights(self, stacked: Block, t: Scalar, num_layers: int, anchor: Scalar) -> Block:
+        i = jnp.clip(jnp.floor(anchor).astype(jnp.int32), 0, num_layers - 1)
+        s = (t - i).astype(t.dtype)
+        arrays, static = eqx.partition(stacked, eqx.is_array)
+        mixed = jax.tree.map(
+            lambda x: (1 - s).astype(x.dtype) * x[i] + s.astype(x.dtype) * x[i + 1], arrays
+        )
+        return eqx.combine(mixed, static)
+
+    def jump_times(self, num_layers: int) -> tuple[float, ...]:
+        return ()
+
+
+# ---------------------------------------------------------------------------------------
+# Compositions: how attention and reaction share a layer's depth interval.
+# ---------------------------------------------------------------------------------------
+
+
+class AbstractComposition(eqx.Module):
+    """How attention and reaction combine inside one layer interval `[l, l+1)`."""
+
+    @property
+    @abc.abstractmethod
+    def discrete_step(self) -> float:
+        """The Euler step that makes this composition the standard (discrete) block."""
+
+    @abc.abstractmethod
+    def rate(
+        self,
+        block: Block,
+        phase: Scalar,
+        u: Float[Array, "seq dim"],
+        mask: Bool[Array, " seq"] | None,
+        normalize: bool = True,
+    ) -> Float[Array, "seq dim"]:
+        """The rate of the block at position `phase in [0, 1]` of its layer interval."""
+
+    @abc.abstractmethod
+    def post_norm(self, block: Block, phase: Scalar) -> AbstractNorm:
+        """The norm applied after a discrete step that starts at `phase` (post-LN)."""
+
+    @abc.abstractmethod
+    def jump_offsets(self) -> tuple[float, ...]:
+        """Offsets in `[0, 1)` inside each layer where the rate jumps."""
+
+
+class SequentialBlock(AbstractComposition):
+    """Attention on the first half of each layer, the reaction on the second (Lie–Trotter).
+
+    Euler with step 1/2 gives `u + A(N u)`, then `+ R(N' u)`: the standard pre-LN block.
+    """
+
+    @property
+    def discrete_step(self) -> float:
+        return 0.5
+
+    def rate(self, block, phase, u, mask, normalize=True):
+        return jax.lax.cond(
+            phase < 0.5,
+            lambda v: 2 * block.attend(v, mask, normalize),
+            lambda v: 2 * block.react(v, normalize),
+            u,
+        )
+
+    def post_norm(self, block, phase):
+        return _select_norm(phase < 0.5, block.attention_norm, block.reaction_norm)
+
+    def jump_offsets(self) -> tuple[float, ...]:
+        # Mid-layer (attention -> reaction) and at the layer boundary (reaction -> the next
+        # attention), whatever the weight schedule.
+        return (0.0, 0.5)
+
+
+class ParallelBlock(AbstractComposition):
+    """Attention and reaction act at once: `du/dt = A(N u) + R(N' u)`.
+
+    Euler with step 1 gives the parallel block `u + A(N u) + R(N' u)`.
+    """
+
+    @property
+    def discrete_step(self) -> float:
+        return 1.0
+
+    def rate(self, block, phase, u, mask, normalize=True):
+        return block.attend(u, mask, normalize) + block.react(u, normalize)
+
+    def post_norm(self, block, phase):
+        return block.reaction_norm
+
+    def jump_offsets(self) -> tuple[float, ...]:
+        return ()
+
+
+def _select_norm(pred, a: AbstractNorm, b: AbstractNorm) -> AbstractNorm:
+    arrays_a, static = eqx.partition(a, eqx.is_array)
+    arrays_b, _ = eqx.partition(b, eqx.is_array)
+    return eqx.combine(jax.tree.map(lambda x, y: jnp.where(pred, x, y), arrays_a, arrays_b), static)
+
+
+# ---------------------------------------------------------------------------------------
+# The field.
+# ---------------------------------------------------------------------------------------
+
+
+class Field(eqx.Module):
+    """The right-hand side `du/dt = f(t, u)` of the Transformer PDE, on one sequence.
+
+    **Arguments:**
+
+    - `dim`: model width.
+    - `num_heads`: attention heads (must divide `dim`).
+    - `num_layers`: depth `T`; the field lives on `t in [0, T]`.
+    - `key`: a JAX PRNG key.
+    - `hidden`: reaction (FFN) width; default `4 * dim`.
+    - `schedule`: depth dependence of the weights: `PerLayer()` (default), `Shared()`,
+      `Interpolated()`.
+    - `composition`: `SequentialBlock()` (default, the standard block) or `ParallelBlock()`.
+    - `norm`: a constructor `norm(dim) -> AbstractNorm` (`LayerNorm`, `RMSNorm`, `Identity`).
+    - `activation`: the reaction's nonlinearity.
+    - `diffusion`: an optional `DiffusionOperator` adding `D Lap(u)` to the rate; for a
+      learnable `D >= 0` use `DiffusionOperator(dim, alpha_max=None)`.
+    - `attention_implementation`: passed to `jax.nn.dot_product_attention`.
+
+    Pads (where `mask` is `False`) are frozen: their rate is zero, so they neither move nor
+    influence the adaptive solver's error estimate.
+    """
+
+    blocks: Block
+    diffusion: DiffusionOperator | None
+    schedule: AbstractSchedule
+    composition: AbstractComposition
+    num_layers: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_layers: int,
+        *,
+        key: PRNGKeyArray,
+        hidden: int | None = None,
+        schedule: AbstractSchedule | None = None,
+        composition: AbstractComposition | None = None,
+        norm: Callable[[int], AbstractNorm] = LayerNorm,
+        activation: Callable[[Array], Array] = jax.nn.gelu,
+        diffusion: DiffusionOperator | None = None,
+        attention_implementation: str | None = None,
+        dtype=jnp.float32,
+    ):
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1; got dim={dim}.")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1; got num_layers={num_layers}.")
+        if num_heads < 1 or dim % num_heads != 0:
+            raise ValueError(
+                f"num_heads must divide dim; got dim={dim}, num_heads={num_heads}. "
+                f"Pass a num_heads among the divisors of {dim}."
+            )
+        hidden = 4 * dim if hidden is None else hidden
+        schedule = PerLayer() if schedule is None else schedule
+        composition = SequentialBlock() if composition is None else composition
+        if not isinstance(schedule, AbstractSchedule):
+            raise ValueError(
+                f"schedule must be an AbstractSchedule (PerLayer(), Shared(), Interpolated()); "
+                f"got {schedule!r}."
+            )
+        if not isinstance(composition, AbstractComposition):
+            raise ValueError(
+                "composition must be an AbstractComposition (SequentialBlock(), ParallelBlock()); "
+                f"got {composition!r}."
+            )
+
+        def make_block(k):
+            ka, kr = jr.split(k)
+            return Block(
+                attention_norm=norm(dim, dtype=dtype),
+                attention=MultiHeadAttention(
+                    dim, num_heads, key=ka, implementation=attention_implementation, dtype=dtype
+                ),
+                reaction_norm=norm(dim, dtype=dtype),
+                reaction=Reaction(dim, hidden, key=kr, activation=activation, dtype=dtype),
+            )
+
+        keys = jr.split(key, schedule.num_nodes(num_layers))
+        self.blocks = eqx.filter_vmap(make_block)(keys)
+        self.diffusion = diffusion
+        self.schedule = schedule
+        self.composition = composition
+        self.num_layers = num_layers
+
+    @property
+    def t1(self) -> float:
+        """The final depth `T = num_layers`."""
+        return float(self.num_layers)
+
+    @property
+    def discrete_step(self) -> float:
+        """The Euler step under which this field is the standard discrete Transformer."""
+        return self.composition.discrete_step
+
+    def jump_times(self) -> tuple[float, ...]:
+        """Depths in `(0, T)` where the field is discontinuous in `t` (for the controller)."""
+        times = set(self.schedule.jump_times(self.num_layers))
+        for layer in range(self.num_layers):
+            times.update(layer + o for o in self.composition.jump_offsets())
+        return tuple(sorted(t for t in times if 0.0 < t < self.t1))
+
+    def layer(self, t: Scalar, anchor: Scalar | None = None) -> tuple[Block, Scalar]:
+        """The block in force at depth `t` and the phase inside its layer.
+
+        `anchor`, a depth strictly inside the smooth piece being integrated, decides which
+        piece is meant when `t` sits exactly on a jump (a stage at the end of a step).
+        """
+        t = jnp.asarray(t)
+        a = t if anchor is None else jnp.asarray(anchor, t.dtype)
+        index = jnp.clip(jnp.floor(a), 0, self.num_layers - 1)
+        phase = a - index
+        block = self.schedule.weights(self.blocks, t, self.num_layers, anchor=a)
+        return block, phase
+
+    def __call__(
+        self,
+        t: Scalar,
+        u: Float[Array, "seq dim"],
+        mask: Bool[Array, " seq"] | None = None,
+        *,
+        normalize: bool = True,
+        anchor: Scalar | None = None,
+    ) -> Float[Array, "seq dim"]:
+        """The rate `du/dt` at depth `t`.
+
+        **Arguments:**
+
+        - `t`: depth, a scalar in `[0, num_layers]`.
+        - `u`: token states of one sequence.
+        - `mask`: key-padding mask (`True` = valid token, valid tokens first), or `None`.
+        - `normalize`: `False` drops the pre-norms (used by post-LN discrete mode).
+        - `anchor`: a depth inside the smooth piece being integrated; the field is then
+          that piece's rate, continued to the piece's closed interval (see `layer`).
+
+        **Returns:**
+
+        The rate, same shape as `u`; zero on pads.
+        """
+        block, phase = self.layer(t, anchor)
+        rate = self.composition.rate(block, phase, u, mask, normalize)
+        if self.diffusion is not None:
+            rate = rate + self.diffusion(u, mask)
+        if mask is not None:
+            rate = jnp.where(mask[:, None], rate, jnp.zeros_like(rate))
+        return rate

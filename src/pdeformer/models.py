@@ -1,0 +1,271 @@
+"""Encoder and classifier around the field: embedding, positions, depth, norm, pooling, head."""
+
+import abc
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from .depth import AbstractDepth, DepthSolution, Discrete
+from .field import Field
+from .operators import AbstractNorm, LayerNorm
+
+
+# ---------------------------------------------------------------------------------------
+# Positional encodings
+# ---------------------------------------------------------------------------------------
+
+
+class AbstractPositions(eqx.Module):
+    """A positional encoding added to the token embeddings."""
+
+    @abc.abstractmethod
+    def __call__(self, seq: int, dtype) -> Float[Array, "seq dim"]:
+        """The encodings of positions `0 .. seq-1`."""
+
+
+class SinusoidalPositions(AbstractPositions):
+    """The fixed sinusoidal encoding of Vaswani et al.; no parameters, any length."""
+
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def __call__(self, seq: int, dtype) -> Float[Array, "seq dim"]:
+        pos = jnp.arange(seq, dtype=jnp.float32)[:, None]
+        i = jnp.arange(0, self.dim, 2, dtype=jnp.float32)
+        freq = jnp.exp(-math.log(10000.0) * i / self.dim)
+        angles = pos * freq
+        enc = jnp.zeros((seq, self.dim), jnp.float32)
+        enc = enc.at[:, 0::2].set(jnp.sin(angles))
+        enc = enc.at[:, 1::2].set(jnp.cos(angles[:, : self.dim // 2]))
+        return enc.astype(dtype)
+
+
+class LearnedPositions(AbstractPositions):
+    """A learned table of position embeddings, for sequences up to `max_len`."""
+
+    table: Float[Array, "max_len dim"]
+
+    def __init__(self, max_len: int, dim: int, *, key: PRNGKeyArray, dtype=jnp.float32):
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1; got {max_len}.")
+        self.table = 0.02 * jr.normal(key, (max_len, dim), dtype)
+
+    def __call__(self, seq: int, dtype) -> Float[Array, "seq dim"]:
+        if seq > self.table.shape[0]:
+            raise ValueError(
+                f"sequence of length {seq} exceeds LearnedPositions max_len="
+                f"{self.table.shape[0]}; build the model with a larger max_len."
+            )
+        return self.table[:seq].astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Pooling
+# ---------------------------------------------------------------------------------------
+
+
+class AbstractPooling(eqx.Module):
+    """Reduces the token states of one sequence to one vector."""
+
+    @abc.abstractmethod
+    def prepare(
+        self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"]
+    ) -> tuple[Float[Array, "seq2 dim"], Bool[Array, " seq2"]]:
+        """Adjust the embedded sequence before depth integration (e.g. prepend CLS)."""
+
+    @abc.abstractmethod
+    def __call__(self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"]) -> Float[Array, " dim"]:
+        """Pool the final states."""
+
+
+class MeanPooling(AbstractPooling):
+    """The mean of the valid tokens' final states."""
+
+    def prepare(self, u, mask):
+        return u, mask
+
+    def __call__(self, u, mask):
+        w = mask.astype(u.dtype)
+        return (w @ u) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+class ClsPooling(AbstractPooling):
+    """A learned CLS token is prepended; its final state is the summary."""
+
+    cls: Float[Array, " dim"]
+
+    def __init__(self, dim: int, *, key: PRNGKeyArray, dtype=jnp.float32):
+        self.cls = 0.02 * jr.normal(key, (dim,), dtype)
+
+    def prepare(self, u, mask):
+        u = jnp.concatenate([self.cls[None].astype(u.dtype), u], axis=0)
+        return u, jnp.concatenate([jnp.ones((1,), bool), mask])
+
+    def __call__(self, u, mask):
+        return u[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Encoder and classifier
+# ---------------------------------------------------------------------------------------
+
+
+def _check_tokens(tokens, mask, vocab_size):
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids; got dtype {tokens.dtype}.")
+    if tokens.ndim < 1:
+        raise TypeError(f"tokens must have shape (*batch, seq); got shape {tokens.shape}.")
+    if mask is not None and (mask.shape != tokens.shape or mask.dtype != jnp.bool_):
+        raise TypeError(
+            f"mask must be boolean with the tokens' shape {tokens.shape}; got "
+            f"{mask.dtype}{list(mask.shape)}."
+        )
+
+
+class Encoder(eqx.Module):
+    """Token embedding + positions, integrated in depth by the field, then a final norm.
+
+    **Arguments:**
+
+    - `vocab_size`: number of token ids (0 may be the pad id; it is embedded like any other
+      and excluded by the mask).
+    - `dim`, `num_heads`, `num_layers`, `hidden`: sizes (see `Field`).
+    - `key`: a JAX PRNG key.
+    - `positions`: `"sinusoidal"`-style object: `SinusoidalPositions(dim)` (default) or
+      `LearnedPositions(max_len, dim, key=...)`.
+    - `pooling`: `ClsPooling(dim, key=...)` or `MeanPooling()` (default).
+    - `final_norm`: a constructor `norm(dim)`; default `LayerNorm`.
+    - `**field_kwargs`: passed to `Field` (`schedule`, `composition`, `norm`, `activation`,
+      `diffusion`, ...).
+    """
+
+    embedding: Float[Array, "vocab dim"]
+    positions: AbstractPositions
+    pooling: AbstractPooling
+    field: Field
+    final_norm: AbstractNorm
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        num_heads: int,
+        num_layers: int,
+        *,
+        key: PRNGKeyArray,
+        hidden: int | None = None,
+        positions: AbstractPositions | None = None,
+        pooling: AbstractPooling | None = None,
+        final_norm=LayerNorm,
+        dtype=jnp.float32,
+        **field_kwargs,
+    ):
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1; got {vocab_size}.")
+        ke, kf = jr.split(key)
+        self.embedding = jr.normal(ke, (vocab_size, dim), dtype) / math.sqrt(dim)
+        self.positions = SinusoidalPositions(dim) if positions is None else positions
+        self.pooling = MeanPooling() if pooling is None else pooling
+        self.field = Field(
+            dim, num_heads, num_layers, key=kf, hidden=hidden, dtype=dtype, **field_kwargs
+        )
+        self.final_norm = final_norm(dim, dtype=dtype)
+
+    def embed(
+        self, tokens: Int[Array, "*batch seq"], mask: Bool[Array, "*batch seq"] | None = None
+    ) -> tuple[Float[Array, "*batch seq2 dim"], Bool[Array, "*batch seq2"]]:
+        """Initial states `u(0)` and the mask (adjusted by pooling, e.g. a CLS token)."""
+        _check_tokens(tokens, mask, self.embedding.shape[0])
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        dtype = self.embedding.dtype
+
+        def one(tok, m):
+            u = self.embedding[tok] + self.positions(tok.shape[0], dtype)
+            return self.pooling.prepare(u, m)
+
+        for _ in range(tokens.ndim - 1):
+            one = jax.vmap(one)
+        return one(tokens, mask)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "*batch seq"],
+        mask: Bool[Array, "*batch seq"] | None = None,
+        *,
+        depth: AbstractDepth | None = None,
+        save_at=None,
+    ) -> tuple[Float[Array, "*batch dim"], DepthSolution]:
+        """Encode and pool.
+
+        **Arguments:**
+
+        - `tokens`: integer ids, `(seq,)` or with leading batch axes.
+        - `mask`: `True` on valid tokens (valid first), or `None` for all valid.
+        - `depth`: the integrator, `Discrete()` (default) or `Continuous(...)`.
+        - `save_at`: depths at which to keep the states (see `AbstractDepth`).
+
+        **Returns:**
+
+        The pooled features and the `DepthSolution` (final states before the final norm,
+        saved states and statistics).
+        """
+        depth = Discrete() if depth is None else depth
+        u0, mask = self.embed(tokens, mask)
+        sol = depth(self.field, u0, mask, save_at=save_at)
+        pool = lambda u, m: self.pooling(self.final_norm(u), m)
+        for _ in range(tokens.ndim - 1):
+            pool = jax.vmap(pool)
+        return pool(sol.u, mask), sol
+
+
+class Classifier(eqx.Module):
+    """An `Encoder` with a linear head.
+
+    **Arguments:**
+
+    - `vocab_size`, `dim`, `num_heads`, `num_layers`: sizes (see `Encoder`).
+    - `num_classes`: number of output classes.
+    - `key`: a JAX PRNG key.
+    - `**encoder_kwargs`: passed to `Encoder`.
+    """
+
+    encoder: Encoder
+    head_weight: Float[Array, "dim classes"]
+    head_bias: Float[Array, " classes"]
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        num_heads: int,
+        num_layers: int,
+        num_classes: int,
+        *,
+        key: PRNGKeyArray,
+        dtype=jnp.float32,
+        **encoder_kwargs,
+    ):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
+        ke, kh = jr.split(key)
+        self.encoder = Encoder(vocab_size, dim, num_heads, num_layers, key=ke, dtype=dtype, **encoder_kwargs)
+        self.head_weight = jr.normal(kh, (dim, num_classes), dtype) / math.sqrt(dim)
+        self.head_bias = jnp.zeros((num_classes,), dtype)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "*batch seq"],
+        mask: Bool[Array, "*batch seq"] | None = None,
+        *,
+        depth: AbstractDepth | None = None,
+    ) -> tuple[Float[Array, "*batch classes"], DepthSolution]:
+        """Class logits and the depth solution (see `Encoder.__call__`)."""
+        features, sol = self.encoder(tokens, mask, depth=depth)
+        return features @ self.head_weight + self.head_bias, sol

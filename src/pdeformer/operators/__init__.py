@@ -1,0 +1,10 @@
+"""Operators of the field; each acts on one sequence `(seq, dim)`; batch with `jax.vmap`."""
+
+from .attention import MultiHeadAttention as MultiHeadAttention
+from .diffusion import DiffusionOperator as DiffusionOperator
+from .diffusion import neumann_laplacian as neumann_laplacian
+from .normalization import AbstractNorm as AbstractNorm
+from .normalization import Identity as Identity
+from .normalization import LayerNorm as LayerNorm
+from .normalization import RMSNorm as RMSNorm
+from .reaction import Reaction as Reaction

@@ -1,0 +1,50 @@
+"""The local reaction term `R`: the token-wise feed-forward network."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .attention import _dense_init
+
+
+class Reaction(eqx.Module):
+    """Token-wise two-layer MLP `W2 act(W1 u + b1) + b2`: the reaction term of the field.
+
+    **Arguments:**
+
+    - `dim`: model width.
+    - `hidden`: width of the hidden layer (commonly `4 * dim`).
+    - `key`: a JAX PRNG key for the initial weights.
+    - `activation`: the nonlinearity (default `jax.nn.gelu`).
+    """
+
+    w1: Float[Array, "dim hidden"]
+    b1: Float[Array, " hidden"]
+    w2: Float[Array, "hidden dim"]
+    b2: Float[Array, " dim"]
+    activation: Callable[[Array], Array] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        key: PRNGKeyArray,
+        activation: Callable[[Array], Array] = jax.nn.gelu,
+        dtype=jnp.float32,
+    ):
+        if hidden < 1:
+            raise ValueError(f"Reaction needs hidden >= 1; got hidden={hidden}. Pass e.g. 4*dim.")
+        k1, k2 = jr.split(key)
+        self.w1 = _dense_init(k1, dim, (dim, hidden), dtype)
+        self.b1 = jnp.zeros((hidden,), dtype)
+        self.w2 = _dense_init(k2, hidden, (hidden, dim), dtype)
+        self.b2 = jnp.zeros((dim,), dtype)
+        self.activation = activation
+
+    def __call__(self, u: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
+        return self.activation(u @ self.w1 + self.b1) @ self.w2 + self.b2

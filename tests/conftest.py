@@ -1,0 +1,42 @@
+"""Hardened test configuration: strict dtype promotion, warnings as errors, replayable seed.
+
+Runtime type checking of the library's jaxtyping annotations with beartype is switched on
+by `--jaxtyping-packages=pdeformer,beartype.beartype` in pyproject.toml's pytest options.
+"""
+
+import os
+import random
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+SEED = int(os.environ.get("PDEFORMER_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"pdeformer test seed: {SEED} (replay with PDEFORMER_TEST_SEED={SEED})"
+
+
+@pytest.fixture
+def seed() -> int:
+    return SEED
+
+
+@pytest.fixture
+def getkey():
+    """A fresh PRNG key on every call, derived from the session seed."""
+    key = [jax.random.PRNGKey(SEED)]
+
+    def _next():
+        key[0], sub = jax.random.split(key[0])
+        return sub
+
+    return _next
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(SEED)

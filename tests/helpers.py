@@ -1,0 +1,36 @@
+"""Shared test helpers: tolerances live here, chosen per dtype."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOLERANCES = {
+    np.dtype("float32"): dict(rtol=1e-5, atol=1e-5),
+    np.dtype("float64"): dict(rtol=1e-10, atol=1e-10),
+}
+
+
+def tree_allclose(x, y, *, rtol=None, atol=None) -> bool:
+    """`True` when two pytrees have equal structure and all leaves are close."""
+    lx, tx = jax.tree.flatten(x)
+    ly, ty = jax.tree.flatten(y)
+    if tx != ty:
+        return False
+    for a, b in zip(lx, ly, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            return False
+        tol = TOLERANCES.get(a.dtype, dict(rtol=1e-5, atol=1e-5))
+        r = tol["rtol"] if rtol is None else rtol
+        t = tol["atol"] if atol is None else atol
+        if not np.allclose(a, b, rtol=r, atol=t):
+            return False
+    return True
+
+
+def max_abs_diff(x, y) -> float:
+    return float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))))
+
+
+def prefix_mask(lengths, seq: int):
+    return jnp.arange(seq)[None, :] < jnp.asarray(lengths)[:, None]

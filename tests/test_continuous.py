@@ -1,0 +1,164 @@
+"""Continuous depth: convergence orders, the tolerance trade-off, honest NFE, no retracing."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import prefix_mask
+
+import pdeformer as pf
+
+
+def _small(key, dtype, num_layers=2, **kw):
+    kf, kx = jr.split(key)
+    field = pf.Field(8, 2, num_layers, key=kf, dtype=dtype, **kw)
+    x = jr.normal(kx, (2, 6, 8), dtype)
+    mask = prefix_mask([6, 4], 6)
+    return field, x, mask
+
+
+def _tight(field, x, mask):
+    ref = pf.Continuous(
+        diffrax.Tsit5(), diffrax.PIDController(rtol=1e-12, atol=1e-12), max_steps=100_000
+    )
+    return ref(field, x, mask).u
+
+
+@pytest.mark.parametrize("solver,order", [(diffrax.Euler(), 1.0), (diffrax.Heun(), 2.0)])
+def test_fixed_step_convergence_order(getkey, solver, order):
+    with jax.enable_x64(True):
+        field, x, mask = _small(getkey(), jnp.float64)
+        ref = _tight(field, x, mask)
+        ks = np.arange(3, 8)
+        errs = []
+        for k in ks:
+            depth = pf.Continuous(solver, diffrax.ConstantStepSize(), dt0=0.5**k)
+            errs.append(float(jnp.max(jnp.abs(depth(field, x, mask).u - ref))))
+        slope = np.polyfit(-ks * np.log(2.0), np.log(errs), 1)[0]
+        assert abs(slope - order) < 0.2, (slope, errs)
+
+
+def _stiffer(field, scale):
+    # Larger output weights: faster dynamics, so the controller has work at every tolerance.
+    return eqx.tree_at(
+        lambda f: (f.blocks.attention.out_weight, f.blocks.reaction.w2),
+        field,
+        (scale * field.blocks.attention.out_weight, scale * field.blocks.reaction.w2),
+    )
+
+
+def test_tolerance_trades_accuracy_for_compute():
+    # A fixed case: the trend is a property of the controller, but a random field can be
+    # so gentle that loose tolerances already take the minimum number of steps.
+    with jax.enable_x64(True):
+        field, x, mask = _small(jr.PRNGKey(0), jnp.float64, num_layers=3)
+        field = _stiffer(field, 6.0)
+        ref = _tight(field, x, mask)
+        solve = eqx.filter_jit(lambda f, x, m, d: d(f, x, m))
+        nfes, errs = [], []
+        for rtol in [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]:
+            depth = pf.Continuous(diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=rtol * 1e-2))
+            sol = solve(field, x, mask, depth)
+            nfes.append(int(sol.stats.nfe))
+            errs.append(float(jnp.max(jnp.abs(sol.u - ref))))
+        # Adaptive control is not strictly monotone step by step (an early rejected step can
+        # cost more at a looser tolerance), so the trend is fitted in log-log.
+        log_rtol = np.log10([1e-2, 1e-3, 1e-4, 1e-5, 1e-6])
+        assert np.polyfit(log_rtol, np.log10(nfes), 1)[0] < -0.05, nfes
+        assert np.polyfit(log_rtol, np.log10(errs), 1)[0] > 0.5, errs
+        assert nfes[-1] > 2 * nfes[0], nfes
+        assert errs[-1] < errs[0] / 100, errs
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [diffrax.Euler(), diffrax.Heun(), diffrax.Midpoint(), diffrax.Bosh3(), diffrax.Tsit5(),
+     diffrax.Dopri5(), diffrax.Dopri8()],
+    ids=lambda s: type(s).__name__,
+)
+def test_nfe_counts_every_evaluation(getkey, solver):
+    """NFE from the statistics equals the evaluations counted by a callback in the field."""
+    field, x, mask = _small(getkey(), jnp.float32, num_layers=3)
+    calls = []
+
+    class Counted(pf.Field):
+        def __call__(self, t, u, mask=None, **kwargs):
+            jax.debug.callback(lambda: calls.append(1))
+            return super().__call__(t, u, mask, **kwargs)
+
+    counted = object.__new__(Counted)
+    for name, value in vars(field).items():
+        object.__setattr__(counted, name, value)
+    x1 = x[0]  # one sequence: the callback then fires once per evaluation
+    m1 = mask[0]
+    if isinstance(solver, diffrax.AbstractAdaptiveSolver):
+        controller = diffrax.PIDController(rtol=1e-4, atol=1e-6)
+    else:
+        controller = diffrax.ConstantStepSize()
+    depth = pf.Continuous(solver, controller, dt0=0.25)
+    sol = depth(counted, x1, m1)
+    jax.effects_barrier()
+    assert int(sol.stats.nfe) == len(calls), (int(sol.stats.nfe), len(calls), sol.stats)
+    assert int(sol.stats.num_steps) == int(sol.stats.num_accepted_steps) + int(
+        sol.stats.num_rejected_steps
+    )
+
+
+def test_changing_tolerance_does_not_retrace(getkey):
+    field, x, mask = _small(getkey(), jnp.float32)
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def solve(field, x, mask, depth):
+        return depth(field, x, mask).u
+
+    for rtol in [1e-2, 1e-3, 1e-5]:
+        solve(field, x, mask, pf.Continuous(controller=diffrax.PIDController(rtol=rtol, atol=1e-6)))
+    assert eqx.debug.get_num_traces(solve) == 1
+
+
+def test_jump_times_are_given_to_the_controller(getkey):
+    """Without jump times the adaptive solver rejects steps hunting the discontinuities."""
+    field, x, mask = _small(getkey(), jnp.float32, num_layers=3)
+    assert field.jump_times() == (0.5, 1.0, 1.5, 2.0, 2.5)
+    told = pf.Continuous(controller=diffrax.PIDController(rtol=1e-5, atol=1e-7))(field, x, mask)
+    assert int(told.stats.success)
+    shared = pf.Field(8, 2, 3, key=getkey(), schedule=pf.Shared(), composition=pf.ParallelBlock())
+    assert shared.jump_times() == ()
+    interp = pf.Field(8, 2, 3, key=getkey(), schedule=pf.Interpolated())
+    # The sequential block jumps at every half layer even with smooth weights.
+    assert interp.jump_times() == (0.5, 1.0, 1.5, 2.0, 2.5)
+    smooth = pf.Field(8, 2, 3, key=getkey(), schedule=pf.Interpolated(),
+                      composition=pf.ParallelBlock())
+    assert smooth.jump_times() == ()
+
+
+@pytest.mark.parametrize("schedule", [pf.PerLayer(), pf.Shared(), pf.Interpolated()],
+                         ids=lambda s: type(s).__name__)
+def test_schedules_select_the_right_weights(getkey, schedule):
+    field = pf.Field(8, 2, 3, key=getkey(), schedule=schedule)
+    n = field.blocks.attention.qkv_weight.shape[0]
+    assert n == {pf.PerLayer: 3, pf.Shared: 1, pf.Interpolated: 4}[type(schedule)]
+    w = field.blocks.attention.qkv_weight
+    for t in [0.0, 0.7, 1.25, 2.9, 3.0]:
+        block, phase = field.layer(jnp.asarray(t))
+        if isinstance(schedule, pf.PerLayer):
+            expect = w[min(int(t), 2)]
+        elif isinstance(schedule, pf.Shared):
+            expect = w[0]
+        else:
+            i = min(int(t), 2)
+            s = t - i
+            expect = (1 - s) * w[i] + s * w[i + 1]
+        np.testing.assert_allclose(block.attention.qkv_weight, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_saved_states_and_interpolated_field_run(getkey):
+    field, x, mask = _small(getkey(), jnp.float32, schedule=pf.Interpolated())
+    sol = pf.Continuous()(field, x, mask, save_at=[0.0, 1.0, 2.0])
+    assert sol.us.shape == (3, *x.shape)
+    np.testing.assert_allclose(sol.us[0], x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sol.us[-1], sol.u, rtol=1e-5, atol=1e-5)

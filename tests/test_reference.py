@@ -1,0 +1,173 @@
+"""Discrete mode equals a plainly written pre-LN Transformer built from the same weights.
+
+The reference below shares no code with the library: softmax, LayerNorm, GELU and the
+layer loop are written out by hand over the raw weight arrays.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import max_abs_diff, prefix_mask
+
+import pdeformer as pf
+
+
+def _layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / jnp.sqrt(var + eps) * w + b
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False):
+    """A plain pre-LN (or post-LN) Transformer encoder over one sequence `x: (seq, dim)`."""
+    seq, dim = x.shape
+    hd = dim // num_heads
+    num_layers = W["qkv_w"].shape[0]
+    for l in range(num_layers):
+        h = x if post_ln else _layer_norm(x, W["ln1_w"][l], W["ln1_b"][l], eps)
+        qkv = h @ W["qkv_w"][l] + W["qkv_b"][l]
+        q, k, v = qkv[:, :dim], qkv[:, dim : 2 * dim], qkv[:, 2 * dim :]
+        heads = []
+        for i in range(num_heads):
+            sl = slice(i * hd, (i + 1) * hd)
+            logits = (q[:, sl] @ k[:, sl].T) / math.sqrt(hd)
+            logits = jnp.where(mask[None, :], logits, -jnp.inf)
+            p = jnp.exp(logits - logits.max(-1, keepdims=True))
+            p = p / p.sum(-1, keepdims=True)
+            heads.append(p @ v[:, sl])
+        a = jnp.concatenate(heads, axis=-1) @ W["out_w"][l] + W["out_b"][l]
+        x = x + a
+        if post_ln:
+            x = _layer_norm(x, W["ln1_w"][l], W["ln1_b"][l], eps)
+        h = x if post_ln else _layer_norm(x, W["ln2_w"][l], W["ln2_b"][l], eps)
+        x = x + _gelu_tanh(h @ W["w1"][l] + W["b1"][l]) @ W["w2"][l] + W["b2"][l]
+        if post_ln:
+            x = _layer_norm(x, W["ln2_w"][l], W["ln2_b"][l], eps)
+    return x
+
+
+def _weights(field):
+    b = field.blocks
+    return dict(
+        qkv_w=b.attention.qkv_weight,
+        qkv_b=b.attention.qkv_bias,
+        out_w=b.attention.out_weight,
+        out_b=b.attention.out_bias,
+        ln1_w=b.attention_norm.weight,
+        ln1_b=b.attention_norm.bias,
+        ln2_w=b.reaction_norm.weight,
+        ln2_b=b.reaction_norm.bias,
+        w1=b.reaction.w1,
+        b1=b.reaction.b1,
+        w2=b.reaction.w2,
+        b2=b.reaction.b2,
+    )
+
+
+def _randomise_norms(field, key):
+    # Non-trivial norm parameters, so a mix-up of the two norms cannot pass unnoticed.
+    k1, k2, k3, k4 = jr.split(key, 4)
+    b = field.blocks
+    dt = b.attention_norm.weight.dtype
+    weights = [1 + 0.1 * jr.normal(k, b.attention_norm.weight.shape, dt) for k in (k1, k3)]
+    biases = [0.1 * jr.normal(k, b.attention_norm.bias.shape, dt) for k in (k2, k4)]
+    return _set_norms(field, weights, biases)
+
+
+def _set_norms(field, weights, biases):
+    return eqx.tree_at(
+        lambda f: (
+            f.blocks.attention_norm.weight,
+            f.blocks.reaction_norm.weight,
+            f.blocks.attention_norm.bias,
+            f.blocks.reaction_norm.bias,
+        ),
+        field,
+        (weights[0], weights[1], biases[0], biases[1]),
+    )
+
+
+def _case(dtype, key, num_layers=3, dim=16, heads=4, seq=12, batch=3):
+    kf, kn, kx, kb = jr.split(key, 4)
+    field = pf.Field(dim, heads, num_layers, key=kf, dtype=dtype)
+    field = _randomise_norms(field, kn)
+    # Non-zero biases everywhere.
+    leaves = [field.blocks.attention.qkv_bias, field.blocks.attention.out_bias,
+              field.blocks.reaction.b1, field.blocks.reaction.b2]
+    ks = jr.split(kb, len(leaves))
+    field = eqx.tree_at(
+        lambda f: (f.blocks.attention.qkv_bias, f.blocks.attention.out_bias,
+                   f.blocks.reaction.b1, f.blocks.reaction.b2),
+        field,
+        tuple(0.1 * jr.normal(k, x.shape, dtype) for k, x in zip(ks, leaves)),
+    )
+    x = jr.normal(kx, (batch, seq, dim), dtype)
+    return field, x
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("post_ln", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.float64, 1e-10)])
+def test_discrete_equals_plain_transformer(getkey, dtype, tol, padded, post_ln):
+    with jax.enable_x64(dtype == jnp.float64):
+        field, x = _case(dtype, getkey())
+        seq = x.shape[1]
+        lengths = [seq, seq - 5, 3] if padded else [seq] * 3
+        mask = prefix_mask(lengths, seq)
+        sol = jax.jit(lambda f, x, m: pf.Discrete(post_norm=post_ln)(f, x, m))(field, x, mask)
+        W = _weights(field)
+        for b in range(x.shape[0]):
+            ref = _reference_encoder(W, x[b], mask[b], 4, 1e-5, post_ln=post_ln)
+            n = lengths[b]
+            assert sol.u.dtype == dtype
+            assert max_abs_diff(sol.u[b, :n], ref[:n]) <= tol
+            # Pads are frozen: they keep their initial states.
+            assert jnp.array_equal(sol.u[b, n:], x[b, n:])
+        assert int(sol.stats.nfe) == 2 * field.num_layers
+
+
+def test_discrete_is_euler_with_half_step(getkey):
+    """The same field under `Continuous(Euler, dt=1/2)` is bit-for-bit the discrete model."""
+    import diffrax
+
+    field, x = _case(jnp.float32, getkey())
+    mask = prefix_mask([12, 7, 3], 12)
+    a = pf.Discrete()(field, x, mask)
+    b = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)(field, x, mask)
+    np.testing.assert_array_equal(np.asarray(a.u), np.asarray(b.u))
+    assert int(b.stats.nfe) == int(a.stats.nfe) == 6
+
+
+def test_parallel_block_is_euler_step_one(getkey):
+    """The parallel composition under Discrete is `u + A(N u) + R(N' u)` per layer."""
+    field = pf.Field(8, 2, 2, key=getkey(), composition=pf.ParallelBlock())
+    x = jr.normal(getkey(), (5, 8))
+    out = pf.Discrete()(field, x).u
+    W = _weights(field)
+    ref = x
+    for l in range(2):
+        blk = jax.tree.map(lambda a: a[l], field.blocks)
+        ref = ref + blk.attention(blk.attention_norm(ref)) + blk.reaction(blk.reaction_norm(ref))
+    assert max_abs_diff(out, ref) <= 1e-5
+    assert W["qkv_w"].shape[0] == 2
+
+
+def test_saved_states_are_per_layer(getkey):
+    field, x = _case(jnp.float32, getkey())
+    sol = pf.Discrete()(field, x, save_at=range(field.num_layers + 1))
+    assert sol.us.shape == (field.num_layers + 1, *x.shape)
+    np.testing.assert_array_equal(np.asarray(sol.us[0]), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(sol.us[-1]), np.asarray(sol.u))
+    W = _weights(field)
+    mask = jnp.ones(x.shape[1], bool)
+    ref1 = _reference_encoder(jax.tree.map(lambda a: a[:1], W), x[0], mask, 4, 1e-5)
+    assert max_abs_diff(sol.us[1, 0], ref1) <= 1e-5
