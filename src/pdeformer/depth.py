@@ -58,6 +58,24 @@ def _batched(fn, ndim: int, has_mask: bool):
     return fn
 
 
+class _Rate(eqx.Module):
+    """The field as a diffrax vector field `(t, u, args) -> du/dt` on a (batched) state.
+
+    A module, not a closure: the field's weights are then leaves of the term, which
+    `diffrax.BacksolveAdjoint` needs in order to differentiate with respect to them.
+    """
+
+    field: Field
+    ndim: int = eqx.field(static=True)
+
+    def __call__(self, t, u, args):
+        mask, anchor = args
+        fn = _batched(
+            lambda t, v, m: self.field(t, v, m, anchor=anchor), self.ndim, mask is not None
+        )
+        return fn(t, u, mask)
+
+
 def _check_state(u0, mask):
     if u0.ndim < 2:
         raise TypeError(
@@ -348,8 +366,7 @@ class Continuous(AbstractDepth):
         )
 
     def _adaptive(self, field, u0, mask, ts_save):
-        f = _batched(field, u0.ndim, mask is not None)
-        term = diffrax.ODETerm(lambda t, u, args: f(t, u, args))
+        term = diffrax.ODETerm(_Rate(field, u0.ndim))
         jumps = field.jump_times()
         controller = self.controller
         if jumps:
@@ -376,7 +393,7 @@ class Continuous(AbstractDepth):
             t1=field.t1,
             dt0=field.discrete_step if self.dt0 is None else self.dt0,
             y0=u0,
-            args=mask,
+            args=(mask, None),
             stepsize_controller=controller,
             adjoint=self.adjoint,
             saveat=saveat,
@@ -418,12 +435,7 @@ class Continuous(AbstractDepth):
                 f"{edges.tolist()}; got {ts_save.tolist()}. Use an adaptive controller to "
                 "save elsewhere."
             )
-        def rate(t, u, args):
-            m, anchor = args
-            fn = _batched(lambda t, v, mm: field(t, v, mm, anchor=anchor), u0.ndim, m is not None)
-            return fn(t, u, m)
-
-        term = diffrax.ODETerm(rate)
+        term = diffrax.ODETerm(_Rate(field, u0.ndim))
         dtype = u0.dtype
         starts = jnp.asarray(edges[:-1], dtype)
 

@@ -102,7 +102,7 @@ class Interpolated(AbstractSchedule):
 
     def weights(self, stacked: Block, t: Scalar, num_layers: int, anchor: Scalar) -> Block:
         i = jnp.clip(jnp.floor(anchor).astype(jnp.int32), 0, num_layers - 1)
-        s = (t - i).astype(t.dtype)
+        s = t - i.astype(t.dtype)
         arrays, static = eqx.partition(stacked, eqx.is_array)
         mixed = jax.tree.map(
             lambda x: (1 - s).astype(x.dtype) * x[i] + s.astype(x.dtype) * x[i + 1], arrays

@@ -1,0 +1,312 @@
+"""Command line: `pdeformer train` and `pdeformer evaluate`.
+
+Names typed on the command line are mapped to objects here, in one place (`SOLVERS`,
+`ADJOINTS`); everything below the edge takes objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax.random as jr
+
+from .data import TASK_NAMES, load_task
+from .depth import AbstractDepth, Continuous, Discrete
+from .models import Classifier
+from .training import TrainConfig, evaluate, load_checkpoint, make_optimizer, train
+
+SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
+    "euler": diffrax.Euler,
+    "heun": diffrax.Heun,
+    "midpoint": diffrax.Midpoint,
+    "bosh3": diffrax.Bosh3,
+    "tsit5": diffrax.Tsit5,
+    "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,
+}
+"""Command-line solver names."""
+
+ADJOINTS: dict[str, type[diffrax.AbstractAdjoint]] = {
+    "recursive": diffrax.RecursiveCheckpointAdjoint,
+    "direct": diffrax.DirectAdjoint,
+    "backsolve": diffrax.BacksolveAdjoint,
+}
+"""Command-line adjoint names (how gradients flow through a continuous solve)."""
+
+RUN_NAME = "run.json"
+"""The file in a run directory recording how the CLI built the task and the model."""
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def _task_options(pairs: Sequence[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--task-option expects KEY=VALUE (e.g. max_length=120); got {pair!r}.")
+        options[key.replace("-", "_")] = _parse_value(value)
+    return options
+
+
+def _depth(args: argparse.Namespace) -> AbstractDepth:
+    if args.depth == "discrete":
+        return Discrete()
+    solver = SOLVERS[args.solver]()
+    adjoint = ADJOINTS[args.adjoint]()
+    if args.step_size is not None:
+        controller = diffrax.ConstantStepSize()
+        return Continuous(solver, controller, adjoint, dt0=args.step_size, max_steps=args.max_steps)
+    atol = args.rtol / 10 if args.atol is None else args.atol
+    controller = diffrax.PIDController(rtol=args.rtol, atol=atol)
+    return Continuous(solver, controller, adjoint, max_steps=args.max_steps)
+
+
+def _add_depth_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("integrator in depth")
+    g.add_argument(
+        "--depth",
+        choices=("discrete", "continuous"),
+        default="discrete",
+        help="discrete: the standard Transformer (Euler with step 1/2); continuous: integrate "
+        "the field with a diffrax solver (default: discrete)",
+    )
+    g.add_argument(
+        "--solver",
+        choices=sorted(SOLVERS),
+        default="tsit5",
+        help="diffrax solver for --depth continuous (default: tsit5)",
+    )
+    g.add_argument(
+        "--rtol", type=float, default=1e-3, help="relative tolerance of the adaptive controller"
+    )
+    g.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="absolute tolerance of the adaptive controller (default: rtol/10)",
+    )
+    g.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="use a constant step of this size instead of the adaptive controller; it must "
+        "divide 1/2 (e.g. 0.5, 0.25)",
+    )
+    g.add_argument(
+        "--adjoint",
+        choices=sorted(ADJOINTS),
+        default="recursive",
+        help="how gradients flow through a continuous solve (default: recursive, i.e. "
+        "diffrax.RecursiveCheckpointAdjoint)",
+    )
+    g.add_argument(
+        "--max-steps", type=int, default=4096, help="most solver steps per solve (default 4096)"
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdeformer",
+        description="Train and evaluate Transformers integrated in depth as ODEs/PDEs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a Classifier on an LRA task",
+        description="Train a Classifier on an LRA task (offline generator or official data), "
+        "writing metrics.jsonl, checkpoints and run.json into --out.",
+    )
+    d = tr.add_argument_group("data")
+    d.add_argument(
+        "--task", choices=TASK_NAMES, default="listops", help="LRA task (default: listops)"
+    )
+    d.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="directory with the official data; omit to generate the task offline",
+    )
+    d.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option of load_task, repeatable (e.g. --task-option max_length=120 "
+        "--task-option num_train=2000 for offline ListOps)",
+    )
+    d.add_argument("--data-seed", type=int, default=0, help="seed of the offline generator")
+    m = tr.add_argument_group("model")
+    m.add_argument("--dim", type=int, default=64, help="model width (default 64)")
+    m.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    m.add_argument("--layers", type=int, default=2, help="layers = depth T (default 2)")
+    m.add_argument(
+        "--hidden", type=int, default=None, help="FFN hidden width (default: the field's)"
+    )
+    m.add_argument("--model-seed", type=int, default=0, help="seed of the initialisation")
+    _add_depth_options(tr)
+    o = tr.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
+    o.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    o.add_argument(
+        "--warmup", type=int, default=None, help="warm-up steps (default: min(100, steps//10))"
+    )
+    o.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    o.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
+    o.add_argument("--seed", type=int, default=0, help="seed of the data order")
+    o.add_argument(
+        "--eval-every", type=int, default=0, help="validate every N steps (0: never)"
+    )
+    o.add_argument(
+        "--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)"
+    )
+    r = tr.add_argument_group("run")
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/train"),
+        help="run directory for metrics.jsonl, checkpoints, run.json (default: runs/train)",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out (same data order); without it, the "
+        "run starts afresh and replaces the directory's log and checkpoints",
+    )
+    r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="evaluate a trained run under any integrator",
+        description="Load the checkpoint of a `pdeformer train` run and report accuracy, mean "
+        "NFE and wall time as JSON on stdout. The integrator may differ from training.",
+    )
+    ev.add_argument("run", type=Path, help="the run directory written by `pdeformer train`")
+    ev.add_argument(
+        "--split", choices=("val", "test"), default="test", help="split (default: test)"
+    )
+    ev.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    _add_depth_options(ev)
+    return parser
+
+
+def _load(run: dict[str, Any]):
+    task = load_task(run["task"], run["data_dir"], **run["task_options"])
+    model = Classifier(
+        task.vocab_size,
+        run["dim"],
+        run["heads"],
+        run["layers"],
+        task.num_classes,
+        key=jr.PRNGKey(run["model_seed"]),
+        hidden=run["hidden"],
+    )
+    return task, model
+
+
+def _train(args: argparse.Namespace) -> int:
+    options = _task_options(args.task_option)
+    if args.data_dir is None:
+        options.setdefault("seed", args.data_seed)
+    run = {
+        "task": args.task,
+        "data_dir": None if args.data_dir is None else str(args.data_dir),
+        "task_options": options,
+        "dim": args.dim,
+        "heads": args.heads,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "model_seed": args.model_seed,
+    }
+    warmup = min(100, args.steps // 10) if args.warmup is None else args.warmup
+    config = TrainConfig(
+        lr=args.lr,
+        warmup_steps=warmup,
+        total_steps=args.steps,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+    )
+    task, model = _load(run)
+    depth = _depth(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run["train_config"] = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    (args.out / RUN_NAME).write_text(json.dumps(run, indent=2) + "\n")
+    _, history = train(model, task, depth, config, out_dir=args.out, resume=args.resume)
+    last = history[-1] if history else {}
+    summary = {k: last.get(k) for k in ("step", "loss", "accuracy", "nfe")}
+    print(json.dumps({"out": str(args.out), "steps": len(history), "last": summary}))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    path = args.run / RUN_NAME
+    if not path.is_file():
+        raise SystemExit(f"{args.run} is not a run directory of `pdeformer train` (no {RUN_NAME}).")
+    run = json.loads(path.read_text())
+    task, model = _load(run)
+    config = TrainConfig(**run["train_config"])
+    opt_state = make_optimizer(config).init(eqx.filter(model, eqx.is_inexact_array))
+    model, _, meta = load_checkpoint(args.run, model, opt_state)
+    split = task.val if args.split == "val" else task.test
+    result = evaluate(model, split, _depth(args), args.batch_size)
+    print(
+        json.dumps(
+            {
+                "run": str(args.run),
+                "checkpoint_step": meta["step"],
+                "split": args.split,
+                "depth": args.depth,
+                "solver": None if args.depth == "discrete" else args.solver,
+                "accuracy": result.accuracy,
+                "mean_nfe": result.mean_nfe,
+                "wall_time_s": result.wall_time,
+                "time_per_batch_s": result.time_per_batch,
+                "num_examples": result.num_examples,
+            }
+        )
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pdeformer` command.
+
+    **Arguments:**
+
+    - `argv`: the arguments (default: `sys.argv[1:]`).
+
+    **Returns:**
+
+    The exit status.
+    """
+    args = _build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.command == "train":
+        return _train(args)
+    return _evaluate(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

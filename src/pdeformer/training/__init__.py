@@ -1,0 +1,31 @@
+"""Training and evaluation: one step function for every task and every integrator in depth.
+
+The integrator (`Discrete()` or `Continuous(...)`) is an argument of `train_step` and
+`evaluate`, a pytree whose tolerances are arrays, so changing a tolerance does not recompile.
+"""
+
+from ._train import CHECKPOINT_NAME as CHECKPOINT_NAME
+from ._train import METRICS_NAME as METRICS_NAME
+from ._train import Evaluation as Evaluation
+from ._train import NonFiniteLossError as NonFiniteLossError
+from ._train import TrainConfig as TrainConfig
+from ._train import evaluate as evaluate
+from ._train import load_checkpoint as load_checkpoint
+from ._train import make_optimizer as make_optimizer
+from ._train import save_checkpoint as save_checkpoint
+from ._train import train as train
+from ._train import train_step as train_step
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+    "Evaluation",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "evaluate",
+    "load_checkpoint",
+    "make_optimizer",
+    "save_checkpoint",
+    "train",
+    "train_step",
+]

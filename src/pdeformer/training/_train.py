@@ -1,0 +1,606 @@
+"""The training loop: optimiser, one jitted step, evaluation, metrics log and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..data import Batch, Split, TaskData, iterate_batches, iterate_forever
+from ..depth import AbstractDepth
+
+CHECKPOINT_NAME = "checkpoint.json"
+"""The sidecar naming the latest checkpoint in a run directory."""
+
+METRICS_NAME = "metrics.jsonl"
+"""The metrics log (one JSON object per line) in a run directory."""
+
+# Fields that may change between a run and its resumption: they do not alter the trajectory.
+_RESUMABLE_CHANGES = frozenset({"eval_every", "eval_batch_size", "checkpoint_every", "progress"})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run.
+
+    **Arguments:**
+
+    - `lr`: peak learning rate of AdamW.
+    - `warmup_steps`: linear warm-up from 0 to `lr` over this many steps.
+    - `total_steps`: number of optimiser steps; the cosine decay reaches
+      `lr * final_lr_fraction` here.
+    - `final_lr_fraction`: the learning rate at the end, as a fraction of `lr`.
+    - `weight_decay`: AdamW's decoupled weight decay (matrices only, not biases, norms or
+      vectors).
+    - `clip_norm`: gradients are clipped to this global norm.
+    - `batch_size`: training examples per step.
+    - `seed`: seed of the data order (the model's initialisation key is the caller's).
+    - `eval_every`: evaluate on the validation split every this many steps (0: never).
+    - `eval_batch_size`: batch size of those evaluations (`None`: `batch_size`).
+    - `checkpoint_every`: write a checkpoint every this many steps (0: only at the end); only
+      with an `out_dir`.
+    - `pad_to`: padded sequence length (`None`: the training split's longest sequence, so
+      every step has one shape and the step compiles once).
+    - `bucket_batches`: length bucketing, see `pdeformer.data.batch_order`.
+    - `progress`: show a progress bar on stderr.
+    """
+
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    final_lr_fraction: float = 0.0
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    batch_size: int = 32
+    seed: int = 0
+    eval_every: int = 0
+    eval_batch_size: int | None = None
+    checkpoint_every: int = 0
+    pad_to: int | None = None
+    bucket_batches: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got lr={self.lr}. Pass e.g. lr=1e-3.")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1; got total_steps={self.total_steps}.")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(
+                f"warmup_steps must lie in [0, total_steps={self.total_steps}]; got "
+                f"warmup_steps={self.warmup_steps}."
+            )
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction must lie in [0, 1]; got {self.final_lr_fraction}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay}.")
+        if not self.clip_norm > 0:
+            raise ValueError(
+                f"clip_norm must be > 0; got clip_norm={self.clip_norm}. Pass e.g. 1.0 "
+                "(use a large value such as 1e9 to clip nothing)."
+            )
+        for name in ("batch_size",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {name}={getattr(self, name)}.")
+        for name in ("eval_every", "checkpoint_every", "bucket_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {name}={getattr(self, name)}.")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 or None; got {self.eval_batch_size}.")
+        if self.pad_to is not None and self.pad_to < 1:
+            raise ValueError(f"pad_to must be >= 1 or None; got {self.pad_to}.")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a non-finite loss or gradient and stopped; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The result of `evaluate`.
+
+    - `accuracy`: fraction of correct predictions.
+    - `mean_nfe`: mean vector-field evaluations per batch (a batch is one ODE solve).
+    - `wall_time`: seconds for the whole split, compilation excluded.
+    - `time_per_batch`: `wall_time / num_batches`.
+    - `num_examples`, `num_batches`.
+    - `success`: fraction of batches whose solve succeeded (see `Continuous(throw=False)`).
+    - `logits`: the logits, `(num_examples, classes)`, in the split's order.
+    """
+
+    accuracy: float
+    mean_nfe: float
+    wall_time: float
+    time_per_batch: float
+    num_examples: int
+    num_batches: int
+    success: float
+    logits: np.ndarray = dataclasses.field(repr=False)
+
+
+def _schedule(config: TrainConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.lr,
+        warmup_steps=config.warmup_steps,
+        decay_steps=config.total_steps,
+        end_value=config.lr * config.final_lr_fraction,
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay, after clipping by the global norm.
+
+    Weight decay applies to parameters with two or more axes (matrices, stacked weights),
+    not to biases, norm scales or the CLS vector.
+
+    **Arguments:**
+
+    - `config`: a `TrainConfig` (`lr`, `warmup_steps`, `total_steps`, `final_lr_fraction`,
+      `weight_decay`, `clip_norm`).
+
+    **Returns:**
+
+    An `optax.GradientTransformation`; initialise it with
+    `optimizer.init(eqx.filter(model, eqx.is_inexact_array))`.
+    """
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(_schedule(config), weight_decay=config.weight_decay, mask=decay_mask),
+    )
+
+
+def _loss(model, batch: Batch, depth: AbstractDepth):
+    logits, sol = model(jnp.asarray(batch.tokens), jnp.asarray(batch.mask), depth=depth)
+    labels = jnp.asarray(batch.labels)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    return loss, (logits, sol.stats)
+
+
+@eqx.filter_jit
+def train_step(
+    model: eqx.Module,
+    opt_state: optax.OptState,
+    batch: Batch,
+    depth: AbstractDepth,
+    optimizer: optax.GradientTransformation,
+) -> tuple[eqx.Module, optax.OptState, dict[str, jax.Array]]:
+    """One optimiser step on softmax cross-entropy; the same step serves every task and depth.
+
+    **Arguments:**
+
+    - `model`: a model called as `logits, sol = model(tokens, mask, depth=depth)` (e.g.
+      `Classifier`).
+    - `opt_state`: the optimiser state.
+    - `batch`: a `pdeformer.data.Batch` (tokens `(batch, seq)`, mask, integer labels).
+    - `depth`: the integrator in depth, `Discrete()` or `Continuous(...)`. It is a traced
+      argument: a new tolerance does not recompile, a new solver type does.
+    - `optimizer`: e.g. `make_optimizer(config)` (static: pass the same object each step).
+
+    **Returns:**
+
+    `(model, opt_state, metrics)` with scalar metrics `loss`, `accuracy`, `nfe` (vector-field
+    evaluations of the forward solve), `num_rejected_steps`, `grad_norm` (before clipping).
+    """
+    grad_fn = eqx.filter_value_and_grad(_loss, has_aux=True)
+    (loss, (logits, stats)), grads = grad_fn(model, batch, depth)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    model = eqx.apply_updates(model, updates)
+    labels = jnp.asarray(batch.labels)
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
+    metrics = {
+        "loss": loss,
+        "accuracy": accuracy,
+        "nfe": stats.nfe,
+        "num_rejected_steps": stats.num_rejected_steps,
+        "grad_norm": optax.global_norm(grads),
+    }
+    return model, opt_state, metrics
+
+
+@eqx.filter_jit
+def _forward(model, tokens, mask, depth):
+    logits, sol = model(tokens, mask, depth=depth)
+    return logits, sol.stats.nfe, sol.stats.success
+
+
+def _eval_batches(split: Split, batch_size: int, pad_to: int) -> Iterator[tuple[Batch, int]]:
+    # The last batch is filled up with copies of its first row (ignored afterwards), so every
+    # batch has one shape and the forward pass compiles once.
+    for batch in iterate_batches(
+        split, batch_size, shuffle=False, drop_remainder=False, pad_to=pad_to
+    ):
+        n = batch.tokens.shape[0]
+        if n < batch_size:
+            fill = np.zeros(batch_size - n, dtype=np.int64)
+            batch = Batch(
+                np.concatenate([batch.tokens, batch.tokens[fill]]),
+                np.concatenate([batch.mask, batch.mask[fill]]),
+                np.concatenate([batch.labels, batch.labels[fill]]),
+            )
+        yield batch, n
+
+
+def evaluate(
+    model: eqx.Module,
+    split: Split,
+    depth: AbstractDepth,
+    batch_size: int,
+    *,
+    pad_to: int | None = None,
+    warmup: bool = True,
+) -> Evaluation:
+    """Accuracy, mean NFE and wall time of a model on a split under one integrator.
+
+    **Arguments:**
+
+    - `model`: e.g. a trained `Classifier`.
+    - `split`: a `pdeformer.data.Split` (single input).
+    - `depth`: the integrator in depth (a new tolerance does not recompile).
+    - `batch_size`: examples per batch; every batch, the last included, has this size.
+    - `pad_to`: padded length (`None`: the split's longest sequence).
+    - `warmup`: run the first batch once untimed, so `wall_time` excludes compilation.
+
+    **Returns:**
+
+    An `Evaluation`.
+
+    **Raises:**
+
+    `ValueError` for an empty or dual-input split, or `batch_size < 1`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    if len(split) == 0:
+        raise ValueError("cannot evaluate on an empty split.")
+    if split.dual:
+        raise ValueError("evaluate supports single-input splits; this split has two inputs.")
+    pad_to = int(split.tokens.shape[1]) if pad_to is None else pad_to
+    if warmup:
+        batch, _ = next(_eval_batches(split, batch_size, pad_to))
+        jax.block_until_ready(_forward(model, batch.tokens, batch.mask, depth))
+    logits_all, nfes, successes = [], [], []
+    num_batches = 0
+    start = time.perf_counter()
+    for batch, n in _eval_batches(split, batch_size, pad_to):
+        logits, nfe, success = jax.device_get(_forward(model, batch.tokens, batch.mask, depth))
+        logits_all.append(np.asarray(logits)[:n])
+        nfes.append(int(nfe))
+        successes.append(bool(success))
+        num_batches += 1
+    wall = time.perf_counter() - start
+    logits = np.concatenate(logits_all)
+    accuracy = float(np.mean(np.argmax(logits, axis=-1) == split.labels))
+    return Evaluation(
+        accuracy=accuracy,
+        mean_nfe=float(np.mean(nfes)),
+        wall_time=wall,
+        time_per_batch=wall / num_batches,
+        num_examples=len(split),
+        num_batches=num_batches,
+        success=float(np.mean(successes)),
+        logits=logits,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and logs
+# ---------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    # A reader (or a resumed run after a kill) sees the old file or the new one, never half.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    model: eqx.Module,
+    opt_state: optax.OptState,
+    step: int,
+    config: TrainConfig,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write model and optimiser state, then the JSON sidecar naming them, both atomically.
+
+    The leaves go to `ckpt-{step}.eqx`; `checkpoint.json` (step, data position, config) is
+    replaced last, so it always names a complete file. Older `ckpt-*.eqx` files are removed.
+
+    **Arguments:**
+
+    - `out_dir`: the run directory.
+    - `model`, `opt_state`: what to save.
+    - `step`: optimiser steps completed (= the next global data step).
+    - `config`: the run's `TrainConfig`.
+    - `extra`: further JSON-serialisable entries for the sidecar.
+
+    **Returns:**
+
+    The path of the sidecar.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{step:08d}.eqx"
+    _atomic_write(out / name, lambda f: eqx.tree_serialise_leaves(f, (model, opt_state)))
+    meta = {
+        "step": step,
+        "file": name,
+        "data": {"start_step": step, "seed": config.seed, "batch_size": config.batch_size},
+        "config": dataclasses.asdict(config),
+        "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    sidecar = out / CHECKPOINT_NAME
+    _atomic_write(sidecar, lambda f: json.dump(meta, f, indent=2), mode="w")
+    for old in out.glob("ckpt-*.eqx"):
+        if old.name != name:
+            old.unlink()
+    return sidecar
+
+
+def load_checkpoint(
+    out_dir: str | Path, model: eqx.Module, opt_state: optax.OptState
+) -> tuple[eqx.Module, optax.OptState, dict[str, Any]]:
+    """Read the checkpoint named by a run directory's `checkpoint.json`.
+
+    **Arguments:**
+
+    - `out_dir`: the run directory.
+    - `model`, `opt_state`: templates of the right structure (e.g. a freshly built model and
+      `optimizer.init(...)`); their values are replaced.
+
+    **Returns:**
+
+    `(model, opt_state, meta)` with `meta` the sidecar's contents.
+
+    **Raises:**
+
+    `FileNotFoundError` if the directory holds no checkpoint.
+    """
+    out = Path(out_dir)
+    sidecar = out / CHECKPOINT_NAME
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint in {out} (expected {CHECKPOINT_NAME}); train with out_dir={out} "
+            "first, or pass the directory of a training run."
+        )
+    meta = json.loads(sidecar.read_text())
+    model, opt_state = eqx.tree_deserialise_leaves(out / meta["file"], (model, opt_state))
+    return model, opt_state, meta
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    # Strict JSON has no NaN/inf: non-finite numbers are logged as null.
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
+
+
+class _Progress:
+    """tqdm on stderr if installed, else one overwritten stderr line."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled = enabled
+        self.total = total
+        self.n = initial
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=initial, file=sys.stderr, desc="train")
+
+    def update(self, record: dict[str, Any]) -> None:
+        self.n += 1
+        if not self.enabled:
+            return
+        text = f"loss {record['loss']:.4f} acc {record['accuracy']:.3f} nfe {record['nfe']}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"\rtrain {self.n}/{self.total} {text}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr, flush=True)
+
+
+def _check_resume(meta: dict[str, Any], config: TrainConfig, task_data: TaskData) -> None:
+    old = meta.get("config", {})
+    new = dataclasses.asdict(config)
+    changed = sorted(
+        k for k in new if k not in _RESUMABLE_CHANGES and k in old and old[k] != new[k]
+    )
+    if changed:
+        diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise ValueError(
+            f"cannot resume: the config differs from the checkpoint's in fields that change the "
+            f"training trajectory ({diffs}). Pass the original config, or resume=False to start "
+            "afresh."
+        )
+    if meta.get("task") not in (None, task_data.name):
+        raise ValueError(
+            f"cannot resume: the checkpoint was trained on task {meta['task']!r}, not "
+            f"{task_data.name!r}."
+        )
+
+
+def train(
+    model: eqx.Module,
+    task_data: TaskData,
+    depth: AbstractDepth,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    *,
+    callback: Callable[[int, dict[str, Any]], None] | None = None,
+) -> tuple[eqx.Module, list[dict[str, Any]]]:
+    """Train a model on a task's training split with one integrator in depth.
+
+    With an `out_dir`, every step is appended to `metrics.jsonl` (step, loss, accuracy, nfe,
+    grad_norm, lr, time) and checkpoints are written atomically every
+    `config.checkpoint_every` steps and at the end. `resume=True` continues from the latest
+    checkpoint exactly as if the run had not stopped: same parameters, optimiser state and data
+    order (`iterate_forever(start_step=...)`); log lines written after that checkpoint are
+    dropped. Without a checkpoint, `resume=True` starts afresh; `resume=False` always starts
+    afresh, replacing the log and checkpoints in `out_dir`.
+
+    **Arguments:**
+
+    - `model`: the initial model (on resume: the template the checkpoint is read into).
+    - `task_data`: a single-input `TaskData` (e.g. `load_task("listops", ...)`).
+    - `depth`: `Discrete()` or `Continuous(...)`.
+    - `config`: a `TrainConfig`.
+    - `out_dir`: run directory for the log and checkpoints, or `None` (nothing written).
+    - `resume`: continue from the checkpoint in `out_dir`.
+    - `callback`: called as `callback(step, record)` after each step (e.g. for early
+      stopping by raising).
+
+    **Returns:**
+
+    `(model, history)`: the trained model and one record per step (on resume, the records
+    of the earlier steps are read back from the log).
+
+    **Raises:**
+
+    `NonFiniteLossError` when the loss or gradient norm is not finite; the model of that step
+    is discarded and the last checkpoint kept. `ValueError` for a dual-input task or a
+    resume with a different config.
+    """
+    if task_data.dual:
+        raise ValueError(
+            f"train supports single-input tasks; {task_data.name!r} has two inputs per example."
+        )
+    optimizer = make_optimizer(config)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    schedule = _schedule(config)
+    pad_to = int(task_data.train.tokens.shape[1]) if config.pad_to is None else config.pad_to
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    start = 0
+    history: list[dict[str, Any]] = []
+    out = None if out_dir is None else Path(out_dir)
+    last_checkpoint: int | None = None
+    log = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path = out / METRICS_NAME
+        if resume and (out / CHECKPOINT_NAME).is_file():
+            model, opt_state, meta = load_checkpoint(out, model, opt_state)
+            _check_resume(meta, config, task_data)
+            start = last_checkpoint = int(meta["step"])
+            if log_path.is_file():
+                lines = [json.loads(s) for s in log_path.read_text().splitlines() if s.strip()]
+                history = [r for r in lines if r.get("step", math.inf) < start]
+            kept = "".join(json.dumps(r) + "\n" for r in history)
+            _atomic_write(log_path, lambda f: f.write(kept), mode="w")
+        else:
+            for old in [*out.glob("ckpt-*.eqx"), out / CHECKPOINT_NAME]:
+                old.unlink(missing_ok=True)
+            log_path.write_text("")
+        log = open(log_path, "a")  # noqa: SIM115 (closed in the finally below)
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_checkpoint
+        if out is not None:
+            save_checkpoint(out, model, opt_state, step, config, extra={"task": task_data.name})
+            last_checkpoint = step
+
+    progress = _Progress(config.total_steps, start, config.progress and start < config.total_steps)
+    try:
+        data = iterate_forever(
+            task_data.train,
+            config.batch_size,
+            seed=config.seed,
+            start_step=start,
+            pad_to=pad_to,
+            bucket_batches=config.bucket_batches,
+        )
+        for step, batch in data:
+            if step >= config.total_steps:
+                break
+            t0 = time.perf_counter()
+            new_model, new_opt_state, metrics = train_step(
+                model, opt_state, batch, depth, optimizer
+            )
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - t0
+            record: dict[str, Any] = {"step": step}
+            for k, v in metrics.items():
+                record[k] = float(v) if np.issubdtype(np.asarray(v).dtype, np.floating) else int(v)
+            record["lr"] = float(schedule(step))
+            record["time"] = elapsed
+            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+                record["event"] = "non_finite"
+                if log is not None:
+                    log.write(json.dumps(_json_safe(record)) + "\n")
+                    log.flush()
+                if last_checkpoint is None:
+                    kept = "no checkpoint was written" + (
+                        "" if out is not None else " (no out_dir was given)"
+                    )
+                else:
+                    kept = (
+                        f"the last good checkpoint (step {last_checkpoint}) is kept in {out}; "
+                        "continue from it with resume=True"
+                    )
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (loss={record['loss']}, "
+                    f"grad_norm={record['grad_norm']}): training stopped and this step's update "
+                    f"was discarded; {kept}. Lower the learning rate, tighten clip_norm, or "
+                    "check the data."
+                )
+            model, opt_state = new_model, new_opt_state
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                ev = evaluate(model, task_data.val, depth, eval_batch_size, warmup=False)
+                record["val_accuracy"] = ev.accuracy
+                record["val_nfe"] = ev.mean_nfe
+            history.append(record)
+            if log is not None:
+                log.write(json.dumps(_json_safe(record)) + "\n")
+                log.flush()
+            progress.update(record)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                checkpoint(step + 1)
+            if callback is not None:
+                callback(step, record)
+        if out is not None and last_checkpoint != config.total_steps:
+            checkpoint(config.total_steps)
+    finally:
+        progress.close()
+        if log is not None:
+            log.close()
+    return model, history

@@ -1,0 +1,80 @@
+"""Gradients through depth: adjoints agree with each other and with finite differences."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from helpers import prefix_mask
+
+import pdeformer as pf
+
+
+def _setup(key):
+    kf, kx = jr.split(key)
+    field = pf.Field(4, 2, 2, key=kf, hidden=8, dtype=jnp.float64)
+    x = jr.normal(kx, (2, 5, 4), jnp.float64)
+    return field, x, prefix_mask([5, 3], 5)
+
+
+def _grad(field, x, mask, depth):
+    def loss(f):
+        return jnp.sum(depth(f, x, mask).u ** 2)
+
+    return eqx.filter_jit(eqx.filter_grad(loss))(field)
+
+
+def _flat(tree):
+    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(eqx.filter(tree, eqx.is_array))])
+
+
+def test_adjoints_agree(getkey):
+    with jax.enable_x64(True):
+        field, x, mask = _setup(getkey())
+        ctrl = diffrax.PIDController(rtol=1e-8, atol=1e-8)
+        # A small max_steps keeps DirectAdjoint's compile time (it grows with max_steps) low.
+        def grad(adjoint):
+            depth = pf.Continuous(diffrax.Tsit5(), ctrl, adjoint, max_steps=64)
+            return _flat(_grad(field, x, mask, depth))
+
+        rc = grad(diffrax.RecursiveCheckpointAdjoint())
+        direct = grad(diffrax.DirectAdjoint())
+        back = grad(diffrax.BacksolveAdjoint())
+        np.testing.assert_allclose(direct, rc, rtol=1e-9, atol=1e-9)
+        # Backsolve integrates the adjoint ODE backwards: equal to the tolerance level.
+        np.testing.assert_allclose(back, rc, rtol=1e-5, atol=1e-5)
+        assert jnp.linalg.norm(rc) > 1e-3
+
+
+def test_gradient_matches_finite_differences(getkey):
+    with jax.enable_x64(True):
+        field, x, mask = _setup(getkey())
+        depth = pf.Continuous(
+            diffrax.Tsit5(), diffrax.PIDController(rtol=1e-10, atol=1e-10), max_steps=256
+        )
+        params, static = eqx.partition(field, eqx.is_array)
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+        def loss(theta):
+            return jnp.sum(depth(eqx.combine(unravel(theta), static), x, mask).u ** 2)
+
+        loss = jax.jit(loss)
+        g = jax.jit(jax.grad(loss))(flat)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            v = jnp.asarray(rng.standard_normal(flat.shape))
+            v = v / jnp.linalg.norm(v)
+            eps = 1e-5
+            fd = (loss(flat + eps * v) - loss(flat - eps * v)) / (2 * eps)
+            np.testing.assert_allclose(float(g @ v), float(fd), rtol=1e-5, atol=1e-7)
+
+
+def test_discrete_gradient_matches_continuous_euler(getkey):
+    with jax.enable_x64(True):
+        field, x, mask = _setup(getkey())
+        a = _flat(_grad(field, x, mask, pf.Discrete()))
+        b = _flat(
+            _grad(field, x, mask, pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize()))
+        )
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

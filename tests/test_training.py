@@ -1,0 +1,191 @@
+"""Training loop, checkpoints and resumption, the CLI and the main experiment (smoke)."""
+
+import dataclasses
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import tree_allclose
+
+from pdeformer import Classifier, Discrete
+from pdeformer.cli import main as cli_main
+from pdeformer.data import ListOpsConfig, batch_order, load_task
+from pdeformer.training import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    NonFiniteLossError,
+    TrainConfig,
+    evaluate,
+    make_optimizer,
+    train,
+    train_step,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# One tiny architecture and one padded length for every test, so the jitted step compiles once.
+SIZES = dict(dim=16, num_heads=2, num_layers=1)
+TINY = ListOpsConfig(max_depth=3, min_length=5, max_length=20, num_train=24, num_val=8, num_test=8)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("listops", config=TINY, seed=0)
+
+
+def _model(task, key):
+    return Classifier(task.vocab_size, num_classes=task.num_classes, key=key, **SIZES)
+
+
+def _no_time(history):
+    return [{k: v for k, v in r.items() if k != "time"} for r in history]
+
+
+def test_overfits_one_batch(task):
+    small = dataclasses.replace(task, train=task.train.take(np.arange(8)))
+    config = TrainConfig(
+        lr=1e-2, warmup_steps=0, total_steps=80, batch_size=8, weight_decay=0.0, progress=False
+    )
+    model, history = train(_model(task, jr.PRNGKey(0)), small, Discrete(), config)
+    assert len(history) == 80
+    assert history[-1]["loss"] < 0.1 * history[0]["loss"]
+    ev = evaluate(model, small.train, Discrete(), 8)
+    assert ev.accuracy == 1.0
+    assert ev.mean_nfe == 2.0  # one layer: two Euler steps of 1/2
+    assert {"loss", "accuracy", "nfe", "grad_norm", "lr", "time"} <= set(history[0])
+
+
+def test_train_step_does_not_recompile_for_a_new_tolerance(task):
+    import diffrax
+
+    from pdeformer import Continuous
+
+    config = TrainConfig(warmup_steps=0, total_steps=4, batch_size=8, progress=False)
+    optimizer = make_optimizer(config)
+    model = _model(task, jr.PRNGKey(1))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    batch = next(
+        __import__("pdeformer.data", fromlist=["iterate_batches"]).iterate_batches(
+            task.train, 8, pad_to=task.train.tokens.shape[1]
+        )
+    )
+    step = eqx.debug.assert_max_traces(train_step.__wrapped__, max_traces=1)
+    step = eqx.filter_jit(step)
+    for rtol in (1e-2, 1e-3):
+        depth = Continuous(diffrax.Bosh3(), diffrax.PIDController(rtol=rtol, atol=rtol / 10))
+        _, _, metrics = step(model, opt_state, batch, depth, optimizer)
+        assert np.isfinite(float(metrics["loss"]))
+        assert int(metrics["nfe"]) > 0
+
+
+def test_resume_matches_uninterrupted_run(task, tmp_path):
+    config = TrainConfig(
+        lr=3e-3, warmup_steps=2, total_steps=6, batch_size=8, checkpoint_every=3, progress=False
+    )
+    full_model, full = train(_model(task, jr.PRNGKey(2)), task, Discrete(), config, tmp_path / "a")
+
+    def kill_after_step_4(step, record):
+        if step == 4:
+            raise KeyboardInterrupt  # a kill after step 4, whose update is never checkpointed
+
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(task, jr.PRNGKey(2)), task, Discrete(), config, out, callback=kill_after_step_4)
+    assert json.loads((out / CHECKPOINT_NAME).read_text())["step"] == 3
+    assert len((out / METRICS_NAME).read_text().splitlines()) == 5
+    # Resume into a differently initialised template: everything must come from the checkpoint.
+    model, history = train(_model(task, jr.PRNGKey(99)), task, Discrete(), config, out, resume=True)
+    assert _no_time(history) == _no_time(full)
+    assert [json.loads(s)["step"] for s in (out / METRICS_NAME).read_text().splitlines()] == list(
+        range(6)
+    )
+    params = eqx.filter(model, eqx.is_inexact_array)
+    full_params = eqx.filter(full_model, eqx.is_inexact_array)
+    assert tree_allclose(params, full_params, rtol=0, atol=0)
+    # Resuming a finished run is a no-op; a different trajectory config is refused.
+    _, again = train(_model(task, jr.PRNGKey(2)), task, Discrete(), config, out, resume=True)
+    assert _no_time(again) == _no_time(full)
+    with pytest.raises(ValueError, match=r"cannot resume: .*lr: 0.003 -> 0.01"):
+        train(
+            _model(task, jr.PRNGKey(2)),
+            task,
+            Discrete(),
+            dataclasses.replace(config, lr=1e-2),
+            out,
+            resume=True,
+        )
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(task, tmp_path):
+    config = TrainConfig(warmup_steps=0, total_steps=5, batch_size=8, checkpoint_every=1, progress=False)
+    # Poison the examples of the second batch: an out-of-range label gives a NaN loss there.
+    second = batch_order(task.train.lengths, 8, seed=config.seed, epoch=0)[1]
+    labels = task.train.labels.copy()
+    labels[second] = 99
+    bad = dataclasses.replace(task, train=dataclasses.replace(task.train, labels=labels))
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss at step 1 .*the last good checkpoint \(step 1\) is kept",
+    ):
+        train(_model(task, jr.PRNGKey(3)), bad, Discrete(), config, tmp_path)
+    meta = json.loads((tmp_path / CHECKPOINT_NAME).read_text())
+    assert meta["step"] == 1
+    assert (tmp_path / meta["file"]).is_file()
+    log = [json.loads(s) for s in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert log[-1]["event"] == "non_finite" and log[-1]["loss"] is None
+
+
+def test_config_validation_says_the_fix():
+    with pytest.raises(ValueError, match=r"warmup_steps must lie in \[0, total_steps=10\]"):
+        TrainConfig(warmup_steps=20, total_steps=10)
+    with pytest.raises(ValueError, match="clip_norm must be > 0"):
+        TrainConfig(clip_norm=0.0)
+
+
+def test_cli_help_train_and_evaluate(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["--help"])
+    assert exc.value.code == 0
+    for command in ("train", "evaluate"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+    text = capsys.readouterr().out
+    for option in ("--solver", "--rtol", "--atol", "--depth", "--resume", "--task-option"):
+        assert option in text
+    args = ["--task-option", "max_depth=3", "--task-option", "min_length=5"]
+    args += ["--task-option", "max_length=20", "--task-option", "num_train=24"]
+    args += ["--task-option", "num_val=8", "--task-option", "num_test=8"]
+    args += ["--dim", "16", "--heads", "2", "--layers", "1", "--batch-size", "8"]
+    out = tmp_path / "run"
+    assert cli_main(["train", *args, "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2
+    assert json.loads((out / CHECKPOINT_NAME).read_text())["step"] == 2
+    assert cli_main(["evaluate", str(out), "--batch-size", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint_step"] == 2 and result["mean_nfe"] == 2.0
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_compare_solvers_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "compare_solvers", ROOT / "experiments" / "compare_solvers.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(module.CompareConfig.smoke(), tmp_path)
+    assert (tmp_path / "results.md").is_file()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["evaluation"] == results["evaluation"]
+    rows = {(r["method"], r["rtol"]): r for r in saved["evaluation"]}
+    # Euler with step 1/2 is the discrete model.
+    assert rows[("Euler", None)]["max_abs_logit_diff"] < 1e-5
+    assert rows[("Euler", None)]["mean_nfe"] == rows[("discrete", None)]["mean_nfe"]
+    assert re.search(r"\| Tsit5 \| PID rtol=0.01 \|", capsys.readouterr().out)
+    assert saved["meta"]["machine"]["cpu"]
+    assert jax.__version__ == saved["meta"]["machine"]["jax"]
