@@ -201,7 +201,7 @@ class CompareConfig:
             fixed_solvers=(diffrax.Euler(),),
             adaptive_solvers=(diffrax.Tsit5(),),
             rtols=(1e-2, 1e-4),
-            cost_solvers=(diffrax.Euler(),),
+            cost_solvers=(),
             cost_steps=1,
             cost_batch_size=8,
         )

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import prefix_mask
 
 import pdeformer as pf
+from helpers import prefix_mask
 
 
 def _small(key, dtype, num_layers=2, **kw):
@@ -60,7 +60,9 @@ def test_tolerance_trades_accuracy_for_compute():
         solve = eqx.filter_jit(lambda f, x, m, d: d(f, x, m))
         nfes, errs = [], []
         for rtol in [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]:
-            depth = pf.Continuous(diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=rtol * 1e-2))
+            depth = pf.Continuous(
+                diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=rtol * 1e-2)
+            )
             sol = solve(field, x, mask, depth)
             nfes.append(int(sol.stats.nfe))
             errs.append(float(jnp.max(jnp.abs(sol.u - ref))))
@@ -75,8 +77,15 @@ def test_tolerance_trades_accuracy_for_compute():
 
 @pytest.mark.parametrize(
     "solver",
-    [diffrax.Euler(), diffrax.Heun(), diffrax.Midpoint(), diffrax.Bosh3(), diffrax.Tsit5(),
-     diffrax.Dopri5(), diffrax.Dopri8()],
+    [
+        diffrax.Euler(),
+        diffrax.Heun(),
+        diffrax.Midpoint(),
+        diffrax.Bosh3(),
+        diffrax.Tsit5(),
+        diffrax.Dopri5(),
+        diffrax.Dopri8(),
+    ],
     ids=lambda s: type(s).__name__,
 )
 def test_nfe_counts_every_evaluation(getkey, solver):
@@ -131,13 +140,15 @@ def test_jump_times_are_given_to_the_controller(getkey):
     interp = pf.Field(8, 2, 3, key=getkey(), schedule=pf.Interpolated())
     # The sequential block jumps at every half layer even with smooth weights.
     assert interp.jump_times() == (0.5, 1.0, 1.5, 2.0, 2.5)
-    smooth = pf.Field(8, 2, 3, key=getkey(), schedule=pf.Interpolated(),
-                      composition=pf.ParallelBlock())
+    smooth = pf.Field(
+        8, 2, 3, key=getkey(), schedule=pf.Interpolated(), composition=pf.ParallelBlock()
+    )
     assert smooth.jump_times() == ()
 
 
-@pytest.mark.parametrize("schedule", [pf.PerLayer(), pf.Shared(), pf.Interpolated()],
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "schedule", [pf.PerLayer(), pf.Shared(), pf.Interpolated()], ids=lambda s: type(s).__name__
+)
 def test_schedules_select_the_right_weights(getkey, schedule):
     field = pf.Field(8, 2, 3, key=getkey(), schedule=schedule)
     n = field.blocks.attention.qkv_weight.shape[0]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pdeformer.operators import neumann_laplacian
 from pdeformer.operators.diffusion_layer import AdaptiveDiffusionLayer, DiffusionLayer
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=False)
+SETTINGS = settings(max_examples=30, deadline=None)
 KINDS = ("single", "multi", "adaptive", "adaptive-multi")
 
 
@@ -23,14 +23,14 @@ KINDS = ("single", "multi", "adaptive", "adaptive-multi")
 def cases(draw):
     # Few distinct shapes, so each jitted call compiles a handful of times; the valid length
     # (the prefix mask) ranges over everything, 1 and 2 included.
-    seq = draw(st.sampled_from([1, 2, 3, 7, 12]))
+    seq = draw(st.sampled_from([1, 2, 12]))
     n = draw(st.integers(1, seq))
-    dim = draw(st.sampled_from([1, 3]))
+    dim = 3
     seed = draw(st.integers(0, 2**31 - 1))
     theta = draw(st.floats(-30, 30))
     mix_scale = draw(st.floats(0, 30))
     gate_scale = draw(st.sampled_from([0.0, 1.0, 30.0]))
-    num_steps = draw(st.sampled_from([1, 2]))
+    num_steps = 1  # several steps are the one step iterated; tested separately
     return seq, n, dim, seed, theta, mix_scale, gate_scale, num_steps
 
 
@@ -54,17 +54,27 @@ def _build(kind, case):
         layer = DiffusionLayer(dim, dilations=dilations, num_steps=num_steps, dtype=jnp.float64)
         th = jnp.asarray(theta + rng.uniform(-1, 1, (dim,)))
         layer = eqx.tree_at(lambda m: (m.operator.theta, m.operator.mix), layer, (th, mix))
-    u = jnp.asarray(rng.standard_normal((seq, dim)) * rng.uniform(0.1, 10))
-    mask = jnp.arange(seq) < n
+    u = rng.standard_normal((seq, dim)) * rng.uniform(0.1, 10)
+    mask = jnp.asarray(np.arange(seq) < n)
     return layer, u, mask, n
 
 
-_call = eqx.filter_jit(lambda layer, u, mask: layer(u, mask))
-_step = eqx.filter_jit(lambda layer, u, mask: layer.step(u, mask))
+_jcall = eqx.filter_jit(lambda layer, u, mask: layer(u, mask))
+_jstep = eqx.filter_jit(lambda layer, u, mask: layer.step(u, mask))
+
+
+# Results come back as NumPy so that checks on valid prefixes of varying length do not
+# compile a fresh XLA op per length.
+def _call(layer, u, mask):
+    return np.asarray(_jcall(layer, jnp.asarray(u), mask))
+
+
+def _step(layer, u, mask):
+    return np.asarray(_jstep(layer, jnp.asarray(u), mask))
 
 
 def _dirichlet(u):
-    return float(jnp.sum(jnp.diff(u, axis=0) ** 2))
+    return float(np.sum(np.diff(np.asarray(u), axis=0) ** 2))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -74,26 +84,25 @@ def test_mean_norm_and_pads(kind, case):
     with jax.enable_x64(True):
         layer, u, mask, n = _build(kind, case)
         out = _call(layer, u, mask)
-        assert out.dtype == jnp.float64
-        scale = float(jnp.max(jnp.abs(u))) + 1.0
+        assert out.dtype == np.float64
+        scale = float(np.max(np.abs(u))) + 1.0
         # Token mean conserved over the valid tokens.
         np.testing.assert_allclose(out[:n].mean(0), u[:n].mean(0), atol=1e-12 * scale)
         # Non-expansive on the valid tokens.
-        assert float(jnp.linalg.norm(out[:n])) <= float(jnp.linalg.norm(u[:n])) * (1 + 1e-12)
+        assert np.linalg.norm(out[:n]) <= np.linalg.norm(u[:n]) * (1 + 1e-12)
         # Maximum principle per channel (the step is doubly stochastic).
         assert np.all(out[:n] <= u[:n].max(0) + 1e-12 * scale)
         assert np.all(out[:n] >= u[:n].min(0) - 1e-12 * scale)
         # Pads untouched; valid tokens independent of what the pads hold.
         np.testing.assert_array_equal(out[n:], u[n:])
-        other = u.at[n:].set(
-            1e3 * jnp.sin(jnp.arange(u[n:].size, dtype=u.dtype)).reshape(-1, u.shape[1])
-        )
+        other = u.copy()
+        other[n:] = 1e3 * np.sin(np.arange(u[n:].size)).reshape(-1, u.shape[1])
         np.testing.assert_allclose(
             _call(layer, other, mask)[:n], out[:n], rtol=0, atol=1e-13 * scale
         )
         # No mask = all tokens valid.
-        full = _call(layer, u[:n], None)
-        np.testing.assert_allclose(full, out[:n], rtol=0, atol=1e-13 * scale)
+        if n == u.shape[0]:
+            np.testing.assert_allclose(_call(layer, u, None), out, rtol=0, atol=1e-13 * scale)
 
 
 @pytest.mark.parametrize("kind", ("single", "multi"))
@@ -116,10 +125,10 @@ def test_adaptive_energy_inequality(kind, case):
     with jax.enable_x64(True):
         layer, u, mask, n = _build(kind, case)
         inc = _step(layer, u, mask)
-        weighted = -float(jnp.sum(u[:n] * inc[:n]))  # u^T L u
-        scale = float(jnp.sum(u[:n] ** 2)) + 1.0
+        weighted = -float(np.sum(u[:n] * inc[:n]))  # u^T L u
+        scale = float(np.sum(u[:n] ** 2)) + 1.0
         assert weighted >= -1e-12 * scale
-        drop = float(jnp.sum(u[:n] ** 2) - jnp.sum((u[:n] + inc[:n]) ** 2))
+        drop = float(np.sum(u[:n] ** 2) - np.sum((u[:n] + inc[:n]) ** 2))
         assert drop >= (2 - 4 * layer.alpha_max) * weighted - 1e-12 * scale
 
 
@@ -249,9 +258,18 @@ def test_validation_messages():
         DiffusionLayer(4, init=0.5)
 
 
+def test_num_steps_iterates_one_step(getkey):
+    u = jax.random.normal(getkey(), (9, 4))
+    mask = jnp.arange(9) < 6
+    for cls in (DiffusionLayer, AdaptiveDiffusionLayer):
+        one = cls(4, dilations=(1, 2), init=0.3)
+        three = cls(4, dilations=(1, 2), init=0.3, num_steps=3)
+        np.testing.assert_allclose(three(u, mask), one(one(one(u, mask), mask), mask), atol=1e-6)
+
+
 def test_jit_grad_and_vmap(getkey):
-    layer = AdaptiveDiffusionLayer(8, dilations=(1, 2, 4), key=getkey())
-    u = jax.random.normal(getkey(), (3, 10, 8))
+    layer = AdaptiveDiffusionLayer(4, dilations=(1, 2), key=getkey())
+    u = jax.random.normal(getkey(), (3, 10, 4))
     mask = jnp.arange(10)[None, :] < jnp.asarray([10, 4, 1])[:, None]
 
     @eqx.filter_jit

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from helpers import prefix_mask
 
 import pdeformer as pf
+from helpers import prefix_mask
 
 
 def _setup(key):
@@ -33,6 +33,7 @@ def test_adjoints_agree(getkey):
     with jax.enable_x64(True):
         field, x, mask = _setup(getkey())
         ctrl = diffrax.PIDController(rtol=1e-8, atol=1e-8)
+
         # A small max_steps keeps DirectAdjoint's compile time (it grows with max_steps) low.
         def grad(adjoint):
             depth = pf.Continuous(diffrax.Tsit5(), ctrl, adjoint, max_steps=64)
@@ -74,7 +75,5 @@ def test_discrete_gradient_matches_continuous_euler(getkey):
     with jax.enable_x64(True):
         field, x, mask = _setup(getkey())
         a = _flat(_grad(field, x, mask, pf.Discrete()))
-        b = _flat(
-            _grad(field, x, mask, pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize()))
-        )
+        b = _flat(_grad(field, x, mask, pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize())))
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

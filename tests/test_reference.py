@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import max_abs_diff, prefix_mask
 
 import pdeformer as pf
+from helpers import max_abs_diff, prefix_mask
 
 
 def _layer_norm(x, w, b, eps):
@@ -32,9 +32,9 @@ def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False):
     seq, dim = x.shape
     hd = dim // num_heads
     num_layers = W["qkv_w"].shape[0]
-    for l in range(num_layers):
-        h = x if post_ln else _layer_norm(x, W["ln1_w"][l], W["ln1_b"][l], eps)
-        qkv = h @ W["qkv_w"][l] + W["qkv_b"][l]
+    for layer in range(num_layers):
+        h = x if post_ln else _layer_norm(x, W["ln1_w"][layer], W["ln1_b"][layer], eps)
+        qkv = h @ W["qkv_w"][layer] + W["qkv_b"][layer]
         q, k, v = qkv[:, :dim], qkv[:, dim : 2 * dim], qkv[:, 2 * dim :]
         heads = []
         for i in range(num_heads):
@@ -44,14 +44,14 @@ def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False):
             p = jnp.exp(logits - logits.max(-1, keepdims=True))
             p = p / p.sum(-1, keepdims=True)
             heads.append(p @ v[:, sl])
-        a = jnp.concatenate(heads, axis=-1) @ W["out_w"][l] + W["out_b"][l]
+        a = jnp.concatenate(heads, axis=-1) @ W["out_w"][layer] + W["out_b"][layer]
         x = x + a
         if post_ln:
-            x = _layer_norm(x, W["ln1_w"][l], W["ln1_b"][l], eps)
-        h = x if post_ln else _layer_norm(x, W["ln2_w"][l], W["ln2_b"][l], eps)
-        x = x + _gelu_tanh(h @ W["w1"][l] + W["b1"][l]) @ W["w2"][l] + W["b2"][l]
+            x = _layer_norm(x, W["ln1_w"][layer], W["ln1_b"][layer], eps)
+        h = x if post_ln else _layer_norm(x, W["ln2_w"][layer], W["ln2_b"][layer], eps)
+        x = x + _gelu_tanh(h @ W["w1"][layer] + W["b1"][layer]) @ W["w2"][layer] + W["b2"][layer]
         if post_ln:
-            x = _layer_norm(x, W["ln2_w"][l], W["ln2_b"][l], eps)
+            x = _layer_norm(x, W["ln2_w"][layer], W["ln2_b"][layer], eps)
     return x
 
 
@@ -101,14 +101,22 @@ def _case(dtype, key, num_layers=3, dim=16, heads=4, seq=12, batch=3):
     field = pf.Field(dim, heads, num_layers, key=kf, dtype=dtype)
     field = _randomise_norms(field, kn)
     # Non-zero biases everywhere.
-    leaves = [field.blocks.attention.qkv_bias, field.blocks.attention.out_bias,
-              field.blocks.reaction.b1, field.blocks.reaction.b2]
+    leaves = [
+        field.blocks.attention.qkv_bias,
+        field.blocks.attention.out_bias,
+        field.blocks.reaction.b1,
+        field.blocks.reaction.b2,
+    ]
     ks = jr.split(kb, len(leaves))
     field = eqx.tree_at(
-        lambda f: (f.blocks.attention.qkv_bias, f.blocks.attention.out_bias,
-                   f.blocks.reaction.b1, f.blocks.reaction.b2),
+        lambda f: (
+            f.blocks.attention.qkv_bias,
+            f.blocks.attention.out_bias,
+            f.blocks.reaction.b1,
+            f.blocks.reaction.b2,
+        ),
         field,
-        tuple(0.1 * jr.normal(k, x.shape, dtype) for k, x in zip(ks, leaves)),
+        tuple(0.1 * jr.normal(k, x.shape, dtype) for k, x in zip(ks, leaves, strict=True)),
     )
     x = jr.normal(kx, (batch, seq, dim), dtype)
     return field, x
@@ -154,8 +162,8 @@ def test_parallel_block_is_euler_step_one(getkey):
     out = pf.Discrete()(field, x).u
     W = _weights(field)
     ref = x
-    for l in range(2):
-        blk = jax.tree.map(lambda a: a[l], field.blocks)
+    for layer in range(2):
+        blk = jax.tree.map(lambda a, i=layer: a[i], field.blocks)
         ref = ref + blk.attention(blk.attention_norm(ref)) + blk.reaction(blk.reaction_norm(ref))
     assert max_abs_diff(out, ref) <= 1e-5
     assert W["qkv_w"].shape[0] == 2

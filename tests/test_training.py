@@ -6,16 +6,17 @@ import json
 import re
 from pathlib import Path
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import tree_allclose
 
-from pdeformer import Classifier, Discrete
+from helpers import tree_allclose
+from pdeformer import Classifier, Continuous, Discrete
 from pdeformer.cli import main as cli_main
-from pdeformer.data import ListOpsConfig, batch_order, load_task
+from pdeformer.data import ListOpsConfig, batch_order, iterate_batches, load_task
 from pdeformer.training import (
     CHECKPOINT_NAME,
     METRICS_NAME,
@@ -61,19 +62,11 @@ def test_overfits_one_batch(task):
 
 
 def test_train_step_does_not_recompile_for_a_new_tolerance(task):
-    import diffrax
-
-    from pdeformer import Continuous
-
     config = TrainConfig(warmup_steps=0, total_steps=4, batch_size=8, progress=False)
     optimizer = make_optimizer(config)
     model = _model(task, jr.PRNGKey(1))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    batch = next(
-        __import__("pdeformer.data", fromlist=["iterate_batches"]).iterate_batches(
-            task.train, 8, pad_to=task.train.tokens.shape[1]
-        )
-    )
+    batch = next(iterate_batches(task.train, 8, pad_to=task.train.tokens.shape[1]))
     step = eqx.debug.assert_max_traces(train_step.__wrapped__, max_traces=1)
     step = eqx.filter_jit(step)
     for rtol in (1e-2, 1e-3):
@@ -95,7 +88,9 @@ def test_resume_matches_uninterrupted_run(task, tmp_path):
 
     out = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
-        train(_model(task, jr.PRNGKey(2)), task, Discrete(), config, out, callback=kill_after_step_4)
+        train(
+            _model(task, jr.PRNGKey(2)), task, Discrete(), config, out, callback=kill_after_step_4
+        )
     assert json.loads((out / CHECKPOINT_NAME).read_text())["step"] == 3
     assert len((out / METRICS_NAME).read_text().splitlines()) == 5
     # Resume into a differently initialised template: everything must come from the checkpoint.
@@ -122,7 +117,9 @@ def test_resume_matches_uninterrupted_run(task, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(task, tmp_path):
-    config = TrainConfig(warmup_steps=0, total_steps=5, batch_size=8, checkpoint_every=1, progress=False)
+    config = TrainConfig(
+        warmup_steps=0, total_steps=5, batch_size=8, checkpoint_every=1, progress=False
+    )
     # Poison the examples of the second batch: an out-of-range label gives a NaN loss there.
     second = batch_order(task.train.lengths, 8, seed=config.seed, epoch=0)[1]
     labels = task.train.labels.copy()

@@ -60,7 +60,9 @@ def _task_options(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--task-option expects KEY=VALUE (e.g. max_length=120); got {pair!r}.")
+            raise SystemExit(
+                f"--task-option expects KEY=VALUE (e.g. max_length=120); got {pair!r}."
+            )
         options[key.replace("-", "_")] = _parse_value(value)
     return options
 
@@ -172,9 +174,7 @@ def _build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     o.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
     o.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    o.add_argument(
-        "--eval-every", type=int, default=0, help="validate every N steps (0: never)"
-    )
+    o.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: never)")
     o.add_argument(
         "--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)"
     )

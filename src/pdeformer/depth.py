@@ -160,9 +160,7 @@ class Discrete(AbstractDepth):
                     f"Discrete can save only at multiples of its step {h}; got save_at={save_at!r}."
                 )
         f = _batched(field, u0.ndim, mask is not None)
-        f_raw = _batched(
-            lambda t, v, m: field(t, v, m, normalize=False), u0.ndim, mask is not None
-        )
+        f_raw = _batched(lambda t, v, m: field(t, v, m, normalize=False), u0.ndim, mask is not None)
         step_dtype = u0.dtype
         h_arr = jnp.asarray(h, step_dtype)
         post_norm = self.post_norm
@@ -228,7 +226,9 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, bool]:
 def _array_tolerances(controller):
     """Tolerances as arrays, so that changing them does not recompile a jitted call."""
     if isinstance(controller, diffrax.ClipStepSizeController):
-        return eqx.tree_at(lambda c: c.controller, controller, _array_tolerances(controller.controller))
+        return eqx.tree_at(
+            lambda c: c.controller, controller, _array_tolerances(controller.controller)
+        )
     if isinstance(controller, diffrax.PIDController):
         rtol, atol = controller.rtol, controller.atol
         for name, v in (("rtol", rtol), ("atol", atol)):
@@ -324,9 +324,13 @@ class Continuous(AbstractDepth):
         throw: bool = True,
     ):
         self.solver = diffrax.Tsit5() if solver is None else solver
-        controller = diffrax.PIDController(rtol=1e-3, atol=1e-5) if controller is None else controller
+        controller = (
+            diffrax.PIDController(rtol=1e-3, atol=1e-5) if controller is None else controller
+        )
         if not isinstance(self.solver, diffrax.AbstractSolver):
-            raise ValueError(f"solver must be a diffrax solver, e.g. diffrax.Tsit5(); got {solver!r}.")
+            raise ValueError(
+                f"solver must be a diffrax solver, e.g. diffrax.Tsit5(); got {solver!r}."
+            )
         if not isinstance(controller, diffrax.AbstractStepSizeController):
             raise ValueError(
                 "controller must be a diffrax step-size controller, e.g. "

@@ -13,7 +13,6 @@ from .depth import AbstractDepth, DepthSolution, Discrete
 from .field import Field
 from .operators import AbstractNorm, LayerNorm
 
-
 # ---------------------------------------------------------------------------------------
 # Positional encodings
 # ---------------------------------------------------------------------------------------
@@ -80,7 +79,9 @@ class AbstractPooling(eqx.Module):
         """Adjust the embedded sequence before depth integration (e.g. prepend CLS)."""
 
     @abc.abstractmethod
-    def __call__(self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"]) -> Float[Array, " dim"]:
+    def __call__(
+        self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"]
+    ) -> Float[Array, " dim"]:
         """Pool the final states."""
 
 
@@ -255,7 +256,9 @@ class Classifier(eqx.Module):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
         ke, kh = jr.split(key)
-        self.encoder = Encoder(vocab_size, dim, num_heads, num_layers, key=ke, dtype=dtype, **encoder_kwargs)
+        self.encoder = Encoder(
+            vocab_size, dim, num_heads, num_layers, key=ke, dtype=dtype, **encoder_kwargs
+        )
         self.head_weight = jr.normal(kh, (dim, num_classes), dtype) / math.sqrt(dim)
         self.head_bias = jnp.zeros((num_classes,), dtype)
 

@@ -103,9 +103,7 @@ class DiffusionOperator(eqx.Module):
                 "unbounded D >= 0 in continuous depth."
             )
         if alpha_max is not None and not (0.0 < init < alpha_max):
-            raise ValueError(
-                f"init must lie in (0, alpha_max={alpha_max}); got init={init}."
-            )
+            raise ValueError(f"init must lie in (0, alpha_max={alpha_max}); got init={init}.")
         if alpha_max is None and init <= 0:
             raise ValueError(f"init must be > 0; got init={init}.")
         if alpha_max is None:

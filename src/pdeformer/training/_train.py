@@ -203,7 +203,10 @@ def train_step(
     grad_fn = eqx.filter_value_and_grad(_loss, has_aux=True)
     (loss, (logits, stats)), grads = grad_fn(model, batch, depth)
     params = eqx.filter(model, eqx.is_inexact_array)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    # optax computes `b ** count` with a Python float and an int32 step count, which strict
+    # dtype promotion refuses; the library's own code stays under the caller's setting.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
     model = eqx.apply_updates(model, updates)
     labels = jnp.asarray(batch.labels)
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
@@ -212,7 +215,7 @@ def train_step(
         "accuracy": accuracy,
         "nfe": stats.nfe,
         "num_rejected_steps": stats.num_rejected_steps,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     return model, opt_state, metrics
 

@@ -1,0 +1,154 @@
+"""Diagnostics of token roughness and of how diffusion and attention interact."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, Scalar
+
+from .depth import AbstractDepth, Discrete
+from .models import Encoder
+from .operators.diffusion_layer import DiffusionLayer
+
+
+def _valid(mask: Bool[Array, " seq"] | None, seq: int) -> Bool[Array, " seq"]:
+    return jnp.ones((seq,), bool) if mask is None else mask
+
+
+def dirichlet_energy(
+    u: Float[Array, "seq dim"], mask: Bool[Array, " seq"] | None = None
+) -> Float[Array, ""]:
+    """The Dirichlet energy `sum_i ||u_{i+1} - u_i||^2` over pairs of valid tokens.
+
+    **Arguments:**
+
+    - `u`: token states of one sequence.
+    - `mask`: `True` on valid tokens (valid first), or `None`.
+
+    **Returns:**
+
+    A scalar; zero for a constant sequence.
+    """
+    valid = _valid(mask, u.shape[0])
+    pair = valid[1:] & valid[:-1]
+    diff = u[1:] - u[:-1]
+    return jnp.sum(jnp.where(pair[:, None], diff**2, jnp.zeros_like(diff)))
+
+
+def _relative_energy(u, mask):
+    # Scale-free roughness E(u) / ||u||^2 over valid tokens; it lies in [0, 4] since
+    # ||a - b||^2 <= 2 ||a||^2 + 2 ||b||^2.
+    valid = _valid(mask, u.shape[0])
+    sq = jnp.sum(jnp.where(valid[:, None], u**2, jnp.zeros_like(u)))
+    tiny = jnp.asarray(jnp.finfo(u.dtype).tiny, u.dtype)
+    return dirichlet_energy(u, mask) / jnp.maximum(sq, tiny)
+
+
+def roughness_profile(
+    encoder: Encoder,
+    tokens: Int[Array, "batch seq"],
+    mask: Bool[Array, "batch seq"] | None = None,
+    depth: AbstractDepth | None = None,
+) -> Float[Array, " saves"]:
+    """Relative Dirichlet energy of the token states at each integer depth `0, 1, ..., L`.
+
+    At each saved depth the per-sequence roughness is `E(u) / ||u||^2` (Dirichlet energy over
+    the squared norm, both over valid tokens): invariant to rescaling the states, so a
+    profile falling in depth means the tokens get smoother relative to their size (a value
+    in `[0, 4]`; 0 for constant sequences, 4 for the alternating mode). It is averaged over
+    the batch.
+
+    **Arguments:**
+
+    - `encoder`: the model.
+    - `tokens`: a batch of token ids `(batch, seq)`.
+    - `mask`: `True` on valid tokens, or `None`.
+    - `depth`: the integrator (default `Discrete()`).
+
+    **Returns:**
+
+    The profile, `L + 1` values.
+    """
+    depth = Discrete() if depth is None else depth
+    u0, m = encoder.embed(tokens, mask)
+    num_layers = encoder.field.num_layers
+    sol = depth(encoder.field, u0, m, save_at=range(num_layers + 1))
+    per = jax.vmap(jax.vmap(_relative_energy), in_axes=(0, None))(sol.us, m)
+    return jnp.mean(per, axis=1)
+
+
+def commutator(
+    diffusion: DiffusionLayer,
+    attention: Callable[..., Array],
+    u: Float[Array, "seq dim"],
+    mask: Bool[Array, " seq"] | None = None,
+) -> Float[Array, ""]:
+    """`||D(A(u)) - A(D(u))|| / ||u||` over valid tokens: how far diffusion and attention commute.
+
+    `D` is the diffusion layer (`u + op(u)`, linear), `A` an attention operator `A(u, mask)`
+    (a `MultiHeadAttention`, or any token-mixing map with that signature). Since `D` is
+    linear, this is also the commutator of `D` with the residual block `u + A(u)`. It is
+    zero for token-wise linear maps when the diffusion coefficients are the same on every
+    channel, and for uniform (mean-field) attention, since `D` conserves the token mean.
+
+    **Arguments:**
+
+    - `diffusion`: a `DiffusionLayer`.
+    - `attention`: a callable `(u, mask) -> (seq, dim)`.
+    - `u`: token states of one sequence.
+    - `mask`: `True` on valid tokens (valid first), or `None`.
+
+    **Returns:**
+
+    A non-negative scalar.
+    """
+    valid = _valid(mask, u.shape[0])[:, None]
+    da = diffusion(attention(u, mask), mask)
+    ad = attention(diffusion(u, mask), mask)
+    diff = jnp.where(valid, da - ad, jnp.zeros_like(u))
+    norm_u = jnp.sqrt(jnp.sum(jnp.where(valid, u**2, jnp.zeros_like(u))))
+    tiny = jnp.asarray(jnp.finfo(u.dtype).tiny, u.dtype)
+    return jnp.sqrt(jnp.sum(diff**2)) / jnp.maximum(norm_u, tiny)
+
+
+def model_commutator(
+    encoder: Encoder,
+    tokens: Int[Array, "batch seq"],
+    mask: Bool[Array, "batch seq"] | None = None,
+    layer: int = 0,
+    diffusion: DiffusionLayer | None = None,
+) -> Scalar:
+    """The commutator of a diffusion step with the attention term of one layer of a model.
+
+    The attention term is the field's `A(N(u))` of that layer (the block at depth node
+    `layer`), evaluated on the embedded tokens `u(0)`; the diffusion is `diffusion` or a
+    default `DiffusionLayer(dim)`. Averaged over the batch.
+
+    **Arguments:**
+
+    - `encoder`: the model.
+    - `tokens`: a batch of token ids `(batch, seq)`.
+    - `mask`: `True` on valid tokens, or `None`.
+    - `layer`: which depth node's block.
+    - `diffusion`: the diffusion layer, or `None` for the default.
+
+    **Returns:**
+
+    A scalar.
+    """
+    field = encoder.field
+    nodes = jax.tree.leaves(field.blocks)[0].shape[0]
+    if not 0 <= layer < nodes:
+        raise ValueError(
+            f"layer must index one of the field's {nodes} blocks; got layer={layer}. Pass "
+            f"0 <= layer < {nodes}."
+        )
+    arrays, static = eqx.partition(field.blocks, eqx.is_array)
+    block = eqx.combine(jax.tree.map(lambda x: x[layer], arrays), static)
+    u0, m = encoder.embed(tokens, mask)
+    if diffusion is None:
+        diffusion = DiffusionLayer(u0.shape[-1], dtype=u0.dtype)
+    attend = lambda v, mm: block.attend(v, mm)
+    values = jax.vmap(lambda v, mm: commutator(diffusion, attend, v, mm))(u0, m)
+    return jnp.mean(values)
