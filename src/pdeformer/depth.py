@@ -159,30 +159,41 @@ class Discrete(AbstractDepth):
                 raise ValueError(
                     f"Discrete can save only at multiples of its step {h}; got save_at={save_at!r}."
                 )
-        f = _batched(field, u0.ndim, mask is not None)
-        f_raw = _batched(lambda t, v, m: field(t, v, m, normalize=False), u0.ndim, mask is not None)
+        sub = round(1.0 / h)  # sub-steps per layer, each at a phase known at trace time
         step_dtype = u0.dtype
         h_arr = jnp.asarray(h, step_dtype)
         post_norm = self.post_norm
+        has_mask = mask is not None
 
-        def step(u, t):
-            if post_norm:
-                block, phase = field.layer(t)
-                norm = field.composition.post_norm(block, phase)
-                # Norms are token-wise, so the batch can be flattened into the token axis.
-                new = norm((u + h_arr * f_raw(t, u, mask)).reshape(-1, u.shape[-1]))
-                new = new.reshape(u.shape)
-                if mask is not None:
-                    new = jnp.where(mask[..., None], new, u)
-            else:
+        def layer_step(u, layer):
+            states = []
+            for k in range(sub):
+                t = layer + jnp.asarray(k * h, step_dtype)
+                f = _batched(
+                    lambda t, v, m, k=k: field(
+                        t, v, m, normalize=not post_norm, phase=float(k * h)
+                    ),
+                    u.ndim,
+                    has_mask,
+                )
                 new = u + h_arr * f(t, u, mask)
-            return new, (new if ts_save is not None else None)
+                if post_norm:
+                    block, _ = field.layer(t)
+                    norm = field.composition.post_norm(block, jnp.asarray(k * h, step_dtype))
+                    # Norms are token-wise: the batch can be flattened into the token axis.
+                    new = norm(new.reshape(-1, u.shape[-1])).reshape(u.shape)
+                    if has_mask:
+                        new = jnp.where(mask[..., None], new, u)
+                u = new
+                states.append(u)
+            return u, (jnp.stack(states) if ts_save is not None else None)
 
-        ts = jnp.arange(num_steps, dtype=step_dtype) * h_arr
-        u1, traj = jax.lax.scan(step, u0, ts)
+        layers = jnp.arange(field.num_layers, dtype=step_dtype)
+        u1, traj = jax.lax.scan(layer_step, u0, layers)
         us = None
         ts_out = None
         if ts_save is not None:
+            traj = traj.reshape(num_steps, *u0.shape)
             traj = jnp.concatenate([u0[None], traj], axis=0)
             idx = np.round(ts_save / h).astype(np.int32)
             us = traj[idx]
@@ -428,6 +439,11 @@ class Continuous(AbstractDepth):
         width = float(widths[0])
         dt0 = field.discrete_step if self.dt0 is None else self.dt0
         steps = max(1, round(width / dt0))
+        if steps * (len(widths)) > self.max_steps:
+            raise ValueError(
+                f"a constant step of {dt0} needs {steps * len(widths)} steps, more than "
+                f"max_steps={self.max_steps}; pass a larger max_steps or a larger dt0."
+            )
         if not np.isclose(steps * dt0, width):
             raise ValueError(
                 f"with a constant step size, dt0 must divide the field's smooth pieces of "
@@ -457,7 +473,9 @@ class Continuous(AbstractDepth):
                 stepsize_controller=self.controller,
                 adjoint=self.adjoint,
                 saveat=diffrax.SaveAt(t1=True),
-                max_steps=self.max_steps,
+                # The step count per piece is known: a tight bound keeps the checkpointing
+                # adjoint's buffers (sized by max_steps) from dwarfing the state.
+                max_steps=steps,
                 throw=self.throw,
             )
             u1 = sol.ys[-1]

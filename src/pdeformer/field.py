@@ -157,6 +157,12 @@ class SequentialBlock(AbstractComposition):
         return 0.5
 
     def rate(self, block, phase, u, mask, normalize=True):
+        if isinstance(phase, float):
+            # Known at trace time (the discrete integrator knows its sub-step): no cond,
+            # so reverse mode does not store the residuals of both branches.
+            if phase < 0.5:
+                return 2 * block.attend(u, mask, normalize)
+            return 2 * block.react(u, normalize)
         return jax.lax.cond(
             phase < 0.5,
             lambda v: 2 * block.attend(v, mask, normalize),
@@ -328,6 +334,7 @@ class Field(eqx.Module):
         *,
         normalize: bool = True,
         anchor: Scalar | None = None,
+        phase: float | None = None,
     ) -> Float[Array, "seq dim"]:
         """The rate `du/dt` at depth `t`.
 
@@ -339,12 +346,15 @@ class Field(eqx.Module):
         - `normalize`: `False` drops the pre-norms (used by post-LN discrete mode).
         - `anchor`: a depth inside the smooth piece being integrated; the field is then
           that piece's rate, continued to the piece's closed interval (see `layer`).
+        - `phase`: the position inside the layer when it is known at trace time (a Python
+          float); the composition then picks its branch without `lax.cond`.
 
         **Returns:**
 
         The rate, same shape as `u`; zero on pads.
         """
-        block, phase = self.layer(t, anchor)
+        block, traced_phase = self.layer(t, anchor)
+        phase = traced_phase if phase is None else float(phase)
         rate = self.composition.rate(block, phase, u, mask, normalize)
         if self.diffusion is not None:
             rate = rate + self.diffusion(u, mask)

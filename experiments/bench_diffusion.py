@@ -1,0 +1,170 @@
+"""Benchmark: the diffusion layer's cost against attention, its scaling, and the stiff path.
+
+Prints one JSON object:
+
+- `diffusion_vs_attention_at_4096`: time of a 3-scale `DiffusionLayer` (one step) over the
+  time of one `MultiHeadAttention`, seq 4096, dim 128, 4 heads, forward+backward
+  (`value_and_grad` of the sum of squares w.r.t. the module), jitted, warmed, median.
+  Target <= 0.05.
+- `scaling_exponent`: fitted `p` in `time ~ seq^p` for the layer over seq 1k..16k.
+  Target <= 1.15.
+- `nfe_explicit_vs_stiff_path_at_high_D`: NFE of explicit Tsit5 over NFE of
+  `SplitDiffusion` at the same tolerance, for a field with large `D`. Target >= 5.
+
+Run: `python experiments/bench_diffusion.py --json [--quick]`.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+import pdeformer as pf
+from pdeformer.operators.diffusion_layer import DiffusionLayer
+from pdeformer.stiff import SplitDiffusion
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dim: int = 128
+    heads: int = 4
+    seq_compare: int = 4096
+    seqs: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    dilations: tuple[int, ...] = (1, 2, 4)
+    repeats: int = 7
+    stiff_d: float = 50.0
+    stiff_rtol: float = 1e-4
+    stiff_atol: float = 1e-6
+    stiff_seq: int = 16
+    stiff_dim: int = 16
+    stiff_layers: int = 2
+    seed: int = 0
+
+
+QUICK = Config(seqs=(1024, 2048, 4096, 8192), repeats=3, stiff_seq=8, stiff_dim=8)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _time_fwd_bwd(module, u, repeats: int) -> float:
+    @eqx.filter_jit
+    def run(m, u):
+        return eqx.filter_value_and_grad(lambda m: jnp.sum(m(u) ** 2))(m)
+
+    jax.block_until_ready(run(module, u))  # compile and warm
+    jax.block_until_ready(run(module, u))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(run(module, u))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _stiff(config: Config) -> dict:
+    with jax.enable_x64(True):
+        key = jr.PRNGKey(config.seed)
+        kf, kx = jr.split(key)
+        op = pf.DiffusionOperator(
+            config.stiff_dim, alpha_max=None, init=config.stiff_d, dtype=jnp.float64
+        )
+        field = pf.Field(
+            config.stiff_dim, 2, config.stiff_layers, key=kf, dtype=jnp.float64, diffusion=op
+        )
+        x = jr.normal(kx, (2, config.stiff_seq, config.stiff_dim), jnp.float64)
+        mask = (
+            jnp.arange(config.stiff_seq)[None, :]
+            < jnp.asarray([config.stiff_seq, config.stiff_seq // 2])[:, None]
+        )
+        pid = diffrax.PIDController(rtol=config.stiff_rtol, atol=config.stiff_atol)
+        tight = diffrax.PIDController(rtol=1e-10, atol=1e-12)
+        ref = pf.Continuous(diffrax.Tsit5(), tight, max_steps=200_000)(field, x, mask)
+        explicit = pf.Continuous(diffrax.Tsit5(), pid, max_steps=200_000)(field, x, mask)
+        split_depth = SplitDiffusion(diffrax.Tsit5(), pid)
+        split = split_depth(field, x, mask)
+        err = lambda s: float(jnp.max(jnp.abs(s.u - ref.u)))
+        return dict(
+            D=config.stiff_d,
+            rtol=config.stiff_rtol,
+            atol=config.stiff_atol,
+            nfe_explicit=int(explicit.stats.nfe),
+            nfe_split=int(split.stats.nfe),
+            exact_diffusions_split=split_depth.diffusion_applications(field),
+            nfe_reference=int(ref.stats.nfe),
+            max_abs_error_explicit=err(explicit),
+            max_abs_error_split=err(split),
+            max_abs_state=float(jnp.max(jnp.abs(ref.u))),
+        )
+
+
+def main(config: Config) -> dict:
+    key = jr.PRNGKey(config.seed)
+    ka, ku = jr.split(key)
+    layer = DiffusionLayer(config.dim, dilations=config.dilations)
+    attention = pf.MultiHeadAttention(config.dim, config.heads, key=ka)
+    u = jr.normal(ku, (config.seq_compare, config.dim))
+    t_layer = _time_fwd_bwd(layer, u, config.repeats)
+    t_attn = _time_fwd_bwd(attention, u, config.repeats)
+    times = []
+    for seq in config.seqs:
+        times.append(_time_fwd_bwd(layer, jr.normal(ku, (seq, config.dim)), config.repeats))
+    p = float(np.polyfit(np.log(config.seqs), np.log(times), 1)[0])
+    stiff = _stiff(config)
+    ratio_nfe = stiff["nfe_explicit"] / stiff["nfe_split"]
+    ratio_time = t_layer / t_attn
+    targets = {
+        "diffusion_vs_attention_at_4096<=0.05": ratio_time <= 0.05,
+        "scaling_exponent<=1.15": p <= 1.15,
+        "nfe_explicit_vs_stiff_path_at_high_D>=5": ratio_nfe >= 5,
+    }
+    return {
+        "diffusion_vs_attention_at_4096": ratio_time,
+        "time_diffusion_s": t_layer,
+        "time_attention_s": t_attn,
+        "scaling_exponent": p,
+        "scaling_seqs": list(config.seqs),
+        "scaling_times_s": times,
+        "nfe_explicit_vs_stiff_path_at_high_D": ratio_nfe,
+        "stiff": stiff,
+        "passed_targets": all(targets.values()),
+        "targets": targets,
+        "config": dataclasses.asdict(config),
+        "machine": _cpu_model(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([sys.executable, *sys.argv]),
+    }
+
+
+def _cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default)")
+    parser.add_argument("--quick", action="store_true", help="smaller sweep, under ~30 s")
+    args = parser.parse_args()
+    config = QUICK if args.quick else Config()
+    print(json.dumps(main(config), indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    _cli()
