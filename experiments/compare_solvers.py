@@ -118,7 +118,7 @@ class CompareConfig:
                 max_length=80,
                 num_train=4000,
                 num_val=128,
-                num_test=128,
+                num_test=64,
             ),
             data_seed=0,
             dim=64,
@@ -128,14 +128,17 @@ class CompareConfig:
             train=TrainConfig(
                 lr=3e-3,
                 warmup_steps=25,
-                total_steps=250,
+                total_steps=150,
                 batch_size=32,
                 weight_decay=0.01,
                 checkpoint_every=0,
                 progress=True,
             ),
             eval_batch_size=128,
-            cost_steps=2,
+            cost_steps=1,
+            # Training cost in quick mode: the discrete model, Euler and one adaptive solver
+            # (each continuous backward pass is a long XLA compile on a CPU).
+            cost_solvers=(diffrax.Euler(), diffrax.Tsit5()),
             cost_batch_size=16,
         )
 

@@ -37,3 +37,6 @@ from .operators import RMSNorm as RMSNorm
 from .operators import neumann_laplacian as neumann_laplacian
 
 __version__ = "0.1.0"
+
+from . import data as data
+from . import training as training

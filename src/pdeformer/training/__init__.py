@@ -8,6 +8,7 @@ from ._train import CHECKPOINT_NAME as CHECKPOINT_NAME
 from ._train import METRICS_NAME as METRICS_NAME
 from ._train import Evaluation as Evaluation
 from ._train import NonFiniteLossError as NonFiniteLossError
+from ._train import Optimizer as Optimizer
 from ._train import TrainConfig as TrainConfig
 from ._train import evaluate as evaluate
 from ._train import load_checkpoint as load_checkpoint
@@ -21,6 +22,7 @@ __all__ = [
     "METRICS_NAME",
     "Evaluation",
     "NonFiniteLossError",
+    "Optimizer",
     "TrainConfig",
     "evaluate",
     "load_checkpoint",

@@ -132,21 +132,57 @@ class Evaluation:
     logits: np.ndarray = dataclasses.field(repr=False)
 
 
-def _schedule(config: TrainConfig) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.lr,
-        warmup_steps=config.warmup_steps,
-        decay_steps=config.total_steps,
-        end_value=config.lr * config.final_lr_fraction,
-    )
-
-
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+class Optimizer(eqx.Module):
     """AdamW with linear warm-up and cosine decay, after clipping by the global norm.
 
+    It behaves as an `optax.GradientTransformation` (`init`, `update`). Its hyperparameters
+    are static and compared by value, so a jitted `train_step` compiles once for equal
+    settings, however many times the optimiser is rebuilt (a resumed run, a second run).
     Weight decay applies to parameters with two or more axes (matrices, stacked weights),
     not to biases, norm scales or the CLS vector.
+    """
+
+    lr: float = eqx.field(static=True)
+    warmup_steps: int = eqx.field(static=True)
+    total_steps: int = eqx.field(static=True)
+    final_lr_fraction: float = eqx.field(static=True)
+    weight_decay: float = eqx.field(static=True)
+    clip_norm: float = eqx.field(static=True)
+
+    def schedule(self) -> optax.Schedule:
+        """The learning rate as a function of the step."""
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=self.lr,
+            warmup_steps=self.warmup_steps,
+            decay_steps=self.total_steps,
+            end_value=self.lr * self.final_lr_fraction,
+        )
+
+    def _transform(self) -> optax.GradientTransformation:
+        def decay_mask(params):
+            return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+        return optax.chain(
+            optax.clip_by_global_norm(self.clip_norm),
+            optax.adamw(self.schedule(), weight_decay=self.weight_decay, mask=decay_mask),
+        )
+
+    def init(self, params) -> optax.OptState:
+        """The initial state for `params` (e.g. `eqx.filter(model, eqx.is_inexact_array)`)."""
+        return self._transform().init(params)
+
+    def update(self, grads, state, params=None):
+        """`(updates, state)` as `optax.GradientTransformation.update`."""
+        return self._transform().update(grads, state, params)
+
+
+def _schedule(config: TrainConfig) -> optax.Schedule:
+    return make_optimizer(config).schedule()
+
+
+def make_optimizer(config: TrainConfig) -> Optimizer:
+    """AdamW with linear warm-up and cosine decay, after `optax.clip_by_global_norm`.
 
     **Arguments:**
 
@@ -155,16 +191,16 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
     **Returns:**
 
-    An `optax.GradientTransformation`; initialise it with
+    An `Optimizer` (an `optax.GradientTransformation` in behaviour); initialise it with
     `optimizer.init(eqx.filter(model, eqx.is_inexact_array))`.
     """
-
-    def decay_mask(params):
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-    return optax.chain(
-        optax.clip_by_global_norm(config.clip_norm),
-        optax.adamw(_schedule(config), weight_decay=config.weight_decay, mask=decay_mask),
+    return Optimizer(
+        lr=float(config.lr),
+        warmup_steps=int(config.warmup_steps),
+        total_steps=int(config.total_steps),
+        final_lr_fraction=float(config.final_lr_fraction),
+        weight_decay=float(config.weight_decay),
+        clip_norm=float(config.clip_norm),
     )
 
 
@@ -181,7 +217,7 @@ def train_step(
     opt_state: optax.OptState,
     batch: Batch,
     depth: AbstractDepth,
-    optimizer: optax.GradientTransformation,
+    optimizer: Optimizer | optax.GradientTransformation,
 ) -> tuple[eqx.Module, optax.OptState, dict[str, jax.Array]]:
     """One optimiser step on softmax cross-entropy; the same step serves every task and depth.
 
@@ -193,7 +229,8 @@ def train_step(
     - `batch`: a `pdeformer.data.Batch` (tokens `(batch, seq)`, mask, integer labels).
     - `depth`: the integrator in depth, `Discrete()` or `Continuous(...)`. It is a traced
       argument: a new tolerance does not recompile, a new solver type does.
-    - `optimizer`: e.g. `make_optimizer(config)` (static: pass the same object each step).
+    - `optimizer`: e.g. `make_optimizer(config)` (static; an `Optimizer` is compared by its
+      settings, a plain optax transformation by identity).
 
     **Returns:**
 
