@@ -28,6 +28,8 @@ from .models import LearnedPositions as LearnedPositions
 from .models import MeanPooling as MeanPooling
 from .models import SinusoidalPositions as SinusoidalPositions
 from .operators import AbstractNorm as AbstractNorm
+from .operators import AdaptiveDiffusionLayer as AdaptiveDiffusionLayer
+from .operators import DiffusionLayer as DiffusionLayer
 from .operators import DiffusionOperator as DiffusionOperator
 from .operators import Identity as Identity
 from .operators import LayerNorm as LayerNorm
@@ -35,8 +37,11 @@ from .operators import MultiHeadAttention as MultiHeadAttention
 from .operators import Reaction as Reaction
 from .operators import RMSNorm as RMSNorm
 from .operators import neumann_laplacian as neumann_laplacian
+from .stiff import SplitDiffusion as SplitDiffusion
+from .stiff import exact_diffusion as exact_diffusion
 
 __version__ = "0.1.0"
 
 from . import data as data
+from . import diagnostics as diagnostics
 from . import training as training

@@ -145,7 +145,7 @@ class SplitDiffusion(AbstractDepth):
     def __init__(
         self,
         solver: diffrax.AbstractSolver | None = None,
-        controller: diffrax.AbstractAdaptiveStepSizeController | None = None,
+        controller: diffrax.AbstractStepSizeController | None = None,
         adjoint: diffrax.AbstractAdjoint | None = None,
         *,
         macro_step: float | None = None,
