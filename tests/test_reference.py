@@ -27,8 +27,12 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False):
-    """A plain pre-LN (or post-LN) Transformer encoder over one sequence `x: (seq, dim)`."""
+def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False, residual=True):
+    """A plain pre-LN (or post-LN) Transformer encoder over one sequence `x: (seq, dim)`.
+
+    With `residual=False` each branch's output replaces the stream (the ablation's arm).
+    """
+    skip = 1.0 if residual else 0.0
     seq, dim = x.shape
     hd = dim // num_heads
     num_layers = W["qkv_w"].shape[0]
@@ -45,11 +49,12 @@ def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False):
             p = p / p.sum(-1, keepdims=True)
             heads.append(p @ v[:, sl])
         a = jnp.concatenate(heads, axis=-1) @ W["out_w"][layer] + W["out_b"][layer]
-        x = x + a
+        x = skip * x + a
         if post_ln:
             x = _layer_norm(x, W["ln1_w"][layer], W["ln1_b"][layer], eps)
         h = x if post_ln else _layer_norm(x, W["ln2_w"][layer], W["ln2_b"][layer], eps)
-        x = x + _gelu_tanh(h @ W["w1"][layer] + W["b1"][layer]) @ W["w2"][layer] + W["b2"][layer]
+        r = _gelu_tanh(h @ W["w1"][layer] + W["b1"][layer]) @ W["w2"][layer] + W["b2"][layer]
+        x = skip * x + r
         if post_ln:
             x = _layer_norm(x, W["ln2_w"][layer], W["ln2_b"][layer], eps)
     return x
@@ -141,6 +146,21 @@ def test_discrete_equals_plain_transformer(getkey, dtype, tol, padded, post_ln):
             # Pads are frozen: they keep their initial states.
             assert jnp.array_equal(sol.u[b, n:], x[b, n:])
         assert int(sol.stats.nfe) == 2 * field.num_layers
+
+
+@pytest.mark.parametrize("post_ln", [False, True])
+def test_discrete_without_residual_equals_plain_encoder(getkey, post_ln):
+    """`Discrete(residual=False)`: each branch replaces the stream; pads keep their states."""
+    field, x = _case(jnp.float32, getkey())
+    lengths = [12, 7, 3]
+    mask = prefix_mask(lengths, 12)
+    sol = pf.Discrete(post_norm=post_ln, residual=False)(field, x, mask)
+    W = _weights(field)
+    for b in range(x.shape[0]):
+        ref = _reference_encoder(W, x[b], mask[b], 4, 1e-5, post_ln=post_ln, residual=False)
+        n = lengths[b]
+        assert max_abs_diff(sol.u[b, :n], ref[:n]) <= 1e-4 * max(1.0, float(jnp.abs(ref).max()))
+        assert jnp.array_equal(sol.u[b, n:], x[b, n:])
 
 
 def test_discrete_is_euler_with_half_step(getkey):

@@ -144,9 +144,14 @@ class Discrete(AbstractDepth):
     **Arguments:**
 
     - `post_norm`: use the post-LN arrangement.
+    - `residual`: keep the residual connection (default). With `False` each sub-step
+      *replaces* the state, `u <- h f(t, u)` (e.g. `u <- A(N u)`), the "no residual"
+      arm of the stabilizer ablation; it is no longer a discretization of the ODE. Pads
+      keep their states.
     """
 
     post_norm: bool = eqx.field(static=True, default=False)
+    residual: bool = eqx.field(static=True, default=True)
 
     def __call__(self, field, u0, mask=None, *, save_at=None):
         _check_state(u0, mask)
@@ -176,7 +181,13 @@ class Discrete(AbstractDepth):
                     u.ndim,
                     has_mask,
                 )
-                new = u + h_arr * f(t, u, mask)
+                increment = h_arr * f(t, u, mask)
+                if self.residual:
+                    new = u + increment
+                elif has_mask:
+                    new = jnp.where(mask[..., None], increment, u)
+                else:
+                    new = increment
                 if post_norm:
                     block, _ = field.layer(t)
                     norm = field.composition.post_norm(block, jnp.asarray(k * h, step_dtype))
