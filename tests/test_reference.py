@@ -4,6 +4,7 @@ The reference below shares no code with the library: softmax, LayerNorm, GELU an
 layer loop are written out by hand over the raw weight arrays.
 """
 
+import functools
 import math
 
 import equinox as eqx
@@ -27,17 +28,23 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False, residual=True):
+def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False, residual=True, hooks=None):
     """A plain pre-LN (or post-LN) Transformer encoder over one sequence `x: (seq, dim)`.
 
     With `residual=False` each branch's output replaces the stream (the ablation's arm).
+    `hooks` maps insertion point names to `hook(layer, x) -> x`, applied where the
+    documentation of `pdeformer.placement` says.
     """
     skip = 1.0 if residual else 0.0
+    hooks = hooks or {}
+    hook = lambda name, layer, v: hooks[name](layer, v) if name in hooks else v
     seq, dim = x.shape
     hd = dim // num_heads
     num_layers = W["qkv_w"].shape[0]
     for layer in range(num_layers):
-        h = x if post_ln else _layer_norm(x, W["ln1_w"][layer], W["ln1_b"][layer], eps)
+        h = hook("before_norm", layer, x)
+        h = h if post_ln else _layer_norm(h, W["ln1_w"][layer], W["ln1_b"][layer], eps)
+        h = hook("after_norm", layer, h)
         qkv = h @ W["qkv_w"][layer] + W["qkv_b"][layer]
         q, k, v = qkv[:, :dim], qkv[:, dim : 2 * dim], qkv[:, 2 * dim :]
         heads = []
@@ -49,15 +56,36 @@ def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False, residual=True)
             p = p / p.sum(-1, keepdims=True)
             heads.append(p @ v[:, sl])
         a = jnp.concatenate(heads, axis=-1) @ W["out_w"][layer] + W["out_b"][layer]
-        x = skip * x + a
+        x = skip * x + hook("after_attention", layer, a)
         if post_ln:
             x = _layer_norm(x, W["ln1_w"][layer], W["ln1_b"][layer], eps)
         h = x if post_ln else _layer_norm(x, W["ln2_w"][layer], W["ln2_b"][layer], eps)
         r = _gelu_tanh(h @ W["w1"][layer] + W["b1"][layer]) @ W["w2"][layer] + W["b2"][layer]
-        x = skip * x + r
+        x = skip * x + hook("after_ffn", layer, r)
         if post_ln:
             x = _layer_norm(x, W["ln2_w"][layer], W["ln2_b"][layer], eps)
+        if layer < num_layers - 1:
+            x = hook("between_layers", layer, x)
     return x
+
+
+def _reflect(j, n):
+    r = j % (2 * n)
+    return 2 * n - 1 - r if r >= n else r
+
+
+def _plain_diffusion(x, n, alphas, dilations, num_steps):
+    """`num_steps` explicit steps of `sum_s alpha_s (x[i+d] - 2 x[i] + x[i-d])` on the first
+    `n` tokens, neighbours past either end mirrored (`x[n] = x[n-1]`, `x[-1] = x[0]`)."""
+    v = x[:n]
+    for _ in range(num_steps):
+        new = v
+        for s, d in enumerate(dilations):
+            up = np.array([_reflect(i + d, n) for i in range(n)])
+            down = np.array([_reflect(i - d, n) for i in range(n)])
+            new = new + alphas[s] * (v[up] - 2 * v + v[down])
+        v = new
+    return jnp.concatenate([v, x[n:]], axis=0)
 
 
 def _weights(field):
@@ -161,6 +189,133 @@ def test_discrete_without_residual_equals_plain_encoder(getkey, post_ln):
         n = lengths[b]
         assert max_abs_diff(sol.u[b, :n], ref[:n]) <= 1e-4 * max(1.0, float(jnp.abs(ref).max()))
         assert jnp.array_equal(sol.u[b, n:], x[b, n:])
+
+
+FIELD_POINTS = ("before_norm", "after_norm", "after_attention", "after_ffn", "between_layers")
+
+
+def _with_diffusion(dtype, key, dilations=(1, 2, 4), num_steps=2):
+    """A field with diffusion layers at all five field points, random coefficients per
+    layer and point (so a mix-up of layers or points cannot pass unnoticed)."""
+    kf, kc = jr.split(key)
+    base, x = _case(dtype, kf)
+    layer = functools.partial(pf.DiffusionLayer, dilations=dilations, num_steps=num_steps)
+    field = pf.Field(
+        16, 4, 3, key=kf, dtype=dtype, diffusion_at=FIELD_POINTS, diffusion_layer=layer
+    )
+    # The plain case's weights (random norms and biases), plus the diffusion layers.
+    field = eqx.tree_at(lambda f: f.blocks, field, _copy_weights(base.blocks, field.blocks))
+    stacks = [getattr(field.blocks, p).operator for p in FIELD_POINTS[:4]]
+    stacks.append(field.transitions.operator)
+    keys = jr.split(kc, 2 * len(stacks))
+    new = [
+        eqx.tree_at(
+            lambda o: (o.theta, o.mix),
+            op,
+            (jr.normal(k1, op.theta.shape, dtype), jr.normal(k2, op.mix.shape, dtype)),
+        )
+        for op, k1, k2 in zip(stacks, keys[::2], keys[1::2], strict=True)
+    ]
+    field = eqx.tree_at(
+        lambda f: (
+            [getattr(f.blocks, p).operator for p in FIELD_POINTS[:4]] + [f.transitions.operator]
+        ),
+        field,
+        new,
+    )
+    return field, x
+
+
+def _copy_weights(src, dst):
+    names = ("attention_norm", "attention", "reaction_norm", "reaction")
+    return eqx.tree_at(
+        lambda b: [getattr(b, n) for n in names], dst, [getattr(src, n) for n in names]
+    )
+
+
+def _hooks(field, n):
+    def make(stack, dilations, num_steps):
+        def hook(layer, v):
+            op = jax.tree.map(lambda a: a[layer], stack)
+            return _plain_diffusion(v, n, op.coefficients(), dilations, num_steps)
+
+        return hook
+
+    hooks = {}
+    for p in FIELD_POINTS[:4]:
+        lay = getattr(field.blocks, p)
+        hooks[p] = make(lay.operator, lay.dilations, lay.num_steps)
+    lay = field.transitions
+    hooks["between_layers"] = make(lay.operator, lay.dilations, lay.num_steps)
+    return hooks
+
+
+def test_insertion_points_equal_plain_transformer(getkey):
+    """Discrete mode with diffusion at the five field points is the plain Transformer with a
+    plainly written diffusion step at each documented place (float64, to 1e-10)."""
+    with jax.enable_x64(True):
+        field, x = _with_diffusion(jnp.float64, getkey())
+        lengths = [12, 7, 3]
+        mask = prefix_mask(lengths, 12)
+        run = jax.jit(lambda f: pf.Discrete()(f, x, mask).u)
+        u = run(field)
+        W = _weights(field)
+        for b, n in enumerate(lengths):
+            ref = _reference_encoder(W, x[b], mask[b], 4, 1e-5, hooks=_hooks(field, n))
+            assert max_abs_diff(u[b, :n], ref[:n]) <= 1e-10
+            assert jnp.array_equal(u[b, n:], x[b, n:])
+        # Each point matters: switching any one of them off (zero coefficients, which is
+        # the identity) changes the output.
+        for p in FIELD_POINTS:
+            get = (
+                (lambda f: f.transitions.operator.theta)
+                if p == "between_layers"
+                else (lambda f, p=p: getattr(f.blocks, p).operator.theta)
+            )
+            off = eqx.tree_at(get, field, jnp.full_like(get(field), -1e9))
+            assert max_abs_diff(run(off), u) > 1e-6
+
+
+def test_insertion_points_euler_half_step_is_discrete(getkey):
+    """With all field points, `Continuous(Euler, dt=1/2)` is bit-for-bit `Discrete()`,
+    saved states included (at integer depths: the states after the between-layer map)."""
+    import diffrax
+
+    field, x = _with_diffusion(jnp.float32, getkey())
+    mask = prefix_mask([12, 7, 3], 12)
+    save = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+    a = pf.Discrete()(field, x, mask, save_at=save)
+    b = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)(
+        field, x, mask, save_at=save
+    )
+    np.testing.assert_array_equal(np.asarray(a.u), np.asarray(b.u))
+    np.testing.assert_array_equal(np.asarray(a.us), np.asarray(b.us))
+    # The state saved at t = 1 is D_0 applied to the state at the end of layer 0.
+    end0 = pf.Discrete()(
+        eqx.tree_at(lambda f: f.transitions, field, None), x, mask, save_at=[1.0]
+    ).us[0]
+    mapped = jax.vmap(field.transition, in_axes=(None, 0, 0))(0, end0, mask)
+    np.testing.assert_allclose(np.asarray(a.us[2]), np.asarray(mapped), rtol=1e-6, atol=1e-6)
+
+
+def test_insertion_points_adaptive_converges(getkey):
+    """An adaptive solve of a field with between-layer maps (one solve per layer) agrees with
+    a fine constant-step solve, final and saved states alike, in float64."""
+    import diffrax
+
+    with jax.enable_x64(True):
+        field, x = _with_diffusion(jnp.float64, getkey(), num_steps=1)
+        mask = prefix_mask([12, 7, 3], 12)
+        save = [0.0, 0.25, 1.0, 2.0, 2.75, 3.0]
+        adaptive = pf.Continuous(diffrax.Tsit5(), diffrax.PIDController(rtol=1e-8, atol=1e-10))
+        a = adaptive(field, x, mask, save_at=save)
+        fine = pf.Continuous(diffrax.Dopri5(), diffrax.ConstantStepSize(), dt0=1 / 32)
+        b = fine(field, x, mask, save_at=[0.0, 1.0, 2.0, 3.0])
+        assert bool(a.stats.success)
+        assert max_abs_diff(a.u, b.u) <= 1e-6
+        assert max_abs_diff(a.us[np.array([0, 2, 3, 5])], b.us) <= 1e-6
+        assert max_abs_diff(a.us[-1], a.u) == 0.0
+        np.testing.assert_array_equal(np.asarray(a.ts), np.asarray(save))
 
 
 def test_discrete_is_euler_with_half_step(getkey):

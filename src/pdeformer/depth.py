@@ -58,6 +58,14 @@ def _batched(fn, ndim: int, has_mask: bool):
     return fn
 
 
+def _transition(field: Field, boundary, u, mask):
+    """The field's between-layer map after layer `boundary`, on a (possibly batched) state."""
+    fn = lambda v, m: field.transition(boundary, v, m)
+    for _ in range(u.ndim - 2):
+        fn = jax.vmap(fn, in_axes=(0, 0 if mask is not None else None))
+    return fn(u, mask)
+
+
 class _Rate(eqx.Module):
     """The field as a diffrax vector field `(t, u, args) -> du/dt` on a (batched) state.
 
@@ -197,6 +205,12 @@ class Discrete(AbstractDepth):
                         new = jnp.where(mask[..., None], new, u)
                 u = new
                 states.append(u)
+            if field.transitions is not None:
+                # The state jumps at the boundary after this layer (not after the last).
+                boundary = layer.astype(jnp.int32)
+                jumped = _transition(field, boundary, u, mask)
+                u = jnp.where(boundary < field.num_layers - 1, jumped, u)
+                states[-1] = u
             return u, (jnp.stack(states) if ts_save is not None else None)
 
         layers = jnp.arange(field.num_layers, dtype=step_dtype)
@@ -406,36 +420,75 @@ class Continuous(AbstractDepth):
             else:
                 controller = diffrax.ClipStepSizeController(controller, jump_ts=jump_ts)
         controller = _FirstStageCounter(controller)
+        dt0 = field.discrete_step if self.dt0 is None else self.dt0
+
+        def solve(u, t0, t1, ts):
+            # `ts`: the depths to save in [t0, t1], t1 last, or None for t1 only; returns
+            # the saved states and the counts (steps, accepted, rejected, fresh first
+            # stages, success).
+            if ts is None:
+                saveat = diffrax.SaveAt(t1=True, controller_state=True)
+            else:
+                saveat = diffrax.SaveAt(ts=ts, controller_state=True)
+            sol = diffrax.diffeqsolve(
+                term,
+                self.solver,
+                t0=t0,
+                t1=t1,
+                dt0=dt0,
+                y0=u,
+                args=(mask, None),
+                stepsize_controller=controller,
+                adjoint=self.adjoint,
+                saveat=saveat,
+                max_steps=self.max_steps,
+                throw=self.throw,
+            )
+            counts = jnp.stack(
+                [
+                    jnp.asarray(sol.stats["num_steps"], jnp.int32),
+                    jnp.asarray(sol.stats["num_accepted_steps"], jnp.int32),
+                    jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
+                    jnp.asarray(sol.controller_state[2], jnp.int32),
+                    (sol.result == diffrax.RESULTS.successful).astype(jnp.int32),
+                ]
+            )
+            return sol.ys, counts
+
+        dtype = u0.dtype
+        # t1 is always saved last, so the final state is there whatever was asked.
+        ts_all = None if ts_save is None else np.append(ts_save, field.t1)
+        if field.transitions is None:
+            ys, counts = solve(
+                u0, 0.0, field.t1, None if ts_all is None else jnp.asarray(ts_all, dtype)
+            )
+            stats = self._stats(*counts[:4], counts[4] == 1)
+            if ts_save is None:
+                return DepthSolution(u=ys[-1], ts=None, us=None, stats=stats)
+            return DepthSolution(u=ys[-1], ts=jnp.asarray(ts_save, dtype), us=ys[:-1], stats=stats)
+
+        # With maps between layers the state jumps at every layer boundary: one solve per
+        # layer, the map applied to its final state. A save at depth t is read from the
+        # solve of layer min(floor(t), L - 1), every solve saving all depths clipped to its
+        # own interval (so states at t = l are the post-map states, the inputs of layer l).
+        num_layers = field.num_layers
+
+        def layer_solve(u, layer):
+            t0 = layer.astype(dtype)
+            ts = None if ts_all is None else jnp.clip(jnp.asarray(ts_all, dtype), t0, t0 + 1)
+            ys, counts = solve(u, t0, t0 + 1, ts)
+            jumped = _transition(field, layer, ys[-1], mask)
+            u1 = jnp.where(layer < num_layers - 1, jumped, ys[-1])
+            return u1, (ys[:-1] if ts_save is not None else None, counts)
+
+        u1, (ys, counts) = jax.lax.scan(layer_solve, u0, jnp.arange(num_layers))
+        total = jnp.sum(counts, axis=0)
+        stats = self._stats(*total[:4], total[4] == num_layers)
         if ts_save is None:
-            saveat = diffrax.SaveAt(t1=True, controller_state=True)
-        else:
-            # t1 is always saved last, so the final state is there whatever was asked.
-            ts = jnp.asarray(np.append(ts_save, field.t1), u0.dtype)
-            saveat = diffrax.SaveAt(ts=ts, controller_state=True)
-        sol = diffrax.diffeqsolve(
-            term,
-            self.solver,
-            t0=0.0,
-            t1=field.t1,
-            dt0=field.discrete_step if self.dt0 is None else self.dt0,
-            y0=u0,
-            args=(mask, None),
-            stepsize_controller=controller,
-            adjoint=self.adjoint,
-            saveat=saveat,
-            max_steps=self.max_steps,
-            throw=self.throw,
-        )
-        stats = self._stats(
-            jnp.asarray(sol.stats["num_steps"], jnp.int32),
-            jnp.asarray(sol.stats["num_accepted_steps"], jnp.int32),
-            jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
-            sol.controller_state[2],
-            sol.result == diffrax.RESULTS.successful,
-        )
-        if ts_save is None:
-            return DepthSolution(u=sol.ys[-1], ts=None, us=None, stats=stats)
-        return DepthSolution(u=sol.ys[-1], ts=sol.ts[:-1], us=sol.ys[:-1], stats=stats)
+            return DepthSolution(u=u1, ts=None, us=None, stats=stats)
+        owner = np.minimum(np.floor(ts_save), num_layers - 1).astype(np.int32)
+        us = ys[owner, np.arange(len(ts_save))]
+        return DepthSolution(u=u1, ts=jnp.asarray(ts_save, dtype), us=us, stats=stats)
 
     def _piecewise(self, field, u0, mask, ts_save):
         # A fixed-step solve is run piece by piece over the smooth intervals of the field
@@ -469,8 +522,13 @@ class Continuous(AbstractDepth):
         term = diffrax.ODETerm(_Rate(field, u0.ndim))
         dtype = u0.dtype
         starts = jnp.asarray(edges[:-1], dtype)
+        # Pieces ending on an inner layer boundary apply the field's between-layer map.
+        ends = np.round(edges[1:], 12)
+        at_boundary = jnp.asarray((ends == np.round(ends)) & (ends < field.t1))
+        boundaries = jnp.asarray(np.round(ends).astype(np.int32) - 1)
 
-        def piece(u, t0):
+        def piece(u, x):
+            t0, jump, boundary = x
             t1 = t0 + jnp.asarray(width, dtype)
             anchor = t0 + jnp.asarray(width / 2, dtype)
             sol = diffrax.diffeqsolve(
@@ -490,6 +548,8 @@ class Continuous(AbstractDepth):
                 throw=self.throw,
             )
             u1 = sol.ys[-1]
+            if field.transitions is not None:
+                u1 = jnp.where(jump, _transition(field, boundary, u1, mask), u1)
             counts = jnp.stack(
                 [
                     jnp.asarray(sol.stats["num_steps"], jnp.int32),
@@ -500,7 +560,7 @@ class Continuous(AbstractDepth):
             )
             return u1, (u1 if ts_save is not None else None, counts)
 
-        u1, (traj, counts) = jax.lax.scan(piece, u0, starts)
+        u1, (traj, counts) = jax.lax.scan(piece, u0, (starts, at_boundary, boundaries))
         total = jnp.sum(counts, axis=0)
         num_pieces = len(edges) - 1
         stats = self._stats(total[0], total[1], total[2], num_pieces, total[3] == num_pieces)

@@ -14,13 +14,22 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Bool, Float, PRNGKeyArray, Scalar
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Scalar
 
-from .operators import AbstractNorm, DiffusionOperator, LayerNorm, MultiHeadAttention, Reaction
+from .operators import (
+    AbstractNorm,
+    DiffusionLayer,
+    DiffusionOperator,
+    LayerNorm,
+    MultiHeadAttention,
+    Reaction,
+)
+from .placement import FIELD_POINTS, DiffusionFactory, check_points
 
 
 class Block(eqx.Module):
-    """The weights of one layer: two norms, attention and the reaction (FFN).
+    """The weights of one layer: two norms, attention, the reaction (FFN), and optional
+    diffusion layers at the four branch insertion points.
 
     A `Field` holds these stacked on a leading axis (one slice per depth node).
     """
@@ -29,16 +38,29 @@ class Block(eqx.Module):
     attention: MultiHeadAttention
     reaction_norm: AbstractNorm
     reaction: Reaction
+    before_norm: eqx.Module | None = None
+    after_norm: eqx.Module | None = None
+    after_attention: eqx.Module | None = None
+    after_ffn: eqx.Module | None = None
 
     def attend(
         self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"] | None, normalize: bool = True
     ) -> Float[Array, "seq dim"]:
-        """`A(N(u))`, or `A(u)` with `normalize=False` (post-LN)."""
-        return self.attention(self.attention_norm(u) if normalize else u, mask)
+        """The attention branch `A(N(u))` (`A(u)` with `normalize=False`, post-LN), with
+        the `before_norm`, `after_norm` and `after_attention` diffusion layers where set."""
+        x = u if self.before_norm is None else self.before_norm(u, mask)
+        x = self.attention_norm(x) if normalize else x
+        x = x if self.after_norm is None else self.after_norm(x, mask)
+        a = self.attention(x, mask)
+        return a if self.after_attention is None else self.after_attention(a, mask)
 
-    def react(self, u: Float[Array, "seq dim"], normalize: bool = True) -> Float[Array, "seq dim"]:
-        """`R(N'(u))`, or `R(u)` with `normalize=False` (post-LN)."""
-        return self.reaction(self.reaction_norm(u) if normalize else u)
+    def react(
+        self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"] | None, normalize: bool = True
+    ) -> Float[Array, "seq dim"]:
+        """The FFN branch `R(N'(u))` (`R(u)` with `normalize=False`, post-LN), with the
+        `after_ffn` diffusion layer where set (`mask` is only read by that layer)."""
+        r = self.reaction(self.reaction_norm(u) if normalize else u)
+        return r if self.after_ffn is None else self.after_ffn(r, mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,7 +84,8 @@ class AbstractSchedule(eqx.Module):
         """Depths in `(0, num_layers)` where the weights jump."""
 
 
-def _index(stacked: Block, i) -> Block:
+def _index(stacked: eqx.Module, i) -> eqx.Module:
+    """Slice `i` of a module whose arrays are stacked on a leading axis."""
     arrays, static = eqx.partition(stacked, eqx.is_array)
     return eqx.combine(jax.tree.map(lambda x: x[i], arrays), static)
 
@@ -162,11 +185,11 @@ class SequentialBlock(AbstractComposition):
             # so reverse mode does not store the residuals of both branches.
             if phase < 0.5:
                 return 2 * block.attend(u, mask, normalize)
-            return 2 * block.react(u, normalize)
+            return 2 * block.react(u, mask, normalize)
         return jax.lax.cond(
             phase < 0.5,
             lambda v: 2 * block.attend(v, mask, normalize),
-            lambda v: 2 * block.react(v, normalize),
+            lambda v: 2 * block.react(v, mask, normalize),
             u,
         )
 
@@ -190,7 +213,7 @@ class ParallelBlock(AbstractComposition):
         return 1.0
 
     def rate(self, block, phase, u, mask, normalize=True):
-        return block.attend(u, mask, normalize) + block.react(u, normalize)
+        return block.attend(u, mask, normalize) + block.react(u, mask, normalize)
 
     def post_norm(self, block, phase):
         return block.reaction_norm
@@ -228,12 +251,25 @@ class Field(eqx.Module):
     - `diffusion`: an optional `DiffusionOperator` adding `D Lap(u)` to the rate; for a
       learnable `D >= 0` use `DiffusionOperator(dim, alpha_max=None)`.
     - `attention_implementation`: passed to `jax.nn.dot_product_attention`.
+    - `diffusion_at`: insertion points of diffusion layers inside the field, any of
+      `"before_norm"`, `"after_norm"`, `"after_attention"`, `"after_ffn"` (in each block's
+      branches; their weights follow `schedule` like the block's) and `"between_layers"`
+      (a map of the state at the layer boundaries `t = 1 .. L-1`, one layer per boundary);
+      see `pdeformer.placement`. Default: none.
+    - `diffusion_layer`: the constructor of those layers, called as
+      `diffusion_layer(dim, key=key, dtype=dtype)`; default `DiffusionLayer` (use e.g.
+      `functools.partial(DiffusionLayer, dilations=(1, 2, 4, 8))` for the multi-scale
+      layer, or `AdaptiveDiffusionLayer`).
 
     Pads (where `mask` is `False`) are frozen: their rate is zero, so they neither move nor
     influence the adaptive solver's error estimate.
+
+    With `"between_layers"` the state jumps at the layer boundaries, `u(l) = D_l(u(l^-))`,
+    and saved states at integer depths are the post-map states (the input of layer `l`).
     """
 
     blocks: Block
+    transitions: eqx.Module | None
     diffusion: DiffusionOperator | None
     schedule: AbstractSchedule
     composition: AbstractComposition
@@ -253,8 +289,11 @@ class Field(eqx.Module):
         activation: Callable[[Array], Array] = jax.nn.gelu,
         diffusion: DiffusionOperator | None = None,
         attention_implementation: str | None = None,
+        diffusion_at: tuple[str, ...] | str | None = (),
+        diffusion_layer: DiffusionFactory = DiffusionLayer,
         dtype=jnp.float32,
     ):
+        points = check_points(diffusion_at, FIELD_POINTS)
         if dim < 1:
             raise ValueError(f"dim must be >= 1; got dim={dim}.")
         if num_layers < 1:
@@ -278,8 +317,13 @@ class Field(eqx.Module):
                 f"got {composition!r}."
             )
 
+        def make_diffusion(k, point):
+            # Keys folded in per point, so adding a point leaves the other weights as they were.
+            return diffusion_layer(dim, key=jr.fold_in(k, FIELD_POINTS.index(point)), dtype=dtype)
+
         def make_block(k):
             ka, kr = jr.split(k)
+            branches = {p: make_diffusion(k, p) for p in points if p != "between_layers"}
             return Block(
                 attention_norm=norm(dim, dtype=dtype),
                 attention=MultiHeadAttention(
@@ -287,10 +331,16 @@ class Field(eqx.Module):
                 ),
                 reaction_norm=norm(dim, dtype=dtype),
                 reaction=Reaction(dim, hidden, key=kr, activation=activation, dtype=dtype),
+                **branches,
             )
 
         keys = jr.split(key, schedule.num_nodes(num_layers))
         self.blocks = eqx.filter_vmap(make_block)(keys)
+        if "between_layers" in points and num_layers > 1:
+            tkeys = jr.split(jr.fold_in(key, len(FIELD_POINTS)), num_layers - 1)
+            self.transitions = eqx.filter_vmap(lambda k: make_diffusion(k, "between_layers"))(tkeys)
+        else:
+            self.transitions = None
         self.diffusion = diffusion
         self.schedule = schedule
         self.composition = composition
@@ -312,6 +362,30 @@ class Field(eqx.Module):
         for layer in range(self.num_layers):
             times.update(layer + o for o in self.composition.jump_offsets())
         return tuple(sorted(t for t in times if 0.0 < t < self.t1))
+
+    @property
+    def diffusion_at(self) -> tuple[str, ...]:
+        """The insertion points of this field's diffusion layers, in canonical order."""
+        points = [p for p in FIELD_POINTS[:4] if getattr(self.blocks, p) is not None]
+        if self.transitions is not None:
+            points.append("between_layers")
+        return tuple(points)
+
+    def transition(
+        self,
+        boundary: Int[Array, ""] | int,
+        u: Float[Array, "seq dim"],
+        mask: Bool[Array, " seq"] | None = None,
+    ) -> Float[Array, "seq dim"]:
+        """The map of the state at the layer boundary `t = boundary + 1` (0-based: after
+        layer `boundary`), `u <- D_boundary(u)`; the identity without `"between_layers"`.
+
+        `boundary` may be traced; it is clipped to `[0, num_layers - 2]`.
+        """
+        if self.transitions is None:
+            return u
+        i = jnp.clip(jnp.asarray(boundary, jnp.int32), 0, self.num_layers - 2)
+        return _index(self.transitions, i)(u, mask)
 
     def layer(self, t: Scalar, anchor: Scalar | None = None) -> tuple[Block, Scalar]:
         """The block in force at depth `t` and the phase inside its layer.

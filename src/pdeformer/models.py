@@ -11,7 +11,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .depth import AbstractDepth, DepthSolution, Discrete
 from .field import Field
-from .operators import AbstractNorm, LayerNorm
+from .operators import AbstractNorm, DiffusionLayer, LayerNorm
+from .placement import ENCODER_POINTS, INSERTION_POINTS, DiffusionFactory, check_points
 
 # ---------------------------------------------------------------------------------------
 # Positional encodings
@@ -142,6 +143,11 @@ class Encoder(eqx.Module):
       `LearnedPositions(max_len, dim, key=...)`.
     - `pooling`: `ClsPooling(dim, key=...)` or `MeanPooling()` (default).
     - `final_norm`: a constructor `norm(dim)`; default `LayerNorm`.
+    - `diffusion_at`: insertion points of diffusion layers, any subset of the seven
+      `pdeformer.placement.INSERTION_POINTS`: `"after_embedding"` and `"before_head"` are
+      applied here, once; the others are passed to the `Field`. Default: none.
+    - `diffusion_layer`: the layers' constructor, `diffusion_layer(dim, key=, dtype=)`;
+      default `DiffusionLayer` (single scale).
     - `**field_kwargs`: passed to `Field` (`schedule`, `composition`, `norm`, `activation`,
       `diffusion`, ...).
     """
@@ -151,6 +157,8 @@ class Encoder(eqx.Module):
     pooling: AbstractPooling
     field: Field
     final_norm: AbstractNorm
+    after_embedding: eqx.Module | None
+    before_head: eqx.Module | None
 
     def __init__(
         self,
@@ -164,19 +172,43 @@ class Encoder(eqx.Module):
         positions: AbstractPositions | None = None,
         pooling: AbstractPooling | None = None,
         final_norm=LayerNorm,
+        diffusion_at: tuple[str, ...] | str | None = (),
+        diffusion_layer: DiffusionFactory = DiffusionLayer,
         dtype=jnp.float32,
         **field_kwargs,
     ):
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1; got {vocab_size}.")
+        points = check_points(diffusion_at, INSERTION_POINTS)
         ke, kf = jr.split(key)
         self.embedding = jr.normal(ke, (vocab_size, dim), dtype) / math.sqrt(dim)
         self.positions = SinusoidalPositions(dim) if positions is None else positions
         self.pooling = MeanPooling() if pooling is None else pooling
         self.field = Field(
-            dim, num_heads, num_layers, key=kf, hidden=hidden, dtype=dtype, **field_kwargs
+            dim,
+            num_heads,
+            num_layers,
+            key=kf,
+            hidden=hidden,
+            dtype=dtype,
+            diffusion_at=tuple(p for p in points if p not in ENCODER_POINTS),
+            diffusion_layer=diffusion_layer,
+            **field_kwargs,
         )
         self.final_norm = final_norm(dim, dtype=dtype)
+        # Keys folded in per point, so adding a point leaves the other weights as they were.
+        kd = {p: jr.fold_in(key, 1 + INSERTION_POINTS.index(p)) for p in ENCODER_POINTS}
+        self.after_embedding, self.before_head = (
+            diffusion_layer(dim, key=kd[p], dtype=dtype) if p in points else None
+            for p in ENCODER_POINTS
+        )
+
+    @property
+    def diffusion_at(self) -> tuple[str, ...]:
+        """The insertion points of this encoder's diffusion layers, in canonical order."""
+        points = set(self.field.diffusion_at)
+        points.update(p for p in ENCODER_POINTS if getattr(self, p) is not None)
+        return tuple(p for p in INSERTION_POINTS if p in points)
 
     def embed(
         self, tokens: Int[Array, "*batch seq"], mask: Bool[Array, "*batch seq"] | None = None
@@ -189,6 +221,9 @@ class Encoder(eqx.Module):
 
         def one(tok, m):
             u = self.embedding[tok] + self.positions(tok.shape[0], dtype)
+            if self.after_embedding is not None:
+                # On the embedded tokens themselves, before pooling adds e.g. a CLS token.
+                u = self.after_embedding(u, m)
             return self.pooling.prepare(u, m)
 
         for _ in range(tokens.ndim - 1):
@@ -220,7 +255,12 @@ class Encoder(eqx.Module):
         depth = Discrete() if depth is None else depth
         u0, mask = self.embed(tokens, mask)
         sol = depth(self.field, u0, mask, save_at=save_at)
-        pool = lambda u, m: self.pooling(self.final_norm(u), m)
+
+        def pool(u, m):
+            if self.before_head is not None:
+                u = self.before_head(u, m)
+            return self.pooling(self.final_norm(u), m)
+
         for _ in range(tokens.ndim - 1):
             pool = jax.vmap(pool)
         return pool(sol.u, mask), sol

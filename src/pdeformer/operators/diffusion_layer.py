@@ -101,6 +101,8 @@ class DiffusionLayer(eqx.Module):
     - `num_steps`: explicit steps per call, `>= 1`.
     - `alpha_max`: the global budget, in `(0, 1/2)`.
     - `init`: initial total coefficient per channel, in `(0, alpha_max)`.
+    - `key`: unused (the initialisation is deterministic); accepted so that every
+      diffusion layer can be built as `layer(dim, key=..., dtype=...)`.
     - `dtype`: parameter dtype.
     """
 
@@ -115,8 +117,10 @@ class DiffusionLayer(eqx.Module):
         num_steps: int = 1,
         alpha_max: float = 0.45,
         init: float = 0.1,
+        key: PRNGKeyArray | None = None,
         dtype=jnp.float32,
     ):
+        del key
         dim = _check_dim(dim)
         self.num_steps = _check_steps(num_steps)
         alpha_max = _check_budget(alpha_max)
