@@ -140,3 +140,43 @@ def test_points_follow_the_schedule(getkey, schedule):
     b = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)(field, x, mask)
     np.testing.assert_array_equal(np.asarray(a.u), np.asarray(b.u))
     np.testing.assert_array_equal(np.asarray(a.u[1, 4:]), np.asarray(x[1, 4:]))
+
+
+def test_roughness_at_points(getkey):
+    from pdeformer.diagnostics import dirichlet_energy, roughness_at_points
+
+    key = getkey()
+    plain = pf.Encoder(12, 8, 2, 3, key=key)
+    tokens = jr.randint(getkey(), (3, 10), 0, 12)
+    mask = prefix_mask([10, 6, 4], 10)
+    r = eqx.filter_jit(roughness_at_points)(plain, tokens, mask)
+    assert set(r) == set(INSERTION_POINTS)
+    assert r["before_norm"].shape == r["after_ffn"].shape == (3,)
+    assert r["between_layers"].shape == (2,)
+    for v in r.values():
+        assert bool(jnp.all((v >= 0) & (v <= 4)))
+
+    def rel(x, m):  # written out: energy over squared norm, valid tokens only
+        return dirichlet_energy(x, m) / jnp.sum(jnp.where(m[:, None], x**2, 0.0))
+
+    def mean_rel(x):
+        return float(jnp.mean(jax.vmap(rel)(x, mask)))
+
+    u0, _ = plain.embed(tokens, mask)
+    assert abs(float(r["after_embedding"]) - mean_rel(u0)) <= 1e-6
+    assert abs(float(r["before_norm"][0]) - mean_rel(u0)) <= 1e-6
+    sol = pf.Discrete()(plain.field, u0, mask, save_at=[1.0, 2.0, 3.0])
+    np.testing.assert_allclose(
+        r["between_layers"], [mean_rel(sol.us[0]), mean_rel(sol.us[1])], rtol=1e-5
+    )
+    assert abs(float(r["before_head"]) - mean_rel(sol.us[2])) <= 1e-6
+    # The attention signal of layer 1 is half the field's rate on its first half.
+    u1 = sol.us[0]
+    attention = jax.vmap(lambda v, m: plain.field(jnp.asarray(1.25), v, m) / 2)(u1, mask)
+    assert abs(float(r["after_attention"][1]) - mean_rel(attention)) <= 1e-5
+
+    # A diffusion layer after the embedding smooths what the first block receives.
+    smoothed = pf.Encoder(12, 8, 2, 3, key=key, diffusion_at="after_embedding")
+    s = roughness_at_points(smoothed, tokens, mask)
+    assert float(s["after_embedding"]) == pytest.approx(float(r["after_embedding"]), abs=1e-6)
+    assert float(s["before_norm"][0]) < float(r["before_norm"][0])

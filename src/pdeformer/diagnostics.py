@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
 from .depth import AbstractDepth, Discrete
+from .field import SequentialBlock
 from .models import Encoder
 from .operators.diffusion_layer import DiffusionLayer
 
@@ -76,6 +77,82 @@ def roughness_profile(
     sol = depth(encoder.field, u0, m, save_at=range(num_layers + 1))
     per = jax.vmap(jax.vmap(_relative_energy), in_axes=(0, None))(sol.us, m)
     return jnp.mean(per, axis=1)
+
+
+def roughness_at_points(
+    encoder: Encoder,
+    tokens: Int[Array, "batch seq"],
+    mask: Bool[Array, "batch seq"] | None = None,
+    depth: AbstractDepth | None = None,
+) -> dict[str, Float[Array, "..."]]:
+    """Roughness of the signal each of the seven insertion points receives.
+
+    For every point of `pdeformer.placement.INSERTION_POINTS`, the relative Dirichlet
+    energy `E(x) / ||x||^2` (see `roughness_profile`) of the signal `x` a diffusion layer
+    placed there would act on, in this model as it is (its own diffusion layers included,
+    upstream of each point), averaged over the batch:
+
+    - `after_embedding`: token embeddings plus positions (scalar);
+    - `before_norm`, `after_norm`, `after_attention`, `after_ffn`: per layer (`L` values):
+      the stream at `t = l`, the normalised branch input, the attention output, and the
+      FFN output (the FFN reads the stream at `t = l + 1/2`; at `t = l` with a parallel
+      block);
+    - `between_layers`: the stream at the inner boundaries `t = 1 .. L-1` (`L - 1` values;
+      in a model that already has between-layer maps, the state after the map);
+    - `before_head`: the final states (scalar).
+
+    The branch signals assume the pre-LN arrangement (the field's own norms).
+
+    **Arguments:**
+
+    - `encoder`: the model.
+    - `tokens`: a batch of token ids `(batch, seq)`.
+    - `mask`: `True` on valid tokens, or `None`.
+    - `depth`: the integrator (default `Discrete()`).
+
+    **Returns:**
+
+    A dict from point name to its roughness.
+    """
+    depth = Discrete() if depth is None else depth
+    field = encoder.field
+    num_layers = field.num_layers
+    if mask is None:
+        mask = jnp.ones(tokens.shape, bool)
+    rough = jax.vmap(_relative_energy)
+    out = {"after_embedding": jnp.mean(rough(encoder.token_embeddings(tokens), mask))}
+    u0, m = encoder.embed(tokens, mask)
+    sequential = isinstance(field.composition, SequentialBlock)
+    step = 0.5 if sequential else 1.0
+    saves = [k * step for k in range(round(num_layers / step) + 1)]
+    sol = depth(field, u0, m, save_at=saves)
+    at = lambda t: sol.us[round(t / step)]
+    signals = {p: [] for p in ("before_norm", "after_norm", "after_attention", "after_ffn")}
+    for layer in range(num_layers):
+        block, _ = field.layer(jnp.asarray(layer + 0.25, u0.dtype))
+        u = at(layer)
+
+        def branch(v, mm, block=block):
+            x = v if block.before_norm is None else block.before_norm(v, mm)
+            x = block.attention_norm(x)
+            y = x if block.after_norm is None else block.after_norm(x, mm)
+            return x, block.attention(y, mm)
+
+        normed, attended = jax.vmap(branch)(u, m)
+        ffn_in = at(layer + 0.5) if sequential else u
+        reacted = jax.vmap(lambda v, b=block: b.reaction(b.reaction_norm(v)))(ffn_in)
+        for name, x in (
+            ("before_norm", u),
+            ("after_norm", normed),
+            ("after_attention", attended),
+            ("after_ffn", reacted),
+        ):
+            signals[name].append(jnp.mean(rough(x, m)))
+    out.update({name: jnp.stack(v) for name, v in signals.items()})
+    inner = [jnp.mean(rough(at(t), m)) for t in range(1, num_layers)]
+    out["between_layers"] = jnp.stack(inner) if inner else jnp.zeros((0,), u0.dtype)
+    out["before_head"] = jnp.mean(rough(sol.u, m))
+    return out
 
 
 def commutator(

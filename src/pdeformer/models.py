@@ -210,6 +210,11 @@ class Encoder(eqx.Module):
         points.update(p for p in ENCODER_POINTS if getattr(self, p) is not None)
         return tuple(p for p in INSERTION_POINTS if p in points)
 
+    def token_embeddings(self, tokens: Int[Array, "*batch seq"]) -> Float[Array, "*batch seq dim"]:
+        """Token embedding plus positions: the signal at the `after_embedding` point."""
+        _check_tokens(tokens, None, self.embedding.shape[0])
+        return self.embedding[tokens] + self.positions(tokens.shape[-1], self.embedding.dtype)
+
     def embed(
         self, tokens: Int[Array, "*batch seq"], mask: Bool[Array, "*batch seq"] | None = None
     ) -> tuple[Float[Array, "*batch seq2 dim"], Bool[Array, "*batch seq2"]]:
@@ -217,10 +222,9 @@ class Encoder(eqx.Module):
         _check_tokens(tokens, mask, self.embedding.shape[0])
         if mask is None:
             mask = jnp.ones(tokens.shape, bool)
-        dtype = self.embedding.dtype
 
         def one(tok, m):
-            u = self.embedding[tok] + self.positions(tok.shape[0], dtype)
+            u = self.token_embeddings(tok)
             if self.after_embedding is not None:
                 # On the embedded tokens themselves, before pooling adds e.g. a CLS token.
                 u = self.after_embedding(u, m)
