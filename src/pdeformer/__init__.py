@@ -22,6 +22,7 @@ from .field import Shared as Shared
 from .models import AbstractPooling as AbstractPooling
 from .models import AbstractPositions as AbstractPositions
 from .models import Classifier as Classifier
+from .models import DualClassifier as DualClassifier
 from .models import ClsPooling as ClsPooling
 from .models import Encoder as Encoder
 from .models import LearnedPositions as LearnedPositions
@@ -37,6 +38,7 @@ from .operators import MultiHeadAttention as MultiHeadAttention
 from .operators import Reaction as Reaction
 from .operators import RMSNorm as RMSNorm
 from .operators import neumann_laplacian as neumann_laplacian
+from .placement import INSERTION_POINTS as INSERTION_POINTS
 from .stiff import SplitDiffusion as SplitDiffusion
 from .stiff import exact_diffusion as exact_diffusion
 
@@ -44,4 +46,5 @@ __version__ = "0.1.0"
 
 from . import data as data
 from . import diagnostics as diagnostics
+from . import placement as placement
 from . import training as training

@@ -1,12 +1,14 @@
 """Command line: `pdeformer train` and `pdeformer evaluate`.
 
 Names typed on the command line are mapped to objects here, in one place (`SOLVERS`,
-`ADJOINTS`); everything below the edge takes objects.
+`ADJOINTS`, `diffusion_layer`; insertion points are the names of
+`pdeformer.placement.INSERTION_POINTS`); everything below the edge takes objects.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -19,7 +21,9 @@ import jax.random as jr
 
 from .data import TASK_NAMES, load_task
 from .depth import AbstractDepth, Continuous, Discrete
-from .models import Classifier
+from .models import Classifier, DualClassifier
+from .operators import AdaptiveDiffusionLayer, DiffusionLayer
+from .placement import INSERTION_POINTS
 from .training import TrainConfig, evaluate, load_checkpoint, make_optimizer, train
 
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
@@ -163,6 +167,29 @@ def _build_parser() -> argparse.ArgumentParser:
         "--hidden", type=int, default=None, help="FFN hidden width (default: the field's)"
     )
     m.add_argument("--model-seed", type=int, default=0, help="seed of the initialisation")
+    m.add_argument(
+        "--diffusion-at",
+        nargs="*",
+        choices=INSERTION_POINTS,
+        default=[],
+        metavar="POINT",
+        help="insert the diffusion layer at these points, any of "
+        f"{', '.join(INSERTION_POINTS)} (default: none, the baseline Transformer)",
+    )
+    m.add_argument(
+        "--diffusion-dilations",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="D",
+        help="the layer's stencil reaches; several give the multi-scale layer, e.g. "
+        "1 2 4 8 (default: 1)",
+    )
+    m.add_argument(
+        "--diffusion-adaptive",
+        action="store_true",
+        help="use the token-adaptive (flux-form) layer instead of constant coefficients",
+    )
     _add_depth_options(tr)
     o = tr.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
@@ -208,9 +235,15 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def diffusion_layer(dilations: Sequence[int] = (1,), adaptive: bool = False):
+    """The diffusion layer constructor named by the command line's options."""
+    cls = AdaptiveDiffusionLayer if adaptive else DiffusionLayer
+    return functools.partial(cls, dilations=tuple(dilations))
+
+
 def _load(run: dict[str, Any]):
     task = load_task(run["task"], run["data_dir"], **run["task_options"])
-    model = Classifier(
+    model = (DualClassifier if task.dual else Classifier)(
         task.vocab_size,
         run["dim"],
         run["heads"],
@@ -218,6 +251,10 @@ def _load(run: dict[str, Any]):
         task.num_classes,
         key=jr.PRNGKey(run["model_seed"]),
         hidden=run["hidden"],
+        diffusion_at=tuple(run.get("diffusion_at", ())),
+        diffusion_layer=diffusion_layer(
+            run.get("diffusion_dilations", (1,)), run.get("diffusion_adaptive", False)
+        ),
     )
     return task, model
 
@@ -235,6 +272,9 @@ def _train(args: argparse.Namespace) -> int:
         "layers": args.layers,
         "hidden": args.hidden,
         "model_seed": args.model_seed,
+        "diffusion_at": list(args.diffusion_at),
+        "diffusion_dilations": list(args.diffusion_dilations),
+        "diffusion_adaptive": bool(args.diffusion_adaptive),
     }
     warmup = min(100, args.steps // 10) if args.warmup is None else args.warmup
     config = TrainConfig(

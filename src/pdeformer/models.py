@@ -316,3 +316,91 @@ class Classifier(eqx.Module):
         """Class logits and the depth solution (see `Encoder.__call__`)."""
         features, sol = self.encoder(tokens, mask, depth=depth)
         return features @ self.head_weight + self.head_bias, sol
+
+
+def _pad_to(tokens, mask, seq: int):
+    pad = seq - tokens.shape[-1]
+    if pad == 0:
+        return tokens, mask
+    widths = [(0, 0)] * (tokens.ndim - 1) + [(0, pad)]
+    return jnp.pad(tokens, widths), jnp.pad(mask, widths)
+
+
+class DualClassifier(eqx.Module):
+    """Two documents, one shared `Encoder`, and LRA's matching head (Retrieval).
+
+    Both documents are encoded by the same encoder in one depth integration (they are
+    padded to a common length and stacked on a new leading axis, so an adaptive solver
+    takes one step sequence for the pair batch). With pooled features `x1`, `x2` the head
+    is LRA's: `[x1, x2, x1 * x2, x1 - x2] -> Dense(mlp_dim) -> ReLU -> Dense(num_classes)`.
+
+    **Arguments:**
+
+    - `vocab_size`, `dim`, `num_heads`, `num_layers`: sizes (see `Encoder`).
+    - `num_classes`: number of output classes (2 for Retrieval).
+    - `key`: a JAX PRNG key.
+    - `mlp_dim`: hidden width of the head; default `dim`.
+    - `**encoder_kwargs`: passed to `Encoder` (insertion points included).
+    """
+
+    encoder: Encoder
+    mlp_weight: Float[Array, "four_dim mlp"]
+    mlp_bias: Float[Array, " mlp"]
+    head_weight: Float[Array, "mlp classes"]
+    head_bias: Float[Array, " classes"]
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        num_heads: int,
+        num_layers: int,
+        num_classes: int,
+        *,
+        key: PRNGKeyArray,
+        mlp_dim: int | None = None,
+        dtype=jnp.float32,
+        **encoder_kwargs,
+    ):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
+        mlp_dim = dim if mlp_dim is None else mlp_dim
+        if mlp_dim < 1:
+            raise ValueError(f"mlp_dim must be >= 1; got {mlp_dim}.")
+        ke, km, kh = jr.split(key, 3)
+        self.encoder = Encoder(
+            vocab_size, dim, num_heads, num_layers, key=ke, dtype=dtype, **encoder_kwargs
+        )
+        self.mlp_weight = jr.normal(km, (4 * dim, mlp_dim), dtype) / math.sqrt(4 * dim)
+        self.mlp_bias = jnp.zeros((mlp_dim,), dtype)
+        self.head_weight = jr.normal(kh, (mlp_dim, num_classes), dtype) / math.sqrt(mlp_dim)
+        self.head_bias = jnp.zeros((num_classes,), dtype)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "*batch seq"],
+        mask: Bool[Array, "*batch seq"] | None,
+        tokens2: Int[Array, "*batch seq2"],
+        mask2: Bool[Array, "*batch seq2"] | None,
+        *,
+        depth: AbstractDepth | None = None,
+    ) -> tuple[Float[Array, "*batch classes"], DepthSolution]:
+        """Class logits for document pairs and the depth solution of the stacked pair
+        (states `(2, *batch, seq, dim)`: the first documents, then the second)."""
+        if tokens.shape[:-1] != tokens2.shape[:-1]:
+            raise TypeError(
+                f"the two documents must have the same batch shape; got {tokens.shape} and "
+                f"{tokens2.shape}."
+            )
+        mask = jnp.ones(tokens.shape, bool) if mask is None else mask
+        mask2 = jnp.ones(tokens2.shape, bool) if mask2 is None else mask2
+        _check_tokens(tokens, mask, self.encoder.embedding.shape[0])
+        _check_tokens(tokens2, mask2, self.encoder.embedding.shape[0])
+        seq = max(tokens.shape[-1], tokens2.shape[-1])
+        t1, m1 = _pad_to(tokens, mask, seq)
+        t2, m2 = _pad_to(tokens2, mask2, seq)
+        features, sol = self.encoder(jnp.stack([t1, t2]), jnp.stack([m1, m2]), depth=depth)
+        x1, x2 = features[0], features[1]
+        x = jnp.concatenate([x1, x2, x1 * x2, x1 - x2], axis=-1)
+        hidden = jax.nn.relu(x @ self.mlp_weight + self.mlp_bias)
+        return hidden @ self.head_weight + self.head_bias, sol

@@ -204,8 +204,17 @@ def make_optimizer(config: TrainConfig) -> Optimizer:
     )
 
 
+def _inputs(batch: Batch) -> tuple[jax.Array, ...]:
+    """The model's positional inputs: `(tokens, mask)`, or with `(tokens2, mask2)` for a
+    dual-input task (a `DualClassifier`)."""
+    arrays = (batch.tokens, batch.mask)
+    if batch.tokens2 is not None:
+        arrays = arrays + (batch.tokens2, batch.mask2)
+    return tuple(jnp.asarray(a) for a in arrays)
+
+
 def _loss(model, batch: Batch, depth: AbstractDepth):
-    logits, sol = model(jnp.asarray(batch.tokens), jnp.asarray(batch.mask), depth=depth)
+    logits, sol = model(*_inputs(batch), depth=depth)
     labels = jnp.asarray(batch.labels)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     return loss, (logits, sol.stats)
@@ -224,7 +233,8 @@ def train_step(
     **Arguments:**
 
     - `model`: a model called as `logits, sol = model(tokens, mask, depth=depth)` (e.g.
-      `Classifier`).
+      `Classifier`), or, for a dual-input batch,
+      `model(tokens, mask, tokens2, mask2, depth=depth)` (`DualClassifier`).
     - `opt_state`: the optimiser state.
     - `batch`: a `pdeformer.data.Batch` (tokens `(batch, seq)`, mask, integer labels).
     - `depth`: the integrator in depth, `Discrete()` or `Continuous(...)`. It is a traced
@@ -258,8 +268,8 @@ def train_step(
 
 
 @eqx.filter_jit
-def _forward(model, tokens, mask, depth):
-    logits, sol = model(tokens, mask, depth=depth)
+def _forward(model, inputs, depth):
+    logits, sol = model(*inputs, depth=depth)
     return logits, sol.stats.nfe, sol.stats.success
 
 
@@ -272,11 +282,7 @@ def _eval_batches(split: Split, batch_size: int, pad_to: int) -> Iterator[tuple[
         n = batch.tokens.shape[0]
         if n < batch_size:
             fill = np.zeros(batch_size - n, dtype=np.int64)
-            batch = Batch(
-                np.concatenate([batch.tokens, batch.tokens[fill]]),
-                np.concatenate([batch.mask, batch.mask[fill]]),
-                np.concatenate([batch.labels, batch.labels[fill]]),
-            )
+            batch = Batch(*(None if a is None else np.concatenate([a, a[fill]]) for a in batch))
         yield batch, n
 
 
@@ -294,7 +300,7 @@ def evaluate(
     **Arguments:**
 
     - `model`: e.g. a trained `Classifier`.
-    - `split`: a `pdeformer.data.Split` (single input).
+    - `split`: a `pdeformer.data.Split` (a dual-input split needs a `DualClassifier`).
     - `depth`: the integrator in depth (a new tolerance does not recompile).
     - `batch_size`: examples per batch; every batch, the last included, has this size.
     - `pad_to`: padded length (`None`: the split's longest sequence).
@@ -306,23 +312,21 @@ def evaluate(
 
     **Raises:**
 
-    `ValueError` for an empty or dual-input split, or `batch_size < 1`.
+    `ValueError` for an empty split or `batch_size < 1`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
     if len(split) == 0:
         raise ValueError("cannot evaluate on an empty split.")
-    if split.dual:
-        raise ValueError("evaluate supports single-input splits; this split has two inputs.")
     pad_to = int(split.tokens.shape[1]) if pad_to is None else pad_to
     if warmup:
         batch, _ = next(_eval_batches(split, batch_size, pad_to))
-        jax.block_until_ready(_forward(model, batch.tokens, batch.mask, depth))
+        jax.block_until_ready(_forward(model, _inputs(batch), depth))
     logits_all, nfes, successes = [], [], []
     num_batches = 0
     start = time.perf_counter()
     for batch, n in _eval_batches(split, batch_size, pad_to):
-        logits, nfe, success = jax.device_get(_forward(model, batch.tokens, batch.mask, depth))
+        logits, nfe, success = jax.device_get(_forward(model, _inputs(batch), depth))
         logits_all.append(np.asarray(logits)[:n])
         nfes.append(int(nfe))
         successes.append(bool(success))
@@ -522,7 +526,8 @@ def train(
     **Arguments:**
 
     - `model`: the initial model (on resume: the template the checkpoint is read into).
-    - `task_data`: a single-input `TaskData` (e.g. `load_task("listops", ...)`).
+    - `task_data`: a `TaskData` (e.g. `load_task("listops", ...)`; a dual-input task such
+      as Retrieval needs a `DualClassifier`).
     - `depth`: `Discrete()` or `Continuous(...)`.
     - `config`: a `TrainConfig`.
     - `out_dir`: run directory for the log and checkpoints, or `None` (nothing written).
@@ -538,13 +543,9 @@ def train(
     **Raises:**
 
     `NonFiniteLossError` when the loss or gradient norm is not finite; the model of that step
-    is discarded and the last checkpoint kept. `ValueError` for a dual-input task or a
-    resume with a different config.
+    is discarded and the last checkpoint kept. `ValueError` for a resume with a different
+    config.
     """
-    if task_data.dual:
-        raise ValueError(
-            f"train supports single-input tasks; {task_data.name!r} has two inputs per example."
-        )
     optimizer = make_optimizer(config)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     schedule = _schedule(config)
