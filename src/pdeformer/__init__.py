@@ -39,7 +39,11 @@ from .operators import Reaction as Reaction
 from .operators import RMSNorm as RMSNorm
 from .operators import neumann_laplacian as neumann_laplacian
 from .placement import INSERTION_POINTS as INSERTION_POINTS
-from .stiff import SplitDiffusion as SplitDiffusion
+from .stiff import AbstractExponentialRK as AbstractExponentialRK
+from .stiff import DiffusionTerm as DiffusionTerm
+from .stiff import ExponentialContinuous as ExponentialContinuous
+from .stiff import ExpRK2 as ExpRK2
+from .stiff import ExpRK3 as ExpRK3
 from .stiff import exact_diffusion as exact_diffusion
 
 __version__ = "0.1.0"
