@@ -406,6 +406,21 @@ def test_validation(stiff):
     plain = eqx.tree_at(lambda f: f.diffusion, stiff.field, None)
     with pytest.raises(ValueError, match="has none; use pdeformer.Continuous"):
         pf.ExponentialContinuous()(plain, stiff.x, stiff.mask)
+    # Maps between layers: refused before anything is computed (so the abstract field of
+    # eval_shape is enough here).
+    with jax.enable_x64(True):
+        with_maps = eqx.filter_eval_shape(
+            lambda: pf.Field(
+                8,
+                2,
+                2,
+                key=jr.PRNGKey(0),
+                diffusion=_operator(8, 1.0),
+                diffusion_at="between_layers",
+            )
+        )
+        with pytest.raises(ValueError, match="maps between layers"):
+            pf.ExponentialContinuous()(with_maps, stiff.x, stiff.mask)
     with pytest.raises(ValueError, match="j >= 0"):
         phi(-1, jnp.zeros(()))
     with pytest.raises(ValueError, match="row i of a"):
