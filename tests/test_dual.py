@@ -61,3 +61,34 @@ def test_train_and_evaluate_a_dual_task(tmp_path):
     )
     assert ev.num_examples == 16 and ev.logits.shape == (16, 2)
     assert ev.success == 1.0 and ev.mean_nfe > 0
+
+
+def test_weight_decay_applies_to_matrices_only(getkey):
+    """Stacked per-layer vectors (biases, norm scales, diffusion coefficients) have two
+    axes but are not matrices: no weight decay on them."""
+    import equinox as eqx
+
+    from pdeformer.training import decay_mask
+
+    model = pf.Classifier(10, 8, 2, 3, 4, key=getkey(), diffusion_at=pf.INSERTION_POINTS)
+    mask = decay_mask(eqx.filter(model, eqx.is_inexact_array))
+    enc = mask.encoder
+    decayed = [
+        enc.embedding,
+        enc.field.blocks.attention.qkv_weight,
+        enc.field.blocks.reaction.w2,
+        mask.head_weight,
+    ]
+    kept = [
+        enc.field.blocks.attention.qkv_bias,
+        enc.field.blocks.attention_norm.weight,
+        enc.field.blocks.reaction.b1,
+        enc.field.blocks.after_ffn.operator.theta,
+        enc.field.blocks.after_ffn.operator.mix,
+        enc.field.transitions.operator.theta,
+        enc.after_embedding.operator.theta,
+        enc.final_norm.weight,
+        mask.head_bias,
+    ]
+    assert all(x is True for x in decayed)
+    assert all(x is False for x in kept)

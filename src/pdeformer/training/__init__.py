@@ -10,6 +10,7 @@ from ._train import Evaluation as Evaluation
 from ._train import NonFiniteLossError as NonFiniteLossError
 from ._train import Optimizer as Optimizer
 from ._train import TrainConfig as TrainConfig
+from ._train import decay_mask as decay_mask
 from ._train import evaluate as evaluate
 from ._train import load_checkpoint as load_checkpoint
 from ._train import make_optimizer as make_optimizer
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteLossError",
     "Optimizer",
     "TrainConfig",
+    "decay_mask",
     "evaluate",
     "load_checkpoint",
     "make_optimizer",

@@ -138,8 +138,8 @@ class Optimizer(eqx.Module):
     It behaves as an `optax.GradientTransformation` (`init`, `update`). Its hyperparameters
     are static and compared by value, so a jitted `train_step` compiles once for equal
     settings, however many times the optimiser is rebuilt (a resumed run, a second run).
-    Weight decay applies to parameters with two or more axes (matrices, stacked weights),
-    not to biases, norm scales or the CLS vector.
+    Weight decay applies to matrices only (see `decay_mask`), not to biases, norm scales,
+    diffusion coefficients or the CLS vector, whether stacked per layer or not.
     """
 
     lr: float = eqx.field(static=True)
@@ -160,9 +160,6 @@ class Optimizer(eqx.Module):
         )
 
     def _transform(self) -> optax.GradientTransformation:
-        def decay_mask(params):
-            return jax.tree.map(lambda p: p.ndim >= 2, params)
-
         return optax.chain(
             optax.clip_by_global_norm(self.clip_norm),
             optax.adamw(self.schedule(), weight_decay=self.weight_decay, mask=decay_mask),
@@ -175,6 +172,31 @@ class Optimizer(eqx.Module):
     def update(self, grads, state, params=None):
         """`(updates, state)` as `optax.GradientTransformation.update`."""
         return self._transform().update(grads, state, params)
+
+
+_STACKED = ("blocks", "transitions")
+# Logits of the diffusion layers' coefficients and scale mixtures: shrinking them toward
+# zero would push every layer toward one fixed coefficient and uniform scales.
+_NO_DECAY = ("theta", "mix", "gate_bias")
+
+
+def decay_mask(params) -> Any:
+    """`True` on the parameters weight decay applies to: weight matrices and embeddings.
+
+    A parameter is a matrix if it has two axes, or three when it lives in a stack with one
+    slice per depth node (a `Field`'s `blocks` and `transitions`): stacked biases and norm
+    scales have two axes but are vectors per layer. The diffusion layers' coefficient
+    logits (`theta`, `mix`, `gate_bias`) are never decayed.
+    """
+
+    def is_matrix(path, p):
+        names = [getattr(k, "name", None) for k in path]
+        if names and names[-1] in _NO_DECAY:
+            return False
+        stacked = any(n in _STACKED for n in names)
+        return p.ndim >= (3 if stacked else 2)
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def _schedule(config: TrainConfig) -> optax.Schedule:
