@@ -236,7 +236,20 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def diffusion_layer(dilations: Sequence[int] = (1,), adaptive: bool = False):
-    """The diffusion layer constructor named by the command line's options."""
+    """The diffusion layer constructor named by the command line's options.
+
+    **Arguments:**
+
+    - `dilations`: the stencil reaches (`--diffusion-dilations`); several give the
+      multi-scale layer.
+    - `adaptive`: the token-adaptive layer (`--diffusion-adaptive`) instead of
+      constant coefficients.
+
+    **Returns:**
+
+    A constructor `layer(dim, key=..., dtype=...)` of `DiffusionLayer` or
+    `AdaptiveDiffusionLayer`, as `Encoder(..., diffusion_layer=...)` takes it.
+    """
     cls = AdaptiveDiffusionLayer if adaptive else DiffusionLayer
     return functools.partial(cls, dilations=tuple(dilations))
 

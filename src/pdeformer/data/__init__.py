@@ -98,6 +98,7 @@ __all__ = [
 ]
 
 TASK_NAMES = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+"""The names `load_task` accepts, one per LRA task."""
 
 
 def _config(cls: type, options: dict[str, Any]) -> Any:

@@ -43,6 +43,10 @@ LISTOPS_VOCAB: tuple[str, ...] = (
     "]",
     *(str(d) for d in range(10)),
 )
+"""The ListOps token ids: index 0 is the pad, then the four operators, `]` and the digits.
+
+LRA's `Source` strings are tokenized by dropping `(` and `)` and keeping `]` (16 ids in all).
+"""
 _ID = {s: i for i, s in enumerate(LISTOPS_VOCAB)}
 _CLOSE = 5
 _DIGIT0 = 6

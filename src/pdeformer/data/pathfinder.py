@@ -49,6 +49,10 @@ DIFFICULTIES = {
     "intermediate": ("curv_contour_length_9", 9),
     "hard": ("curv_contour_length_14", 14),
 }
+"""Pathfinder difficulties: name -> (folder of the official release, contour length).
+
+LRA's Pathfinder and Path-X use `"hard"` (`curv_contour_length_14`).
+"""
 _FOLDER_TO_LENGTH = {folder: length for folder, length in DIFFICULTIES.values()}
 
 
