@@ -314,3 +314,23 @@ def test_results_hook_warns_without_provenance(tmp_path, caplog):
     text = caplog.text
     assert "no machine recorded" in text and "no date recorded" in text
     assert "no command recorded" not in text
+
+
+def test_results_hook_cites_committed_results():
+    hook = _results_hook()
+    body = (
+        "# Sweep\n\n- date: d\n- machine: m\n\n## Summary\n\nIt held; see ![p](p.png).\n\n## Next\n"
+    )
+    exp = hook.Experiment(
+        "sweep", "docs/results/sweep/", "results/sweep/index.md", "Sweep",
+        {"date": "d", "machine": "m"}, body, (), (), (),
+    )  # fmt: skip
+    assert hook.section(body, "Summary") == "It held; see ![p](p.png)."
+    page = "x\n<!-- results: sweep#Summary -->\n<!-- results: sweep -->\n<!-- results: gone -->\n"
+    out = hook.cite(page, "theory/papers.md", [exp])
+    assert "From [Sweep](../results/sweep/index.md) (d, m):" in out
+    assert "It held; see ![p](../results/sweep/p.png)." in out  # links follow the quote
+    assert "\n[Sweep](../results/sweep/index.md) (d, m)\n" in out
+    assert "*No result of `gone` is committed yet.*" in out
+    # Only a marker alone on its line is replaced (not one quoted in prose).
+    assert hook.cite("`<!-- results: sweep -->`", "index.md", [exp]).startswith("`<!--")

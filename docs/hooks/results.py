@@ -15,6 +15,13 @@ states the command, machine and date (from `- command:`/`- date:`/`- machine:` l
 A Markdown file directly in `docs/results/` (other than `index.md`) is an experiment page
 too, with its metadata from its own lines or from a `.json` file of the same stem.
 
+Other pages cite results with a marker that the hook resolves at build time, so that no
+number is copied by hand and no link dangles before the result is committed:
+
+- `<!-- results: NAME -->` becomes a link to the experiment's page with its date and
+  machine, or a line saying that no result of `NAME` is committed yet;
+- `<!-- results: NAME#Heading -->` also quotes the section `## Heading` of its `results.md`.
+
 A missing command, machine or date is logged as a warning, so the strict build fails: every
 result must say how, where and when it was made. Nothing is hard-coded: add a directory and
 rebuild.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
@@ -210,6 +218,51 @@ def render_index(experiments: list[Experiment]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_MARKER = re.compile(r"^[ \t]*<!--\s*results:\s*([\w.-]+)(?:#(.+?))?\s*-->[ \t]*$", re.M)
+_RELATIVE_URL = re.compile(r"\]\((?![a-z][a-z0-9+.-]*:|/|#)([^)\s]+)")
+
+
+def section(body: str, heading: str) -> str | None:
+    """The text under the heading `heading` (any level), up to the next heading of that level."""
+    lines = body.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^(#+)\s+(.+?)\s*#*\s*$", line)
+        if m and m.group(2).strip() == heading.strip():
+            level = len(m.group(1))
+            end = next(
+                (j for j in range(i + 1, len(lines)) if re.match(rf"^#{{1,{level}}}\s", lines[j])),
+                len(lines),
+            )
+            return "\n".join(lines[i + 1 : end]).strip()
+    return None
+
+
+def cite(markdown: str, page_uri: str, experiments: list[Experiment]) -> str:
+    """Resolve the `<!-- results: NAME[#Heading] -->` markers of a page (see the module doc)."""
+    by_name = {exp.name: exp for exp in experiments}
+    here = posixpath.dirname(page_uri)
+
+    def replace(m: re.Match) -> str:
+        name, heading = m.group(1), m.group(2)
+        exp = by_name.get(name)
+        if exp is None:
+            return f"*No result of `{name}` is committed yet.*"
+        link = posixpath.relpath(exp.page, here or ".")
+        when = ", ".join(exp.meta[k] for k in ("date", "machine") if k in exp.meta)
+        text = f"[{exp.title}]({link})" + (f" ({when})" if when else "")
+        if heading is None:
+            return text
+        quoted = section(exp.body, heading)
+        if quoted is None:
+            log.info(f"{exp.origin}: no section {heading!r} to quote in {page_uri}.")
+            return text
+        base = posixpath.dirname(link)
+        quoted = _RELATIVE_URL.sub(lambda u: f"]({posixpath.join(base, u.group(1))}", quoted)
+        return f"From {text}:\n\n{quoted}"
+
+    return _MARKER.sub(replace, markdown)
+
+
 # ---------------------------------------------------------------------------------------
 # mkdocs events
 # ---------------------------------------------------------------------------------------
@@ -261,3 +314,9 @@ def on_files(files: Files, config, **kwargs):
     if files.get_file_from_path(index) is None:
         files.append(File.generated(config, index, content=render_index(experiments)))
     return files
+
+
+def on_page_markdown(markdown: str, page, config, files, **kwargs):
+    if "<!--" not in markdown:
+        return markdown
+    return cite(markdown, page.file.src_uri, _state.get("experiments", []))
