@@ -200,8 +200,9 @@ def render_index(experiments: list[Experiment]) -> str:
         "",
         "Each page is generated when the site is built, from the outputs an experiment "
         "committed under `docs/results/<name>/` (its `results.md` tables, its figures and the "
-        "`meta` of its `results.json`). Nothing here is typed by hand: rerun the command, "
-        "commit the new outputs, rebuild.",
+        "`meta` of its `results.json`). Nothing here is typed by hand: to publish a result, "
+        "run its experiment with `--out docs/results/<name>`, commit that directory and "
+        "rebuild.",
         "",
     ]
     if not experiments:
