@@ -22,8 +22,8 @@ from .field import Shared as Shared
 from .models import AbstractPooling as AbstractPooling
 from .models import AbstractPositions as AbstractPositions
 from .models import Classifier as Classifier
-from .models import DualClassifier as DualClassifier
 from .models import ClsPooling as ClsPooling
+from .models import DualClassifier as DualClassifier
 from .models import Encoder as Encoder
 from .models import LearnedPositions as LearnedPositions
 from .models import MeanPooling as MeanPooling

@@ -241,6 +241,14 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, bool]:
     step's first, so it pays `stages - 1` per step plus one evaluation at the start and
     after every jump of the field.
 
+    **Arguments:**
+
+    - `solver`: a diffrax solver, e.g. `diffrax.Tsit5()`.
+
+    **Returns:**
+
+    `(evaluations, fsal)`, e.g. `(6, True)` for `Tsit5` and `(2, False)` for `Heun`.
+
     **Raises:**
 
     `ValueError` for solvers whose evaluation count is not fixed per step (implicit

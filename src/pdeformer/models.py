@@ -28,7 +28,12 @@ class AbstractPositions(eqx.Module):
 
 
 class SinusoidalPositions(AbstractPositions):
-    """The fixed sinusoidal encoding of Vaswani et al.; no parameters, any length."""
+    """The fixed sinusoidal encoding of Vaswani et al.; no parameters, any length.
+
+    **Arguments:**
+
+    - `dim`: model width.
+    """
 
     dim: int = eqx.field(static=True)
 
@@ -47,7 +52,15 @@ class SinusoidalPositions(AbstractPositions):
 
 
 class LearnedPositions(AbstractPositions):
-    """A learned table of position embeddings, for sequences up to `max_len`."""
+    """A learned table of position embeddings, for sequences up to `max_len`.
+
+    **Arguments:**
+
+    - `max_len`: the longest sequence the table covers (longer ones raise a `ValueError`).
+    - `dim`: model width.
+    - `key`: a JAX PRNG key (entries start as `0.02 * normal`).
+    - `dtype`: parameter dtype.
+    """
 
     table: Float[Array, "max_len dim"]
 
@@ -98,7 +111,14 @@ class MeanPooling(AbstractPooling):
 
 
 class ClsPooling(AbstractPooling):
-    """A learned CLS token is prepended; its final state is the summary."""
+    """A learned CLS token is prepended; its final state is the summary.
+
+    **Arguments:**
+
+    - `dim`: model width.
+    - `key`: a JAX PRNG key (the token starts as `0.02 * normal`).
+    - `dtype`: parameter dtype.
+    """
 
     cls: Float[Array, " dim"]
 

@@ -66,7 +66,13 @@ class RMSNorm(AbstractNorm):
 
 
 class Identity(AbstractNorm):
-    """No normalization: the ablation "without LayerNorm"."""
+    """No normalization: the ablation "without LayerNorm".
+
+    **Arguments:**
+
+    - `dim`, `dtype`: accepted and ignored, so that `Identity` can stand wherever a norm
+      constructor `norm(dim, dtype=...)` is expected (e.g. `Field(..., norm=Identity)`).
+    """
 
     def __init__(self, dim: int | None = None, *, dtype=None):
         del dim, dtype
