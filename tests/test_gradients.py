@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import pytest
 
 import pdeformer as pf
 from helpers import prefix_mask
@@ -30,31 +29,23 @@ def _flat(tree):
     return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(eqx.filter(tree, eqx.is_array))])
 
 
-def _adjoint_grad(field, x, mask, adjoint):
-    # A small max_steps keeps DirectAdjoint's compile time (it grows with max_steps) low.
-    ctrl = diffrax.PIDController(rtol=1e-8, atol=1e-8)
-    depth = pf.Continuous(diffrax.Tsit5(), ctrl, adjoint, max_steps=64)
-    return _flat(_grad(field, x, mask, depth))
-
-
-def test_backsolve_adjoint_agrees_with_checkpointing(getkey):
+def test_adjoints_agree(getkey):
     with jax.enable_x64(True):
         field, x, mask = _setup(getkey())
-        rc = _adjoint_grad(field, x, mask, diffrax.RecursiveCheckpointAdjoint())
-        back = _adjoint_grad(field, x, mask, diffrax.BacksolveAdjoint())
+        ctrl = diffrax.PIDController(rtol=1e-8, atol=1e-8)
+
+        # A small max_steps keeps DirectAdjoint's compile time (it grows with max_steps) low.
+        def grad(adjoint):
+            depth = pf.Continuous(diffrax.Tsit5(), ctrl, adjoint, max_steps=64)
+            return _flat(_grad(field, x, mask, depth))
+
+        rc = grad(diffrax.RecursiveCheckpointAdjoint())
+        direct = grad(diffrax.DirectAdjoint())
+        back = grad(diffrax.BacksolveAdjoint())
+        np.testing.assert_allclose(direct, rc, rtol=1e-9, atol=1e-9)
         # Backsolve integrates the adjoint ODE backwards: equal to the tolerance level.
         np.testing.assert_allclose(back, rc, rtol=1e-5, atol=1e-5)
         assert jnp.linalg.norm(rc) > 1e-3
-
-
-@pytest.mark.slow
-def test_direct_adjoint_agrees_with_checkpointing(getkey):
-    # Slow: DirectAdjoint's compile time dominates (about two minutes on 2 cores).
-    with jax.enable_x64(True):
-        field, x, mask = _setup(getkey())
-        rc = _adjoint_grad(field, x, mask, diffrax.RecursiveCheckpointAdjoint())
-        direct = _adjoint_grad(field, x, mask, diffrax.DirectAdjoint())
-        np.testing.assert_allclose(direct, rc, rtol=1e-9, atol=1e-9)
 
 
 def test_gradient_matches_finite_differences(getkey):
