@@ -292,6 +292,27 @@ def _array_tolerances(controller):
     return controller
 
 
+def _clip_controller(controller, *, jump_ts, step_ts, dtype):
+    # Adds jump and step times to a controller (merging with any the caller set).
+    step_ts = [t for t in step_ts if t not in jump_ts]
+    if not jump_ts and not step_ts:
+        return controller
+    if not isinstance(controller, diffrax.ClipStepSizeController):
+        controller = diffrax.ClipStepSizeController(controller)
+    new = []
+    for name, extra in (("jump_ts", jump_ts), ("step_ts", step_ts)):
+        ts = getattr(controller, name)
+        if extra:
+            merged = jnp.asarray(extra, dtype)
+            if ts is not None:
+                merged = jnp.unique(jnp.concatenate([ts.astype(dtype), merged]))
+            ts = merged
+        new.append(ts)
+    return eqx.tree_at(
+        lambda c: (c.jump_ts, c.step_ts), controller, tuple(new), is_leaf=lambda x: x is None
+    )
+
+
 class _FirstStageCounter(diffrax.AbstractAdaptiveStepSizeController):
     """Wraps a controller to count the steps whose first stage is evaluated afresh.
 
@@ -415,18 +436,9 @@ class Continuous(AbstractDepth):
 
     def _adaptive(self, field, u0, mask, ts_save):
         term = diffrax.ODETerm(_Rate(field, u0.ndim))
-        jumps = field.jump_times()
-        controller = self.controller
-        if jumps:
-            jump_ts = jnp.asarray(jumps, dtype=u0.dtype)
-            if isinstance(controller, diffrax.ClipStepSizeController):
-                if controller.jump_ts is not None:
-                    jump_ts = jnp.unique(jnp.concatenate([controller.jump_ts, jump_ts]))
-                controller = eqx.tree_at(
-                    lambda c: c.jump_ts, controller, jump_ts, is_leaf=lambda x: x is None
-                )
-            else:
-                controller = diffrax.ClipStepSizeController(controller, jump_ts=jump_ts)
+        controller = _clip_controller(
+            self.controller, jump_ts=field.jump_times(), step_ts=(), dtype=u0.dtype
+        )
         controller = _FirstStageCounter(controller)
         dt0 = field.discrete_step if self.dt0 is None else self.dt0
 

@@ -32,6 +32,7 @@ from .depth import (
     DepthStats,
     _check_save_at,
     _check_state,
+    _clip_controller,
     _Rate,
 )
 from .operators.diffusion import DiffusionOperator
@@ -514,7 +515,7 @@ class ExponentialContinuous(AbstractDepth):
         terms = diffrax.MultiTerm(
             diffrax.ODETerm(_Rate(smooth, u0.ndim)), DiffusionTerm(field.diffusion, u0, mask)
         )
-        controller = _clip(
+        controller = _clip_controller(
             self.controller,
             jump_ts=field.jump_times(),
             step_ts=() if ts_save is None else tuple(ts_save.tolist()),
@@ -552,24 +553,3 @@ class ExponentialContinuous(AbstractDepth):
         return DepthSolution(
             u=sol.ys[-1], ts=jnp.asarray(ts_save, dtype), us=sol.ys[:-1], stats=stats
         )
-
-
-def _clip(controller, *, jump_ts, step_ts, dtype):
-    # Adds jump and step times to a controller (merging with any the caller set).
-    step_ts = [t for t in step_ts if t not in jump_ts]
-    if not jump_ts and not step_ts:
-        return controller
-    if not isinstance(controller, diffrax.ClipStepSizeController):
-        controller = diffrax.ClipStepSizeController(controller)
-    new = []
-    for name, extra in (("jump_ts", jump_ts), ("step_ts", step_ts)):
-        ts = getattr(controller, name)
-        if extra:
-            merged = jnp.asarray(extra, dtype)
-            if ts is not None:
-                merged = jnp.unique(jnp.concatenate([ts.astype(dtype), merged]))
-            ts = merged
-        new.append(ts)
-    return eqx.tree_at(
-        lambda c: (c.jump_ts, c.step_ts), controller, tuple(new), is_leaf=lambda x: x is None
-    )
