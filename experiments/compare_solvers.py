@@ -17,12 +17,7 @@ Writes `results.md`, `results.json` and `pareto.png` into `--out` (default
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,12 +26,26 @@ from typing import Any
 import diffrax
 import equinox as eqx
 import jax
-import jax.random as jr
 import numpy as np
 
-from pdeformer import Classifier, Continuous, Discrete
-from pdeformer.data import ListOpsConfig, iterate_forever, load_task
-from pdeformer.training import TrainConfig, evaluate, make_optimizer, train, train_step
+from _common import (
+    ListOpsSetup,
+    adaptive,
+    data_summary,
+    evaluation_row,
+    fixed,
+    header,
+    logger,
+    meta,
+    pyplot,
+    save_figure,
+    train_model,
+    write_results,
+)
+from _common import cli as _cli
+from pdeformer import Discrete
+from pdeformer.data import iterate_forever
+from pdeformer.training import evaluate, make_optimizer, train_step
 
 _FIXED = (diffrax.Euler(), diffrax.Heun(), diffrax.Midpoint(), diffrax.Bosh3())
 _ADAPTIVE = (diffrax.Bosh3(), diffrax.Tsit5(), diffrax.Dopri5(), diffrax.Dopri8())
@@ -59,11 +68,8 @@ class CompareConfig:
     **Arguments:**
 
     - `name`: a label for the outputs (`quick`, `full`, `smoke`).
-    - `listops`: the offline ListOps generator settings (lengths, depth, split sizes).
-    - `data_seed`: seed of the generator.
-    - `dim`, `num_heads`, `num_layers`: model sizes.
-    - `model_seed`: seed of the model's initialisation.
-    - `train`: the discrete-mode training run.
+    - `setup`: the ListOps task, the model and its discrete-mode training
+      (`_common.ListOpsSetup`).
     - `eval_batch_size`: test examples per batch (one batch = one ODE solve).
     - `fixed_solvers`: solvers run with a constant step `fixed_step`.
     - `fixed_step`: the constant step (must divide the field's smooth pieces of width 1/2).
@@ -79,13 +85,7 @@ class CompareConfig:
     """
 
     name: str
-    listops: ListOpsConfig
-    data_seed: int
-    dim: int
-    num_heads: int
-    num_layers: int
-    model_seed: int
-    train: TrainConfig
+    setup: ListOpsSetup
     eval_batch_size: int
     fixed_solvers: tuple[diffrax.AbstractSolver, ...] = _FIXED
     fixed_step: float = 0.5
@@ -112,29 +112,10 @@ class CompareConfig:
         """A few minutes on a 2-core CPU."""
         return cls(
             name="quick",
-            listops=ListOpsConfig(
-                max_depth=4,
-                min_length=30,
-                max_length=80,
-                num_train=4000,
-                num_val=128,
-                num_test=64,
-            ),
-            data_seed=0,
-            dim=64,
-            num_heads=4,
-            num_layers=2,
-            model_seed=0,
-            train=TrainConfig(
-                lr=3e-3,
-                warmup_steps=25,
-                total_steps=150,
-                batch_size=32,
-                weight_decay=0.01,
-                checkpoint_every=0,
-                progress=True,
-            ),
-            eval_batch_size=128,
+            setup=ListOpsSetup.quick(),
+            # One batch holds the whole test split (64 examples): a larger batch would be
+            # filled up with copies and cost more per solve.
+            eval_batch_size=64,
             cost_steps=1,
             # Training cost in quick mode: the discrete model, Euler and one adaptive solver
             # (each continuous backward pass is a long XLA compile on a CPU).
@@ -147,29 +128,7 @@ class CompareConfig:
         """Longer sequences, a bigger model and more training: for a GPU."""
         return cls(
             name="full",
-            listops=ListOpsConfig(
-                max_depth=8,
-                min_length=100,
-                max_length=500,
-                num_train=40_000,
-                num_val=1000,
-                num_test=1000,
-            ),
-            data_seed=0,
-            dim=128,
-            num_heads=4,
-            num_layers=4,
-            model_seed=0,
-            train=TrainConfig(
-                lr=1e-3,
-                warmup_steps=500,
-                total_steps=10_000,
-                batch_size=64,
-                weight_decay=0.05,
-                checkpoint_every=1000,
-                eval_every=1000,
-                progress=True,
-            ),
+            setup=ListOpsSetup.full(),
             eval_batch_size=250,
             cost_steps=10,
             cost_batch_size=64,
@@ -180,26 +139,7 @@ class CompareConfig:
         """Seconds: a tiny model, two solvers, two tolerances (for tests)."""
         return cls(
             name="smoke",
-            listops=ListOpsConfig(
-                max_depth=3,
-                min_length=5,
-                max_length=20,
-                num_train=64,
-                num_val=8,
-                num_test=16,
-            ),
-            data_seed=0,
-            dim=16,
-            num_heads=2,
-            num_layers=1,
-            model_seed=0,
-            train=TrainConfig(
-                lr=3e-3,
-                warmup_steps=1,
-                total_steps=3,
-                batch_size=8,
-                progress=False,
-            ),
+            setup=ListOpsSetup.smoke(),
             eval_batch_size=16,
             fixed_solvers=(diffrax.Euler(),),
             adaptive_solvers=(diffrax.Tsit5(),),
@@ -210,80 +150,21 @@ class CompareConfig:
         )
 
 
-def _log(message: str) -> None:
-    print(f"[compare_solvers {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-    }
-
-
-def _config_json(config: CompareConfig) -> dict[str, Any]:
-    def encode(v):
-        if isinstance(v, diffrax.AbstractSolver):
-            return type(v).__name__
-        if isinstance(v, type):
-            return v.__name__
-        if dataclasses.is_dataclass(v):
-            return {f.name: encode(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple | list):
-            return [encode(x) for x in v]
-        return v
-
-    return encode(config)
-
-
-def _fixed(solver, step: float, max_steps: int) -> Continuous:
-    return Continuous(
-        solver, diffrax.ConstantStepSize(), dt0=step, max_steps=max_steps, throw=False
-    )
-
-
-def _adaptive(solver, rtol: float, atol: float, max_steps: int) -> Continuous:
-    controller = diffrax.PIDController(rtol=rtol, atol=atol)
-    return Continuous(solver, controller, max_steps=max_steps, throw=False)
-
-
-def _row(method: str, controller: str, rtol, atol, ev, reference) -> dict[str, Any]:
-    diff = float(np.max(np.abs(ev.logits - reference))) if reference is not None else 0.0
-    return {
-        "method": method,
-        "controller": controller,
-        "rtol": rtol,
-        "atol": atol,
-        "accuracy": ev.accuracy,
-        "mean_nfe": ev.mean_nfe,
-        "time_per_batch_s": ev.time_per_batch,
-        "max_abs_logit_diff": diff,
-        "success": ev.success,
-    }
+_log = logger("compare_solvers")
 
 
 def _training_cost(model, task, config: CompareConfig, depth) -> dict[str, Any]:
     # Timed from the trained weights (the field's stiffness after training is what matters);
-    # the first step compiles and is not timed.
-    optimizer = make_optimizer(dataclasses.replace(config.train, warmup_steps=0))
+    # the first step compiles and is not timed. The training run's own optimizer settings
+    # (its warm-up keeps these few updates small) let the discrete step reuse the
+    # compilation of the training run where the batch shapes agree.
+    train_config = config.setup.train
+    optimizer = make_optimizer(train_config)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     data = iterate_forever(
         task.train,
         config.cost_batch_size,
-        seed=config.train.seed,
+        seed=train_config.seed,
         pad_to=int(task.train.tokens.shape[1]),
     )
     times, nfes = [], []
@@ -300,24 +181,15 @@ def _training_cost(model, task, config: CompareConfig, depth) -> dict[str, Any]:
     return {"time_per_step_s": float(np.mean(times)), "forward_nfe": float(np.mean(nfes))}
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
-
-
 def _markdown(results: dict[str, Any]) -> str:
-    meta = results["meta"]
+    setup = results["meta"]["config"]["setup"]
     tr = results["training"]
     lines = [
-        "# Integrators in depth on one trained model (ListOps)",
-        "",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
-        f"- machine: {meta['machine']['cpu']} ({meta['machine']['cpu_count']} CPUs), "
-        f"devices {', '.join(meta['machine']['devices'])}, jax {meta['machine']['jax']}",
+        *header("Integrators in depth on one trained model (ListOps)", results["meta"]),
         f"- data: {results['data']['description']}; "
         f"{results['data']['num_train']} train / {results['data']['num_test']} test examples",
-        f"- model: dim {meta['config']['dim']}, {meta['config']['num_heads']} heads, "
-        f"{meta['config']['num_layers']} layers; trained in discrete mode for {tr['steps']} "
+        f"- model: dim {setup['dim']}, {setup['num_heads']} heads, "
+        f"{setup['num_layers']} layers; trained in discrete mode for {tr['steps']} "
         f"steps (final loss {tr['final_loss']:.3f}, {tr['time_per_step_s']:.3f} s/step, "
         f"total {tr['wall_s']:.1f} s)",
         "",
@@ -354,20 +226,15 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(results: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("warning: matplotlib is not installed; skipping the Pareto plot")
-        return False
+def _plot(results: dict[str, Any], path: Path) -> None:
+    plt = pyplot(_log)
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = results["evaluation"]
-    adaptive = [r for r in rows if r["rtol"] is not None]
-    for method in dict.fromkeys(r["method"] for r in adaptive):
-        pts = sorted((r["mean_nfe"], r["accuracy"]) for r in adaptive if r["method"] == method)
+    adaptive_rows = [r for r in rows if r["rtol"] is not None]
+    for method in dict.fromkeys(r["method"] for r in adaptive_rows):
+        pts = sorted((r["mean_nfe"], r["accuracy"]) for r in adaptive_rows if r["method"] == method)
         ax.plot(*zip(*pts, strict=True), marker="o", label=f"{method} (adaptive)")
     for r in rows:
         if r["rtol"] is None:
@@ -394,10 +261,7 @@ def _plot(results: dict[str, Any], path: Path) -> bool:
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy vs vector-field evaluations (same weights)")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    save_figure(fig, path, _log)
 
 
 def main(
@@ -421,50 +285,34 @@ def main(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    command = command or f"compare_solvers.main({config.name})"
+    info = meta(command or f"compare_solvers.main({config.name})", config)
+    setup = config.setup
 
     _log(f"generating ListOps ({config.name})")
-    task = load_task("listops", config=config.listops, seed=config.data_seed)
-    model = Classifier(
-        task.vocab_size,
-        config.dim,
-        config.num_heads,
-        config.num_layers,
-        task.num_classes,
-        key=jr.PRNGKey(config.model_seed),
+    task = setup.task()
+    model, _, training = train_model(
+        setup.model(task), task, Discrete(), setup.train, out / "train", _log
     )
-
-    _log(f"training in discrete mode for {config.train.total_steps} steps")
-    t0 = time.perf_counter()
-    model, history = train(model, task, Discrete(), config.train, out_dir=out / "train")
-    train_wall = time.perf_counter() - t0
-    times = [r["time"] for r in history[1:]] or [history[0]["time"]]
-    training = {
-        "steps": len(history),
-        "final_loss": float(np.mean([r["loss"] for r in history[-10:]])),
-        "final_train_accuracy": float(np.mean([r["accuracy"] for r in history[-10:]])),
-        "time_per_step_s": float(np.median(times)),
-        "wall_s": train_wall,
-    }
 
     test, bs, rows = task.test, config.eval_batch_size, []
     _log("evaluating: discrete")
     ref = evaluate(model, test, Discrete(), bs)
-    rows.append(_row("discrete", "Transformer (pre-LN)", None, None, ref, None))
+    rows.append(evaluation_row("discrete", "Transformer (pre-LN)", None, None, ref, None))
     for solver in config.fixed_solvers:
         name = type(solver).__name__
         _log(f"evaluating: {name}, constant step {config.fixed_step}")
-        ev = evaluate(model, test, _fixed(solver, config.fixed_step, config.max_steps), bs)
-        rows.append(_row(name, f"constant h={config.fixed_step:g}", None, None, ev, ref.logits))
+        ev = evaluate(model, test, fixed(solver, config.fixed_step, config.max_steps), bs)
+        label = f"constant h={config.fixed_step:g}"
+        rows.append(evaluation_row(name, label, None, None, ev, ref.logits))
     for solver in config.adaptive_solvers:
         name = type(solver).__name__
         for rtol in config.rtols:
             atol = rtol * config.atol_ratio
             _log(f"evaluating: {name}, rtol={rtol:g}, atol={atol:g}")
-            depth = _adaptive(solver, rtol, atol, config.max_steps)
+            depth = adaptive(solver, rtol, atol, config.max_steps)
             # The first tolerance compiles; the others reuse it (tolerances are arrays).
             ev = evaluate(model, test, depth, bs, warmup=rtol == config.rtols[0])
-            rows.append(_row(name, f"PID rtol={rtol:g}", rtol, atol, ev, ref.logits))
+            rows.append(evaluation_row(name, f"PID rtol={rtol:g}", rtol, atol, ev, ref.logits))
 
     costs = []
     _log("training cost: discrete")
@@ -473,11 +321,11 @@ def main(
     for solver in config.cost_solvers:
         name = type(solver).__name__
         if isinstance(solver, config.cost_fixed_solvers):
-            depth = _fixed(solver, config.fixed_step, config.max_steps)
+            depth = fixed(solver, config.fixed_step, config.max_steps)
             label = f"constant h={config.fixed_step:g}"
         else:
             rtol = config.cost_rtol
-            depth = _adaptive(solver, rtol, rtol * config.atol_ratio, config.max_steps)
+            depth = adaptive(solver, rtol, rtol * config.atol_ratio, config.max_steps)
             label = f"PID rtol={rtol:g}"
         _log(f"training cost: {name} ({label})")
         costs.append(
@@ -485,80 +333,34 @@ def main(
         )
 
     results = {
-        "meta": {
-            "command": command,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": _machine(),
-            "config": _config_json(config),
-            "wall_s": None,
-        },
-        "data": {
-            "description": task.description,
-            "num_train": len(task.train),
-            "num_test": len(task.test),
-        },
+        "meta": info,
+        "data": data_summary(task),
         "training": training,
         "evaluation": rows,
         "training_cost": costs,
     }
     results["meta"]["wall_s"] = time.perf_counter() - start
-    table = _markdown(results)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    if _plot(results, out / "pareto.png"):
-        _log(f"wrote {out / 'pareto.png'}")
-    _log(
-        f"wrote {out / 'results.md'} and {out / 'results.json'} "
-        f"in {results['meta']['wall_s']:.1f} s"
-    )
-    print(table)
+    _plot(results, out / "pareto.png")
+    write_results(out, results, _markdown(results), _log)
     return results
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def cli(argv: list[str] | None = None) -> dict:
+    """The command line: `--quick` (default), `--full` or `--smoke`, and `--out DIR`."""
+    return _cli(
+        argv,
+        script="compare_solvers.py",
         description="Train a small Transformer on offline ListOps in discrete mode, then "
         "evaluate the same weights under fixed-step and adaptive ODE solvers across "
-        "tolerances (accuracy vs NFE), and measure continuous-mode training cost per solver."
+        "tolerances (accuracy vs NFE), and measure continuous-mode training cost per solver.",
+        configs={
+            "quick": CompareConfig.quick,
+            "full": CompareConfig.full,
+            "smoke": CompareConfig.smoke,
+        },
+        main=main,
     )
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument(
-        "--quick",
-        dest="size",
-        action="store_const",
-        const="quick",
-        help="a few minutes on a 2-core CPU (the default)",
-    )
-    size.add_argument(
-        "--full",
-        dest="size",
-        action="store_const",
-        const="full",
-        help="longer sequences, a bigger model, more training: for a GPU",
-    )
-    size.add_argument(
-        "--smoke",
-        dest="size",
-        action="store_const",
-        const="smoke",
-        help="seconds: a tiny end-to-end check",
-    )
-    parser.set_defaults(size="quick")
-    parser.add_argument(
-        "--out",
-        default="runs/compare_solvers",
-        type=Path,
-        help="output directory for results.md, results.json, pareto.png and the training log "
-        "(default: runs/compare_solvers)",
-    )
-    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    args = _parse(sys.argv[1:])
-    configs = {
-        "quick": CompareConfig.quick,
-        "full": CompareConfig.full,
-        "smoke": CompareConfig.smoke,
-    }
-    main(configs[args.size](), args.out, command=" ".join(["python", *sys.argv]))
+    cli(sys.argv[1:])

@@ -1,15 +1,10 @@
-"""Training loop, checkpoints and resumption, the CLI and the main experiment (smoke)."""
+"""Training loop, checkpoints and resumption, and the CLI (the experiments: test_experiments.py)."""
 
 import dataclasses
-import importlib.util
 import json
-import re
-import sys
-from pathlib import Path
 
 import diffrax
 import equinox as eqx
-import jax
 import jax.random as jr
 import numpy as np
 import pytest
@@ -29,7 +24,6 @@ from pdeformer.training import (
     train_step,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 # One tiny architecture and one padded length for every test, so the jitted step compiles once.
 SIZES = dict(dim=16, num_heads=2, num_layers=1)
 TINY = ListOpsConfig(max_depth=3, min_length=5, max_length=20, num_train=24, num_val=8, num_test=8)
@@ -169,24 +163,3 @@ def test_cli_help_train_and_evaluate(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint_step"] == 2 and result["mean_nfe"] == 2.0
     assert 0.0 <= result["accuracy"] <= 1.0
-
-
-def test_compare_solvers_smoke(tmp_path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "compare_solvers", ROOT / "experiments" / "compare_solvers.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    # Dataclasses resolve their annotations through sys.modules.
-    monkeypatch.setitem(sys.modules, "compare_solvers", module)
-    spec.loader.exec_module(module)
-    results = module.main(module.CompareConfig.smoke(), tmp_path)
-    assert (tmp_path / "results.md").is_file()
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["evaluation"] == results["evaluation"]
-    rows = {(r["method"], r["rtol"]): r for r in saved["evaluation"]}
-    # Euler with step 1/2 is the discrete model.
-    assert rows[("Euler", None)]["max_abs_logit_diff"] < 1e-5
-    assert rows[("Euler", None)]["mean_nfe"] == rows[("discrete", None)]["mean_nfe"]
-    assert re.search(r"\| Tsit5 \| PID rtol=0.01 \|", capsys.readouterr().out)
-    assert saved["meta"]["machine"]["cpu"]
-    assert jax.__version__ == saved["meta"]["machine"]["jax"]

@@ -1,0 +1,836 @@
+"""The stabilizer ablation: residual connections and LayerNorm, on and off.
+
+Paper B (Zhang & Zhou, arXiv 2408.09523) reads the Transformer as a PDE whose residual
+connections and LayerNorm are stabilizers, and claims that without the residual the
+representations drift catastrophically and that without LayerNorm training is explosive.
+This script tests both claims on one small model trained on offline ListOps, in four arms:
+
+- `residual + norm`: the standard pre-LN Transformer, `Discrete()`;
+- `no residual`: each sub-step replaces the state, `u <- A(N u)`, `u <- R(N' u)`
+  (`Discrete(residual=False)`);
+- `no norm`: every norm of the field and the final norm are `Identity`;
+- `neither`: both.
+
+Each arm is trained at every learning rate of the config (a moderate one and a high one)
+from the same seeds. For each run it logs the loss and the gradient's global norm (before
+clipping) at every step, the activation norms on a fixed probe batch every few steps,
+non-finite events (a non-finite loss or gradient stops that run and is recorded; the
+experiment goes on) and loss spikes; and, at initialisation and after training, per-layer
+statistics of the token states `u_l` (l = 0 the embedding): cosine similarity to the input
+`u_0`, relative distance `||u_l - u_0|| / ||u_0||`, RMS, the largest token norm, and token
+uniformity (mean pairwise cosine between the tokens of a sequence: 1 means rank collapse).
+
+    python experiments/stabilizers.py            # --quick (default): minutes on a CPU
+    python experiments/stabilizers.py --full     # a deeper model, longer training: a GPU
+    python experiments/stabilizers.py --smoke    # seconds, for tests
+
+Writes `results.md`, `results.json` and `loss.png`, `grad_norm.png`, `activations.png`,
+`drift.png` into `--out` (default `runs/stabilizers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from _common import (
+    ListOpsSetup,
+    data_summary,
+    fmt,
+    header,
+    logger,
+    meta,
+    pyplot,
+    save_figure,
+    write_results,
+)
+from _common import cli as _cli
+from pdeformer import Discrete, Identity
+from pdeformer.data import ListOpsConfig, iterate_batches, iterate_forever
+from pdeformer.training import TrainConfig, evaluate, make_optimizer, train_step
+
+_log = logger("stabilizers")
+
+LAYER_STATS = ("cos_to_input", "rel_distance", "rms", "max_token_norm", "token_uniformity")
+"""The per-layer statistics of the token states."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm of the ablation.
+
+    **Arguments:**
+
+    - `name`: its label.
+    - `residual`: keep the residual connection (`Discrete(residual=...)`).
+    - `norm`: keep the norms; without them every norm of the field and the encoder's final
+      norm are `Identity`.
+    """
+
+    name: str
+    residual: bool
+    norm: bool
+
+    def depth(self) -> Discrete:
+        """The integrator in depth of this arm."""
+        return Discrete(residual=self.residual)
+
+    def encoder_kwargs(self) -> dict[str, Any]:
+        """The model's norm constructors for this arm."""
+        return {} if self.norm else {"norm": Identity, "final_norm": Identity}
+
+
+ARMS = (
+    Arm("residual + norm", residual=True, norm=True),
+    Arm("no residual", residual=False, norm=True),
+    Arm("no norm", residual=True, norm=False),
+    Arm("neither", residual=False, norm=False),
+)
+"""The four arms; the first is the baseline the others are compared with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StabilizerConfig:
+    """Everything the ablation depends on.
+
+    **Arguments:**
+
+    - `name`: a label for the outputs (`quick`, `full`, `smoke`).
+    - `setup`: the task, the model sizes and the training (`_common.ListOpsSetup`); every
+      arm uses the same. Its `model_seed` and `train.seed` are replaced by each seed.
+    - `lrs`: peak learning rates; each replaces `setup.train.lr` (one run per arm, rate and
+      seed).
+    - `seeds`: one run per seed, arm and rate (initialisation and data order).
+    - `arms`: the arms; the first is the baseline.
+    - `probe_size`: validation examples whose states are measured (one batch).
+    - `probe_every`: measure the activation norms every this many steps.
+    - `eval_batch_size`: batch size of the test-split evaluation.
+    - `spike_factor`, `spike_window`: a loss spike is a step whose loss exceeds
+      `spike_factor` times the median of the previous `spike_window` losses.
+    """
+
+    name: str
+    setup: ListOpsSetup
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    arms: tuple[Arm, ...] = ARMS
+    probe_size: int = 64
+    probe_every: int = 10
+    eval_batch_size: int = 128
+    spike_factor: float = 2.0
+    spike_window: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds must be non-empty; pass e.g. seeds=(0, 1).")
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ValueError(f"lrs must be positive and non-empty; got {self.lrs}.")
+        if not self.arms:
+            raise ValueError("arms must be non-empty; pass e.g. arms=ARMS.")
+        if self.probe_size < 2 or self.probe_every < 1:
+            raise ValueError(
+                f"need probe_size >= 2 and probe_every >= 1; got probe_size={self.probe_size}, "
+                f"probe_every={self.probe_every}."
+            )
+
+    @classmethod
+    def quick(cls) -> StabilizerConfig:
+        """Minutes on a 2-core CPU: a 4-layer width-32 model, 200 steps, 2 seeds, learning
+        rates 1e-2 (all arms train normally) and 5e-2 (high)."""
+        return cls(
+            name="quick",
+            setup=ListOpsSetup(
+                listops=ListOpsConfig(
+                    max_depth=4,
+                    min_length=20,
+                    max_length=50,
+                    num_train=4000,
+                    num_val=64,
+                    num_test=256,
+                ),
+                data_seed=0,
+                dim=32,
+                num_heads=4,
+                num_layers=4,
+                model_seed=0,
+                train=TrainConfig(
+                    lr=1e-2,
+                    warmup_steps=20,
+                    total_steps=200,
+                    batch_size=32,
+                    weight_decay=0.01,
+                    clip_norm=1.0,
+                    progress=False,
+                ),
+            ),
+            lrs=(1e-2, 5e-2),
+            seeds=(0, 1),
+            probe_size=64,
+            probe_every=10,
+            eval_batch_size=128,
+        )
+
+    @classmethod
+    def full(cls) -> StabilizerConfig:
+        """An 8-layer width-128 model on longer sequences, 3000 steps, 3 seeds, learning
+        rates 1e-3 and 1e-2: for a GPU."""
+        base = ListOpsSetup.full()
+        return cls(
+            name="full",
+            setup=dataclasses.replace(
+                base,
+                num_layers=8,
+                train=dataclasses.replace(
+                    base.train,
+                    lr=3e-3,
+                    total_steps=3000,
+                    warmup_steps=200,
+                    checkpoint_every=0,
+                    eval_every=0,
+                    progress=False,
+                ),
+            ),
+            lrs=(1e-3, 1e-2),
+            seeds=(0, 1, 2),
+            probe_size=128,
+            probe_every=50,
+            eval_batch_size=250,
+        )
+
+    @classmethod
+    def smoke(cls) -> StabilizerConfig:
+        """Seconds: the tiny setup, 3 steps, one seed, the baseline and `neither` (for tests;
+        `neither` goes through both ablated code paths, and each arm is a new compilation)."""
+        return cls(
+            name="smoke",
+            setup=ListOpsSetup.smoke(),
+            lrs=(3e-3,),
+            seeds=(0,),
+            arms=(ARMS[0], ARMS[3]),
+            probe_size=8,
+            probe_every=2,
+            eval_batch_size=16,
+            spike_window=2,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Per-layer statistics of the token states
+# ---------------------------------------------------------------------------------------
+
+
+def layer_statistics(us: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Per-layer statistics of saved token states.
+
+    **Arguments:**
+
+    - `us`: states at depths `0, 1, ..., L`, shape `(L + 1, batch, seq, dim)`; `us[0]` is
+      the embedding (the input of the first layer).
+    - `mask`: `(batch, seq)`, `True` on valid tokens.
+
+    **Returns:**
+
+    A dict of `(L + 1,)` arrays over valid tokens: `cos_to_input` (mean cosine of each
+    token's state to its input state), `rel_distance` (`||u_l - u_0|| / ||u_0||` over a
+    sequence's valid tokens, averaged over sequences), `rms` (root mean square of the
+    entries), `max_token_norm`, and `token_uniformity` (mean cosine between the states of
+    two distinct valid tokens of a sequence, averaged over sequences).
+    """
+    eps = jnp.asarray(1e-12, us.dtype)
+    w = mask.astype(us.dtype)  # (batch, seq)
+    num_tokens = jnp.sum(w)
+    norms = jnp.sqrt(jnp.sum(us * us, axis=-1))  # (L+1, batch, seq)
+    u0 = us[0]
+    cos = jnp.sum(us * u0, axis=-1) / (norms * norms[0] + eps)
+    cos_to_input = jnp.sum(cos * w, axis=(1, 2)) / num_tokens
+    diff = jnp.sum(jnp.sum((us - u0) ** 2, axis=-1) * w, axis=-1)  # (L+1, batch)
+    base = jnp.sum(jnp.sum(u0 * u0, axis=-1) * w, axis=-1)  # (batch,)
+    rel_distance = jnp.mean(jnp.sqrt(diff / (base + eps)), axis=1)
+    rms = jnp.sqrt(jnp.sum(norms**2 * w, axis=(1, 2)) / (num_tokens * us.shape[-1]))
+    max_token_norm = jnp.max(jnp.where(mask, norms, 0.0), axis=(1, 2))
+    unit = us / (norms[..., None] + eps)
+    gram = jnp.einsum("lbsd,lbtd->lbst", unit, unit)
+    pairs = w[:, :, None] * w[:, None, :] * (1.0 - jnp.eye(mask.shape[-1], dtype=us.dtype))
+    num_pairs = jnp.sum(pairs, axis=(1, 2))  # (batch,)
+    per_sequence = jnp.sum(gram * pairs, axis=(2, 3)) / jnp.maximum(num_pairs, 1.0)
+    has_pairs = (num_pairs > 0).astype(us.dtype)
+    token_uniformity = jnp.sum(per_sequence * has_pairs, axis=1) / jnp.maximum(
+        jnp.sum(has_pairs), 1.0
+    )
+    return {
+        "cos_to_input": cos_to_input,
+        "rel_distance": rel_distance,
+        "rms": rms,
+        "max_token_norm": max_token_norm,
+        "token_uniformity": token_uniformity,
+    }
+
+
+@eqx.filter_jit
+def _probe(model, tokens, mask, depth):
+    # The encoder's own pieces: embedding, then the depth integrator on its field, saving
+    # the states at every layer boundary (Classifier.__call__ does not take save_at).
+    encoder = model.encoder
+    u0, m = encoder.embed(tokens, mask)
+    num_layers = encoder.field.num_layers
+    sol = depth(encoder.field, u0, m, save_at=tuple(range(num_layers + 1)))
+    return layer_statistics(sol.us, m)
+
+
+def _probe_numpy(model, probe, depth) -> dict[str, list[float]]:
+    stats = jax.device_get(_probe(model, probe.tokens, probe.mask, depth))
+    return {k: [float(x) for x in np.asarray(v)] for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------
+
+
+def count_spikes(losses: list[float], factor: float, window: int) -> int:
+    """Steps whose loss exceeds `factor` times the median of the previous `window` losses."""
+    count = 0
+    for i in range(window, len(losses)):
+        if losses[i] > factor * float(np.median(losses[i - window : i])):
+            count += 1
+    return count
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _max(values: list[float]) -> float:
+    # A non-finite value anywhere makes the maximum infinite (written as null in the JSON).
+    return max(values) if all(map(_finite, values)) else math.inf
+
+
+def _run(arm: Arm, lr: float, seed: int, task, probe, config: StabilizerConfig) -> dict[str, Any]:
+    setup = config.setup
+    train_config = dataclasses.replace(setup.train, lr=lr, seed=seed)
+    model = setup.model(task, seed=seed, **arm.encoder_kwargs())
+    depth = arm.depth()
+    optimizer = make_optimizer(train_config)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    layers_init = _probe_numpy(model, probe, depth)
+    history: dict[str, list] = {"step": [], "loss": [], "accuracy": [], "grad_norm": []}
+    activations: dict[str, list] = {"step": [], "max_rms": [], "max_token_norm": []}
+
+    def record_activations(step: int, model) -> None:
+        stats = _probe_numpy(model, probe, depth)
+        activations["step"].append(step)
+        activations["max_rms"].append(_max(stats["rms"]))
+        activations["max_token_norm"].append(_max(stats["max_token_norm"]))
+
+    non_finite = None
+    total = train_config.total_steps
+    every = max(1, total // 4)
+    t0 = time.perf_counter()
+    data = iterate_forever(
+        task.train,
+        train_config.batch_size,
+        seed=seed,
+        pad_to=int(task.train.tokens.shape[1]),
+    )
+    for step, batch in data:
+        if step >= total:
+            break
+        if step % config.probe_every == 0:
+            record_activations(step, model)
+        new_model, new_opt_state, metrics = train_step(model, opt_state, batch, depth, optimizer)
+        metrics = jax.device_get(metrics)
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Recorded, not raised: this run stops here (its update is discarded), the
+            # experiment goes on with the next run.
+            non_finite = {"step": step, "loss": loss, "grad_norm": grad_norm}
+            _log(
+                f"  {arm.name}, lr {lr:g}, seed {seed}: non-finite loss or gradient at step "
+                f"{step}; this run stops"
+            )
+            break
+        model, opt_state = new_model, new_opt_state
+        history["step"].append(step)
+        history["loss"].append(loss)
+        history["accuracy"].append(float(metrics["accuracy"]))
+        history["grad_norm"].append(grad_norm)
+        if (step + 1) % every == 0:
+            _log(f"  {arm.name}, lr {lr:g}, seed {seed}: step {step + 1}/{total}, loss {loss:.3f}")
+    record_activations(len(history["step"]), model)
+    wall = time.perf_counter() - t0
+    layers_trained = _probe_numpy(model, probe, depth)
+    ev = evaluate(model, task.test, depth, config.eval_batch_size)
+    grad = [g for g in history["grad_norm"] if _finite(g)]
+    act = [a for a in activations["max_rms"] if _finite(a)]
+    act_finite = len(act) == len(activations["max_rms"])
+    return {
+        "seed": seed,
+        "steps_completed": len(history["step"]),
+        "non_finite": non_finite,
+        "non_finite_activations": not act_finite,
+        "loss_spikes": count_spikes(history["loss"], config.spike_factor, config.spike_window),
+        "final_loss": float(np.mean(history["loss"][-10:])) if history["loss"] else None,
+        "max_loss": max(history["loss"]) if history["loss"] else None,
+        "test_accuracy": ev.accuracy,
+        "max_grad_norm": max(grad) if grad else None,
+        "median_grad_norm": float(np.median(grad)) if grad else None,
+        "max_activation_rms": max(act) if act else None,
+        "max_activation_token_norm": max(
+            (a for a in activations["max_token_norm"] if _finite(a)), default=None
+        ),
+        "wall_s": wall,
+        "history": history,
+        "activations": activations,
+        "layers_init": layers_init,
+        "layers_trained": layers_trained,
+    }
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def layer_mean(which: str) -> dict[str, list[float | None]]:
+        return {
+            k: [_mean(col) for col in zip(*(r[which][k] for r in runs), strict=True)]
+            for k in LAYER_STATS
+        }
+
+    return {
+        "runs": len(runs),
+        "non_finite_events": sum(r["non_finite"] is not None for r in runs),
+        "non_finite_activation_runs": sum(r["non_finite_activations"] for r in runs),
+        "loss_spikes": sum(r["loss_spikes"] for r in runs),
+        "final_loss": _mean(r["final_loss"] for r in runs),
+        "max_loss": max((r["max_loss"] or 0.0) for r in runs),
+        "test_accuracy": _mean(r["test_accuracy"] for r in runs),
+        "max_grad_norm": max((r["max_grad_norm"] or 0.0) for r in runs),
+        "median_grad_norm": _mean(r["median_grad_norm"] for r in runs),
+        "max_activation_rms": max((r["max_activation_rms"] or 0.0) for r in runs),
+        "max_activation_token_norm": max((r["max_activation_token_norm"] or 0.0) for r in runs),
+        "layers_init": layer_mean("layers_init"),
+        "layers_trained": layer_mean("layers_trained"),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# The claims
+# ---------------------------------------------------------------------------------------
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+_VERDICTS = ("not held", "partly", "held")
+
+
+def assess_claims(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compare each ablated arm with the baseline (the first arm) at the same learning rate.
+
+    - Drift (paper B: without the residual, "catastrophic representational drift"): two
+      tests. At initialisation, the arm's last-layer cosine to the input is at least 0.3
+      below the baseline's (the states have lost their input); after training, its test
+      accuracy is at least 5 points below the baseline's (the drift is catastrophic).
+      "held" if both, "partly" if one, "not held" if neither.
+    - Explosion (without LayerNorm, "unstable, explosive training dynamics"): "held" if a
+      run met a non-finite loss, gradient or activation, or the largest gradient norm or
+      activation RMS during training is at least 10 times the baseline's; "partly" at 3
+      times, or with more loss spikes than the baseline; "not held" otherwise.
+
+    **Arguments:**
+
+    - `groups`: one entry per arm and learning rate, with `name`, `lr` and `summary`.
+
+    **Returns:**
+
+    `{"baseline", "by_lr": [{"lr", "drift": {arm: ...}, "explosion": {arm: ...}}],
+    "drift_claim": {lr: verdict}, "explosion_claim": {lr: verdict}}` (the last two for the
+    arms `no residual` and `no norm`).
+    """
+    baseline = groups[0]["name"]
+    by_lr = []
+    for lr in dict.fromkeys(g["lr"] for g in groups):
+        at_lr = [g for g in groups if g["lr"] == lr]
+        base = next(g["summary"] for g in at_lr if g["name"] == baseline)
+        entry: dict[str, Any] = {"lr": lr, "drift": {}, "explosion": {}}
+        for g in at_lr:
+            if g["name"] == baseline:
+                continue
+            s = g["summary"]
+            cos = s["layers_init"]["cos_to_input"][-1]
+            cos0 = base["layers_init"]["cos_to_input"][-1]
+            acc, acc0 = s["test_accuracy"], base["test_accuracy"]
+            lost_input = cos is not None and cos0 is not None and cos <= cos0 - 0.3
+            failed = acc is not None and acc0 is not None and acc <= acc0 - 0.05
+            entry["drift"][g["name"]] = {
+                "verdict": _VERDICTS[int(lost_input) + int(failed)],
+                "init_cos_to_input_last": cos,
+                "baseline_init_cos_to_input_last": cos0,
+                "init_token_uniformity_last": s["layers_init"]["token_uniformity"][-1],
+                "baseline_init_token_uniformity_last": base["layers_init"]["token_uniformity"][-1],
+                "trained_cos_to_input_last": s["layers_trained"]["cos_to_input"][-1],
+                "baseline_trained_cos_to_input_last": base["layers_trained"]["cos_to_input"][-1],
+                "test_accuracy": acc,
+                "baseline_test_accuracy": acc0,
+            }
+            grad_ratio = _ratio(s["max_grad_norm"], base["max_grad_norm"])
+            act_ratio = _ratio(s["max_activation_rms"], base["max_activation_rms"])
+            events = s["non_finite_events"] + s["non_finite_activation_runs"]
+            ratios = [r for r in (grad_ratio, act_ratio) if r is not None]
+            if events or any(r >= 10 for r in ratios):
+                verdict = "held"
+            elif any(r >= 3 for r in ratios) or s["loss_spikes"] > base["loss_spikes"]:
+                verdict = "partly"
+            else:
+                verdict = "not held"
+            entry["explosion"][g["name"]] = {
+                "verdict": verdict,
+                "non_finite_events": events,
+                "baseline_non_finite_events": base["non_finite_events"]
+                + base["non_finite_activation_runs"],
+                "max_grad_norm_ratio": grad_ratio,
+                "max_activation_rms_ratio": act_ratio,
+                "max_loss": s["max_loss"],
+                "baseline_max_loss": base["max_loss"],
+                "loss_spikes": s["loss_spikes"],
+                "baseline_loss_spikes": base["loss_spikes"],
+            }
+        by_lr.append(entry)
+
+    def verdicts(kind: str, arm: str) -> dict[str, str]:
+        return {f"{e['lr']:g}": e[kind][arm]["verdict"] for e in by_lr if arm in e[kind]}
+
+    return {
+        "baseline": baseline,
+        "by_lr": by_lr,
+        "drift_claim": verdicts("drift", "no residual"),
+        "explosion_claim": verdicts("explosion", "no norm"),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------
+
+
+def _layer_table(groups, which: str, num_layers: int, with_lr: bool) -> list[str]:
+    lr_col = "lr | " if with_lr else ""
+    lines = [
+        f"| arm | {lr_col}statistic | "
+        + " | ".join(f"l={i}" for i in range(num_layers + 1))
+        + " |",
+        "|---|" + ("---:|" if with_lr else "") + "---|" + "---:|" * (num_layers + 1),
+    ]
+    for g in groups:
+        lr_val = f"{g['lr']:g} | " if with_lr else ""
+        for key in LAYER_STATS:
+            values = " | ".join(fmt(v) for v in g["summary"][which][key])
+            lines.append(f"| {g['name']} | {lr_val}{key} | {values} |")
+    return lines
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    config = results["meta"]["config"]
+    setup = config["setup"]
+    tr = setup["train"]
+    groups = results["arms"]
+    lrs = list(dict.fromkeys(g["lr"] for g in groups))
+    lines = [
+        *header(
+            "Stabilizer ablation: residual connection and LayerNorm (ListOps)", results["meta"]
+        ),
+        f"- data: {results['data']['description']}; {results['data']['num_train']} train / "
+        f"{results['data']['num_test']} test examples; always predicting the most frequent "
+        f"class scores {results['data']['test_majority_fraction']:.3f} on the test split, and "
+        f"a uniform prediction has loss ln(10) = {math.log(10):.3f}",
+        f"- model: dim {setup['dim']}, {setup['num_heads']} heads, {setup['num_layers']} "
+        'layers, pre-LN, sinusoidal positions, mean pooling; "no norm" replaces every norm of '
+        'the field and the final norm by the identity; "no residual" is '
+        "`Discrete(residual=False)` (each half-layer replaces the state)",
+        f"- training: AdamW, peak learning rates {', '.join(f'{lr:g}' for lr in lrs)} (one set "
+        f"of runs each), linear warm-up {tr['warmup_steps']} steps, cosine decay to 0, "
+        f"{tr['total_steps']} steps, batch {tr['batch_size']}, weight decay "
+        f"{tr['weight_decay']:g}, gradients clipped to global norm {tr['clip_norm']:g} (the "
+        f"gradient norms below are before clipping); seeds {config['seeds']} (initialisation "
+        "and data order); a non-finite loss or gradient stops that run and is counted",
+        f"- probes: per-layer statistics on {results['probe_size']} validation sequences at "
+        f"initialisation and after training; activation norms every {config['probe_every']} "
+        f"steps; a loss spike is a step whose loss exceeds {config['spike_factor']:g}x the "
+        f"median of the previous {config['spike_window']}",
+        "",
+        "Wall times are indicative only: the machine is shared with other jobs.",
+        "",
+        "## Training (summed or worst over seeds; losses and accuracies are means)",
+        "",
+        "| arm | lr | runs | non-finite events | loss spikes | max loss | final loss "
+        "| test accuracy | median grad norm | max grad norm | max activation RMS "
+        "| max token norm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g in groups:
+        s = g["summary"]
+        events = s["non_finite_events"] + s["non_finite_activation_runs"]
+        lines.append(
+            f"| {g['name']} | {g['lr']:g} | {s['runs']} | {events} | {s['loss_spikes']} "
+            f"| {fmt(s['max_loss'])} | {fmt(s['final_loss'])} | {fmt(s['test_accuracy'])} "
+            f"| {fmt(s['median_grad_norm'])} | {fmt(s['max_grad_norm'])} "
+            f"| {fmt(s['max_activation_rms'])} | {fmt(s['max_activation_token_norm'])} |"
+        )
+    num_layers = setup["num_layers"]
+    first_lr = [g for g in groups if g["lr"] == lrs[0]]
+    lines += [
+        "",
+        "## Per-layer token states at initialisation (mean over seeds; layer 0 = embedding)",
+        "",
+        *_layer_table(first_lr, "layers_init", num_layers, with_lr=False),
+        "",
+        "## Per-layer token states after training (mean over seeds)",
+        "",
+        *_layer_table(groups, "layers_trained", num_layers, with_lr=True),
+        "",
+        "## Did the paper's claims hold in our runs?",
+        "",
+        "Criteria (ours; paper B gives neither metrics, tasks nor sizes; `assess_claims` in "
+        "`experiments/stabilizers.py`): **drift** — at initialisation the arm's last-layer "
+        "cosine to the input is at least 0.3 below the baseline's, and after training its test "
+        "accuracy is at least 5 points below (held: both; partly: one). **Explosion** — a "
+        "non-finite event, or max gradient norm or activation RMS at least 10x the baseline's "
+        "at the same learning rate (partly: 3x, or more loss spikes).",
+        "",
+    ]
+    for e in results["claims"]["by_lr"]:
+        d = e["drift"].get("no residual")
+        if d is not None:
+            lines.append(
+                f"- lr {e['lr']:g}, **without the residual, representations drift**: "
+                f"**{d['verdict']}**. Last-layer cosine to the input at initialisation "
+                f"{fmt(d['init_cos_to_input_last'])} (baseline "
+                f"{fmt(d['baseline_init_cos_to_input_last'])}), token uniformity "
+                f"{fmt(d['init_token_uniformity_last'])} (baseline "
+                f"{fmt(d['baseline_init_token_uniformity_last'])}); after training cosine "
+                f"{fmt(d['trained_cos_to_input_last'])} (baseline "
+                f"{fmt(d['baseline_trained_cos_to_input_last'])}), test accuracy "
+                f"{fmt(d['test_accuracy'])} (baseline {fmt(d['baseline_test_accuracy'])})."
+            )
+        x = e["explosion"].get("no norm")
+        if x is not None:
+            lines.append(
+                f"- lr {e['lr']:g}, **without LayerNorm, training is explosive**: "
+                f"**{x['verdict']}**. {x['non_finite_events']} non-finite events (baseline "
+                f"{x['baseline_non_finite_events']}); max gradient norm "
+                f"{fmt(x['max_grad_norm_ratio'])}x and max activation RMS "
+                f"{fmt(x['max_activation_rms_ratio'])}x the baseline's; max loss "
+                f"{fmt(x['max_loss'])} (baseline {fmt(x['baseline_max_loss'])}); loss spikes "
+                f"{x['loss_spikes']} (baseline {x['baseline_loss_spikes']})."
+            )
+        dn, xn = e["drift"].get("neither"), e["explosion"].get("neither")
+        if dn is not None and xn is not None:
+            lines.append(
+                f"- lr {e['lr']:g}, neither stabilizer: drift **{dn['verdict']}** (cosine at "
+                f"initialisation {fmt(dn['init_cos_to_input_last'])}, test accuracy "
+                f"{fmt(dn['test_accuracy'])}), explosion **{xn['verdict']}** "
+                f"({xn['non_finite_events']} non-finite events, max gradient norm "
+                f"{fmt(xn['max_grad_norm_ratio'])}x, max activation RMS "
+                f"{fmt(xn['max_activation_rms_ratio'])}x the baseline's)."
+            )
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![loss per arm](loss.png)",
+        "",
+        "![gradient norm per arm](grad_norm.png)",
+        "",
+        "![activation norm during training](activations.png)",
+        "",
+        "![per-layer drift](drift.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plots(results: dict[str, Any], out: Path) -> None:
+    plt = pyplot(_log)
+    if plt is None:
+        return
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = results["arms"]
+    names = list(dict.fromkeys(g["name"] for g in groups))
+    lrs = list(dict.fromkeys(g["lr"] for g in groups))
+    color = {name: colors[i % len(colors)] for i, name in enumerate(names)}
+
+    def per_run(key: str, series: str, path: str, ylabel: str, title: str, log: bool) -> None:
+        fig, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.2), squeeze=False)
+        for ax, lr in zip(axes[0], lrs, strict=True):
+            positive = False
+            for g in (g for g in groups if g["lr"] == lr):
+                for j, run in enumerate(g["runs"]):
+                    h = run[series]
+                    positive |= any(v is not None and v > 0 for v in h[key])
+                    ax.plot(
+                        h["step"],
+                        [np.nan if v is None else v for v in h[key]],
+                        color=color[g["name"]],
+                        lw=1.0,
+                        alpha=0.8,
+                        label=g["name"] if j == 0 else None,
+                    )
+                    if run["non_finite"] is not None:
+                        ax.axvline(run["non_finite"]["step"], color=color[g["name"]], ls=":")
+            if log and positive:
+                ax.set_yscale("log")
+            ax.set_xlabel("training step")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"peak lr {lr:g}")
+            ax.legend(fontsize=8)
+        fig.suptitle(title)
+        save_figure(fig, out / path, _log)
+
+    per_run("loss", "history", "loss.png", "training loss", "Loss (one line per seed)", True)
+    per_run(
+        "grad_norm",
+        "history",
+        "grad_norm.png",
+        "gradient global norm (before clipping)",
+        "Gradient norm (one line per seed)",
+        True,
+    )
+    per_run(
+        "max_rms",
+        "activations",
+        "activations.png",
+        "max over layers of activation RMS",
+        "Activation norm during training (probe batch, one line per seed)",
+        True,
+    )
+
+    panels = (
+        ("cos_to_input", "cosine to input u_0", False),
+        ("rel_distance", "||u_l - u_0|| / ||u_0||", True),
+        ("rms", "activation RMS", True),
+        ("token_uniformity", "token uniformity", False),
+    )
+    fig, axes = plt.subplots(
+        len(panels), len(lrs), figsize=(6 * len(lrs), 3.2 * len(panels)), squeeze=False
+    )
+    for col, lr in enumerate(lrs):
+        for row, (key, label, log) in enumerate(panels):
+            ax = axes[row][col]
+            for g in (g for g in groups if g["lr"] == lr):
+                for which, style in (("layers_init", "--"), ("layers_trained", "-")):
+                    # Missing (non-finite) values, and on a log axis zeros (the distance of
+                    # the input to itself), are not drawn.
+                    values = [
+                        np.nan if v is None or (log and v <= 0) else v
+                        for v in g["summary"][which][key]
+                    ]
+                    ax.plot(
+                        range(len(values)),
+                        values,
+                        ls=style,
+                        marker="o",
+                        ms=3,
+                        color=color[g["name"]],
+                        label=f"{g['name']} ({'init' if which == 'layers_init' else 'trained'})",
+                    )
+            if log:
+                ax.set_yscale("log")
+            ax.set_xlabel("layer l")
+            ax.set_xticks(range(len(values)))
+            ax.set_ylabel(label)
+            ax.set_title(f"peak lr {lr:g}", fontsize=9)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("Per-layer token states, mean over seeds (dashed: init, solid: trained)")
+    save_figure(fig, out / "drift.png", _log)
+
+
+def main(
+    config: StabilizerConfig,
+    out_dir: str | Path = "runs/stabilizers",
+    *,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the ablation and write `results.md`, `results.json` and the plots.
+
+    **Arguments:**
+
+    - `config`: a `StabilizerConfig` (e.g. `StabilizerConfig.quick()`).
+    - `out_dir`: the output directory (created).
+    - `command`: the command line, recorded in the outputs.
+
+    **Returns:**
+
+    The results as written to `results.json`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    info = meta(command or f"stabilizers.main({config.name})", config)
+    _log(f"generating ListOps ({config.name})")
+    task = config.setup.task()
+    probe_size = min(config.probe_size, len(task.val))
+    probe = next(iterate_batches(task.val, probe_size, shuffle=False, drop_remainder=True))
+    groups = []
+    steps = config.setup.train.total_steps
+    for lr in config.lrs:
+        for arm in config.arms:
+            runs = []
+            for seed in config.seeds:
+                _log(f"arm {arm.name!r}, lr {lr:g}, seed {seed}: training {steps} steps")
+                runs.append(_run(arm, lr, seed, task, probe, config))
+            groups.append(
+                {
+                    "name": arm.name,
+                    "residual": arm.residual,
+                    "norm": arm.norm,
+                    "lr": lr,
+                    "summary": _summary(runs),
+                    "runs": runs,
+                }
+            )
+    results = {
+        "meta": info,
+        "data": data_summary(task),
+        "probe_size": probe_size,
+        "arms": groups,
+        "claims": assess_claims(groups),
+    }
+    results["meta"]["wall_s"] = time.perf_counter() - start
+    _plots(results, out)
+    write_results(out, results, _markdown(results), _log)
+    return results
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line: `--quick` (default), `--full` or `--smoke`, and `--out DIR`."""
+    return _cli(
+        argv,
+        script="stabilizers.py",
+        description="Ablate the residual connection and LayerNorm of a small Transformer "
+        "trained on offline ListOps: per-layer drift, activation and gradient norms, loss "
+        "curves and non-finite events, per arm and seed.",
+        configs={
+            "quick": StabilizerConfig.quick,
+            "full": StabilizerConfig.full,
+            "smoke": StabilizerConfig.smoke,
+        },
+        main=main,
+    )
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,156 @@
+"""Every experiment script runs end to end in its smoke mode, through its command line.
+
+The scripts run in this process, one after another, with the same tiny ListOps setup, so
+the jitted training and evaluation steps they share compile once.
+"""
+
+import importlib
+import json
+import math
+import re
+from pathlib import Path
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def experiments(monkeypatch):
+    """Import a script of `experiments/` by name (they import `_common` as a sibling)."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+
+    def load(name: str):
+        return importlib.import_module(name)
+
+    return load
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _run(module, out: Path) -> dict:
+    results = module.cli(["--smoke", "--out", str(out)])
+    assert (out / "results.md").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["meta"]["machine"]["cpu"]
+    assert saved["meta"]["machine"]["jax"] == jax.__version__
+    assert saved["meta"]["command"].endswith(f".py --smoke --out {out}")
+    assert _finite(saved["meta"]["wall_s"])
+    assert saved["meta"]["config"]["name"] == "smoke"
+    assert 0.0 < saved["data"]["test_majority_fraction"] <= 1.0
+    assert json.loads(json.dumps(results, default=str))  # the returned results serialise
+    md = (out / "results.md").read_text()
+    assert f"- command: `{saved['meta']['command']}`" in md
+    return saved
+
+
+def test_compare_solvers_smoke(experiments, tmp_path, capsys):
+    module = experiments("compare_solvers")
+    saved = _run(module, tmp_path)
+    assert (tmp_path / "pareto.png").is_file()
+    rows = {(r["method"], r["rtol"]): r for r in saved["evaluation"]}
+    # Euler with step 1/2 is the discrete model.
+    assert rows[("Euler", None)]["max_abs_logit_diff"] < 1e-5
+    assert rows[("Euler", None)]["mean_nfe"] == rows[("discrete", None)]["mean_nfe"]
+    for r in saved["evaluation"]:
+        assert all(_finite(r[k]) for k in ("accuracy", "mean_nfe", "time_per_batch_s"))
+    assert [r["method"] for r in saved["training_cost"]] == ["discrete"]
+    assert _finite(saved["training"]["final_loss"])
+    assert re.search(r"\| Tsit5 \| PID rtol=0.01 \|", capsys.readouterr().out)
+
+
+def test_tolerance_tradeoff_smoke(experiments, tmp_path):
+    module = experiments("tolerance_tradeoff")
+    saved = _run(module, tmp_path)
+    for name in ("accuracy_vs_rtol.png", "nfe_vs_rtol.png", "logit_error_vs_rtol.png"):
+        assert (tmp_path / name).is_file()
+    models = {m["name"]: m for m in saved["models"]}
+    assert set(models) == {"discrete-trained", "continuous-trained"}
+    config = saved["meta"]["config"]
+    for m in models.values():
+        assert _finite(m["training"]["final_loss"])
+        rows = m["evaluation"]
+        assert sum(r["as_trained"] for r in rows) == 1
+        swept = sorted(r["rtol"] for r in rows if r["rtol"] is not None)
+        assert swept == sorted(config["rtols"] * len(config["solvers"]))
+        for r in rows:
+            for k in ("accuracy", "mean_nfe", "time_per_batch_s", "max_abs_logit_diff"):
+                assert _finite(r[k]), (k, r)
+            assert 0.0 <= r["agreement_with_as_trained"] <= 1.0
+        assert next(r for r in rows if r["as_trained"])["max_abs_logit_diff"] == 0.0
+    # Smoke mode trains the continuous model with Euler at step 1/2: the discrete model.
+    cont = {r["controller"]: r for r in models["continuous-trained"]["evaluation"]}
+    assert cont["constant h=0.5 (as trained)"]["max_abs_logit_diff"] == 0.0
+    assert cont["Transformer (pre-LN)"]["max_abs_logit_diff"] < 1e-5
+
+
+def test_stabilizers_smoke(experiments, tmp_path):
+    module = experiments("stabilizers")
+    saved = _run(module, tmp_path)
+    for name in ("loss.png", "grad_norm.png", "activations.png", "drift.png"):
+        assert (tmp_path / name).is_file()
+    arms = {a["name"]: a for a in saved["arms"]}
+    assert set(arms) == {"residual + norm", "neither"}
+    num_layers = saved["meta"]["config"]["setup"]["num_layers"]
+    for arm in arms.values():
+        s = arm["summary"]
+        assert s["runs"] == len(saved["meta"]["config"]["seeds"])
+        for run in arm["runs"]:
+            assert set(run["history"]) == {"step", "loss", "accuracy", "grad_norm"}
+            assert run["activations"]["step"]
+            for which in ("layers_init", "layers_trained"):
+                for key in module.LAYER_STATS:
+                    assert len(run[which][key]) == num_layers + 1
+    # The baseline's numbers are finite; the input layer is the input.
+    base = arms["residual + norm"]
+    assert base["summary"]["non_finite_events"] == 0
+    for run in base["runs"]:
+        assert all(_finite(x) for x in run["history"]["loss"] + run["history"]["grad_norm"])
+        assert all(_finite(x) for x in run["activations"]["max_rms"])
+        for which in ("layers_init", "layers_trained"):
+            stats = run[which]
+            assert all(_finite(x) for key in module.LAYER_STATS for x in stats[key])
+            assert stats["cos_to_input"][0] == pytest.approx(1.0, abs=1e-5)
+            assert stats["rel_distance"][0] == pytest.approx(0.0, abs=1e-6)
+    claims = saved["claims"]
+    assert claims["baseline"] == "residual + norm"
+    assert [e["lr"] for e in claims["by_lr"]] == saved["meta"]["config"]["lrs"]
+    for e in claims["by_lr"]:
+        assert set(e["drift"]) == set(e["explosion"]) == {"neither"}
+        for kind in ("drift", "explosion"):
+            assert e[kind]["neither"]["verdict"] in ("held", "partly", "not held")
+    assert "## Did the paper's claims hold in our runs?" in (tmp_path / "results.md").read_text()
+
+
+def test_layer_statistics(experiments):
+    """The drift statistics on states whose answers are known; pads are ignored."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    layer_statistics = experiments("stabilizers").layer_statistics
+    rng = np.random.default_rng(0)
+    u0 = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    mask = jnp.asarray([[True] * 5, [True, True, True, False, False]])
+    same = jnp.broadcast_to(u0[:, :1], u0.shape)  # every token equal: rank collapse
+    us = jnp.stack([u0, -u0, 2 * u0, same])
+    # A pad of garbage must not change anything.
+    us = us.at[:, 1, 4].set(1e6)
+    stats = {k: np.asarray(v) for k, v in layer_statistics(us, mask).items()}
+    np.testing.assert_allclose(stats["cos_to_input"][:3], [1.0, -1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(stats["rel_distance"][:3], [0.0, 2.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(stats["rms"][2], 2 * stats["rms"][0], rtol=1e-6)
+    np.testing.assert_allclose(stats["token_uniformity"][3], 1.0, atol=1e-6)
+    assert abs(stats["token_uniformity"][0]) < 0.5
+    valid = np.asarray(u0)[np.asarray(mask)]
+    np.testing.assert_allclose(
+        stats["max_token_norm"][0], np.max(np.linalg.norm(valid, axis=-1)), rtol=1e-6
+    )
+
+
+def test_count_spikes(experiments):
+    count_spikes = experiments("stabilizers").count_spikes
+    assert count_spikes([1.0, 1.0, 1.0, 3.0, 1.0, 2.0], factor=2.0, window=3) == 1
+    assert count_spikes([1.0, 1.0], factor=2.0, window=3) == 0
