@@ -154,3 +154,56 @@ def test_count_spikes(experiments):
     count_spikes = experiments("stabilizers").count_spikes
     assert count_spikes([1.0, 1.0, 1.0, 3.0, 1.0, 2.0], factor=2.0, window=3) == 1
     assert count_spikes([1.0, 1.0], factor=2.0, window=3) == 0
+
+
+def test_lra_placement_smoke(experiments, tmp_path):
+    """The placement study on a tiny dual-input task: baseline plus three points."""
+    module = experiments("lra_placement")
+    results = module.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "placement.png").is_file()
+    assert saved["meta"]["command"].endswith(f"lra_placement.py --smoke --out {tmp_path}")
+    assert saved["arms"] == [
+        "baseline",
+        "after_embedding (multi)",
+        "after_attention (multi)",
+        "between_layers (multi)",
+    ]
+    (task,) = saved["tasks"].values()
+    for arm in saved["arms"]:
+        accs = task["arms"][arm]["accuracy"]
+        assert len(accs) == 1 and 0.0 <= accs[0] <= 1.0
+    rough = task["baseline_diagnostics"]["roughness"]
+    assert set(rough) == set(module.pf.INSERTION_POINTS)
+    assert _finite(task["baseline_diagnostics"]["commutator_layer0"])
+    assert set(results["summary"]["delta_points_vs_baseline"]) == set(saved["arms"][1:])
+    md = (tmp_path / "results.md").read_text()
+    assert "| baseline |" in md and "after_embedding helps most" in md
+
+
+def test_lra_placement_switched_off_layers_are_the_baseline(experiments):
+    """An arm's unused points are exactly the identity: with every point switched off the
+    model is bit for bit the model without diffusion layers (same key, same weights)."""
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    module = experiments("lra_placement")
+    config = module.Config.smoke()
+    task = module.load_task("listops", **config.options["listops"], seed=0)
+    off = module._model(task, config, 0, (1, 2), None)
+    plain = module.pf.Classifier(
+        task.vocab_size,
+        config.dim,
+        config.num_heads,
+        config.num_layers,
+        task.num_classes,
+        key=jr.PRNGKey(0),
+    )
+    tokens = jnp.asarray(task.test.tokens[:4].astype("int32"))
+    mask = jnp.arange(tokens.shape[1])[None, :] < jnp.asarray(task.test.lengths[:4])[:, None]
+    a, _ = off(tokens, mask)
+    b, _ = plain(tokens, mask)
+    assert jnp.array_equal(a, b)
+    on = module._model(task, config, 0, (1, 2), "after_embedding")
+    assert module._coefficient_sum(on, "after_embedding") > 0
+    assert module._coefficient_sum(on, "between_layers") == 0.0
