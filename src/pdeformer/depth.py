@@ -75,13 +75,19 @@ class _Rate(eqx.Module):
 
     field: Field
     ndim: int = eqx.field(static=True)
+    matmul_precision: str | None = eqx.field(static=True, default=None)
 
     def __call__(self, t, u, args):
         mask, anchor = args
         fn = _batched(
             lambda t, v, m: self.field(t, v, m, anchor=anchor), self.ndim, mask is not None
         )
-        return fn(t, u, mask)
+        if self.matmul_precision is None:
+            return fn(t, u, mask)
+        # Set here, in the vector field, so that every trace of it is pinned: the forward
+        # solve, and the backward solve of BacksolveAdjoint, traced after the forward.
+        with jax.default_matmul_precision(self.matmul_precision):
+            return fn(t, u, mask)
 
 
 def _check_state(u0, mask):
@@ -112,6 +118,18 @@ def _check_save_at(save_at, t1: float) -> np.ndarray | None:
             f"got {save_at!r}."
         )
     return ts
+
+
+_MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+
+
+def _check_matmul_precision(precision: str | None) -> str | None:
+    if precision is not None and precision not in _MATMUL_PRECISIONS:
+        raise ValueError(
+            f"matmul_precision must be one of {_MATMUL_PRECISIONS} or None (JAX's default); "
+            f"got {precision!r}. Pass 'highest' for full float32 matmuls in adaptive solves."
+        )
+    return precision
 
 
 class AbstractDepth(eqx.Module):
@@ -369,6 +387,10 @@ class Continuous(AbstractDepth):
     - `max_steps`: the most steps the solver may take.
     - `throw`: raise on failure (default); with `False`, failure is reported in
       `stats.success` and the state is what the solver reached.
+    - `matmul_precision`: the matmul precision inside the vector field, as for
+      `jax.default_matmul_precision` (default `"highest"`: full float32, so that TF32
+      rounding on recent NVIDIA GPUs does not pass for truncation error and inflate an
+      adaptive solver's step count; no effect on CPU); `None` leaves JAX's default.
     """
 
     solver: diffrax.AbstractSolver
@@ -377,6 +399,7 @@ class Continuous(AbstractDepth):
     dt0: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
+    matmul_precision: str | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -387,6 +410,7 @@ class Continuous(AbstractDepth):
         dt0: float | None = None,
         max_steps: int = 4096,
         throw: bool = True,
+        matmul_precision: str | None = "highest",
     ):
         self.solver = diffrax.Tsit5() if solver is None else solver
         controller = (
@@ -411,6 +435,7 @@ class Continuous(AbstractDepth):
         self.dt0 = None if dt0 is None else float(dt0)
         self.max_steps = max_steps
         self.throw = throw
+        self.matmul_precision = _check_matmul_precision(matmul_precision)
 
     def __call__(self, field, u0, mask=None, *, save_at=None):
         _check_state(u0, mask)
@@ -435,7 +460,7 @@ class Continuous(AbstractDepth):
         )
 
     def _adaptive(self, field, u0, mask, ts_save):
-        term = diffrax.ODETerm(_Rate(field, u0.ndim))
+        term = diffrax.ODETerm(_Rate(field, u0.ndim, self.matmul_precision))
         controller = _clip_controller(
             self.controller, jump_ts=field.jump_times(), step_ts=(), dtype=u0.dtype
         )
@@ -539,7 +564,7 @@ class Continuous(AbstractDepth):
                 f"{edges.tolist()}; got {ts_save.tolist()}. Use an adaptive controller to "
                 "save elsewhere."
             )
-        term = diffrax.ODETerm(_Rate(field, u0.ndim))
+        term = diffrax.ODETerm(_Rate(field, u0.ndim, self.matmul_precision))
         dtype = u0.dtype
         starts = jnp.asarray(edges[:-1], dtype)
         # Pieces ending on an inner layer boundary apply the field's between-layer map.

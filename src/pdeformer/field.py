@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Scalar
 
 from .operators import (
@@ -222,6 +223,11 @@ class ParallelBlock(AbstractComposition):
         return ()
 
 
+def _cast(module: eqx.Module, dtype) -> eqx.Module:
+    """`module` with its floating-point arrays cast to `dtype`."""
+    return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, module)
+
+
 def _select_norm(pred, a: AbstractNorm, b: AbstractNorm) -> AbstractNorm:
     arrays_a, static = eqx.partition(a, eqx.is_array)
     arrays_b, _ = eqx.partition(b, eqx.is_array)
@@ -260,6 +266,13 @@ class Field(eqx.Module):
       `diffusion_layer(dim, key=key, dtype=dtype)`; default `DiffusionLayer` (use e.g.
       `functools.partial(DiffusionLayer, dilations=(1, 2, 4, 8))` for the multi-scale
       layer, or `AdaptiveDiffusionLayer`).
+    - `dtype`: the dtype of the weights (and so of the state they are trained with).
+    - `compute_dtype`: mixed precision. `None` (default) computes the rate in the state's
+      dtype; e.g. `jnp.bfloat16` evaluates the blocks (norms, attention, reaction and their
+      diffusion layers) in that dtype, with weights kept in `dtype` and cast on use, norm
+      statistics and softmax taken in float32, and the rate returned in the state's dtype.
+      Depth, the state, the `D Lap(u)` term, the between-layer maps and an adaptive
+      solver's error norm stay in the state's dtype.
 
     Pads (where `mask` is `False`) are frozen: their rate is zero, so they neither move nor
     influence the adaptive solver's error estimate.
@@ -274,6 +287,7 @@ class Field(eqx.Module):
     schedule: AbstractSchedule
     composition: AbstractComposition
     num_layers: int = eqx.field(static=True)
+    compute_dtype: np.dtype | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -292,8 +306,20 @@ class Field(eqx.Module):
         diffusion_at: tuple[str, ...] | str | None = (),
         diffusion_layer: DiffusionFactory = DiffusionLayer,
         dtype=jnp.float32,
+        compute_dtype=None,
     ):
         points = check_points(diffusion_at, FIELD_POINTS)
+        if compute_dtype is not None:
+            try:
+                compute_dtype = np.dtype(compute_dtype)
+            except TypeError:
+                compute_dtype = None
+            if compute_dtype is None or not jnp.issubdtype(compute_dtype, jnp.floating):
+                raise ValueError(
+                    "compute_dtype must be a floating dtype such as jnp.bfloat16 (mixed "
+                    "precision) or None (compute in the state's dtype); got "
+                    f"{compute_dtype!r}."
+                )
         if dim < 1:
             raise ValueError(f"dim must be >= 1; got dim={dim}.")
         if num_layers < 1:
@@ -345,6 +371,7 @@ class Field(eqx.Module):
         self.schedule = schedule
         self.composition = composition
         self.num_layers = num_layers
+        self.compute_dtype = compute_dtype
 
     @property
     def t1(self) -> float:
@@ -429,7 +456,16 @@ class Field(eqx.Module):
         """
         block, traced_phase = self.layer(t, anchor)
         phase = traced_phase if phase is None else float(phase)
-        rate = self.composition.rate(block, phase, u, mask, normalize)
+        if self.compute_dtype is None or self.compute_dtype == u.dtype:
+            rate = self.composition.rate(block, phase, u, mask, normalize)
+        else:
+            # Weights are selected (and interpolated) in their own dtype, then cast; the
+            # rate comes back in the state's dtype, where the solver works.
+            block = _cast(block, self.compute_dtype)
+            rate = self.composition.rate(
+                block, phase, u.astype(self.compute_dtype), mask, normalize
+            )
+            rate = rate.astype(u.dtype)
         if self.diffusion is not None:
             rate = rate + self.diffusion(u, mask)
         if mask is not None:

@@ -441,7 +441,7 @@ class ExponentialContinuous(AbstractDepth):
     - `adjoint`: how to differentiate (default `diffrax.RecursiveCheckpointAdjoint()`;
       `diffrax.BacksolveAdjoint` is not supported).
     - `dt0`: the initial step; default the field's discrete step.
-    - `max_steps`, `throw`: as for `Continuous`.
+    - `max_steps`, `throw`, `matmul_precision`: as for `Continuous`.
 
     **Raises:**
 
@@ -456,6 +456,7 @@ class ExponentialContinuous(AbstractDepth):
     dt0: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
+    matmul_precision: str | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -466,6 +467,7 @@ class ExponentialContinuous(AbstractDepth):
         dt0: float | None = None,
         max_steps: int = 4096,
         throw: bool = True,
+        matmul_precision: str | None = "highest",
     ):
         solver = ExpRK3() if solver is None else solver
         if not isinstance(solver, AbstractExponentialRK):
@@ -476,7 +478,12 @@ class ExponentialContinuous(AbstractDepth):
             )
         # The configuration shared with Continuous is checked by Continuous itself.
         checked = Continuous(
-            controller=controller, adjoint=adjoint, dt0=dt0, max_steps=max_steps, throw=throw
+            controller=controller,
+            adjoint=adjoint,
+            dt0=dt0,
+            max_steps=max_steps,
+            throw=throw,
+            matmul_precision=matmul_precision,
         )
         if not isinstance(checked.controller, diffrax.AbstractAdaptiveStepSizeController):
             raise ValueError(
@@ -495,6 +502,7 @@ class ExponentialContinuous(AbstractDepth):
         self.dt0 = checked.dt0
         self.max_steps = checked.max_steps
         self.throw = checked.throw
+        self.matmul_precision = checked.matmul_precision
 
     def __call__(self, field, u0, mask=None, *, save_at=None):
         _check_state(u0, mask)
@@ -513,7 +521,8 @@ class ExponentialContinuous(AbstractDepth):
         dtype = u0.dtype
         smooth = eqx.tree_at(lambda f: f.diffusion, field, None, is_leaf=lambda x: x is None)
         terms = diffrax.MultiTerm(
-            diffrax.ODETerm(_Rate(smooth, u0.ndim)), DiffusionTerm(field.diffusion, u0, mask)
+            diffrax.ODETerm(_Rate(smooth, u0.ndim, self.matmul_precision)),
+            DiffusionTerm(field.diffusion, u0, mask),
         )
         controller = _clip_controller(
             self.controller,

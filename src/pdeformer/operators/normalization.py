@@ -7,6 +7,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
+def _statistics_dtype(dtype):
+    # Half-precision inputs (mixed precision) take their statistics in float32: a mean of
+    # squares over hundreds of channels loses most of bfloat16's 8 bits.
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
 class AbstractNorm(eqx.Module):
     """A token-wise normalization acting on one sequence `(seq, dim)`."""
 
@@ -36,10 +42,13 @@ class LayerNorm(AbstractNorm):
         self.eps = eps
 
     def __call__(self, u: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
-        mean = jnp.mean(u, axis=-1, keepdims=True)
-        centred = u - mean
+        dtype = _statistics_dtype(u.dtype)
+        x = u.astype(dtype)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        centred = x - mean
         var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-        return centred * jnp.reciprocal(jnp.sqrt(var + self.eps)) * self.weight + self.bias
+        out = centred * jnp.reciprocal(jnp.sqrt(var + self.eps))
+        return (out * self.weight.astype(dtype) + self.bias.astype(dtype)).astype(u.dtype)
 
 
 class RMSNorm(AbstractNorm):
@@ -61,8 +70,12 @@ class RMSNorm(AbstractNorm):
         self.eps = eps
 
     def __call__(self, u: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
-        ms = jnp.mean(u * u, axis=-1, keepdims=True)
-        return u * jnp.reciprocal(jnp.sqrt(ms + self.eps)) * self.weight
+        dtype = _statistics_dtype(u.dtype)
+        x = u.astype(dtype)
+        ms = jnp.mean(x * x, axis=-1, keepdims=True)
+        return (x * jnp.reciprocal(jnp.sqrt(ms + self.eps)) * self.weight.astype(dtype)).astype(
+            u.dtype
+        )
 
 
 class Identity(AbstractNorm):
