@@ -1,0 +1,263 @@
+"""Peak memory of a training step against depth, for each integrator and adjoint.
+
+For every variant the script compiles `value_and_grad` of `mean(u_T**2)` with respect to
+the field's weights (the training step's forward and backward through the depth
+integration) and reads XLA's own memory analysis of the compiled program
+(`compiled.memory_analysis()`): `temp` is the working memory beyond the arguments and
+outputs, what grows with depth when the backward pass stores states. The same program is
+then timed (jitted, warmed up, median of repeats), so each memory figure comes with its
+cost in time. Two sweeps:
+
+- **layers**: depth `L` of the default field (per-layer weights, sequential blocks) under
+  `Discrete()`, fixed-step Euler with step 1/2 (the same function), and adaptive Tsit5,
+  each differentiated by `RecursiveCheckpointAdjoint` (diffrax's default) and by
+  `BacksolveAdjoint`;
+- **max_steps**: an adaptive Tsit5 solve of a fixed field with growing `max_steps` (the
+  solver's step budget, which sizes the checkpointing adjoint's buffers), for
+  `RecursiveCheckpointAdjoint()` (about `log(max_steps)` checkpoints, recomputation in the
+  backward pass), `RecursiveCheckpointAdjoint(checkpoints=max_steps)` (every step stored)
+  and `BacksolveAdjoint` (no stored steps; a backward solve).
+
+XLA's analysis is exact for the compiled program and the same on every backend that
+reports it (CPU and GPU); it is not a measured resident set size.
+
+Usage:
+
+    python experiments/bench_memory.py --json     # one JSON object on stdout
+    python experiments/bench_memory.py            # readable tables, then the JSON
+    python experiments/bench_memory.py --smoke    # seconds: tiny sizes (for tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+import _common
+import pdeformer as pf
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Benchmark settings.
+
+    **Arguments:**
+
+    - `batch`, `seq`, `dim`, `heads`: input and model sizes (FFN width `4 * dim`).
+    - `layers`: depths of the layer sweep.
+    - `max_steps`: step budgets of the `max_steps` sweep (at `fixed_layers` layers).
+    - `fixed_layers`: depth of the field in the `max_steps` sweep.
+    - `rtol`, `atol`: tolerances of the adaptive solves.
+    - `repeats`: timed calls per variant (median reported), after one warm-up call.
+    - `seed`: PRNG seed of weights and inputs.
+    - `variants`: names of the variants to run (see `layer_variants`, `step_variants`);
+      `None`: all.
+    """
+
+    batch: int = 4
+    seq: int = 256
+    dim: int = 64
+    heads: int = 4
+    layers: tuple[int, ...] = (2, 4, 8, 16)
+    max_steps: tuple[int, ...] = (64, 256, 1024, 4096)
+    fixed_layers: int = 4
+    rtol: float = 1e-3
+    atol: float = 1e-5
+    repeats: int = 3
+    seed: int = 0
+    variants: tuple[str, ...] | None = None
+
+
+SMOKE = Config(
+    batch=1,
+    seq=8,
+    dim=8,
+    heads=2,
+    layers=(1,),
+    max_steps=(16,),
+    fixed_layers=1,
+    repeats=1,
+    variants=(
+        "Discrete",
+        "Euler 1/2, RecursiveCheckpoint",
+        "RecursiveCheckpoint (default checkpoints)",
+    ),
+)
+
+
+def _loss(field, u0, depth):
+    return jnp.mean(depth(field, u0).u ** 2)
+
+
+def _measure(config: Config, field, u0, depth) -> dict[str, Any]:
+    """Compile the forward+backward of one variant, read its memory, time it."""
+    # Arrays as arguments (weights, tolerances), the rest closed over: the gradient is
+    # taken with respect to the field's weights only.
+    (params, depth_arrays), static = eqx.partition((field, depth), eqx.is_array)
+
+    @jax.jit
+    def fn(params, depth_arrays, u):
+        def loss(p):
+            f, d = eqx.combine((p, depth_arrays), static)
+            return _loss(f, u, d)
+
+        return jax.value_and_grad(loss)(params)
+
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, depth_arrays, u0).compile()
+    compile_s = time.perf_counter() - t0
+    analysis = compiled.memory_analysis()
+    jax.block_until_ready(compiled(params, depth_arrays, u0))  # warm-up
+    times = []
+    for _ in range(config.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, depth_arrays, u0))
+        times.append(time.perf_counter() - t0)
+    nfe = int(eqx.filter_jit(lambda f, d, u: d(f, u).stats.nfe)(field, depth, u0))
+    return {
+        "temp_mib": analysis.temp_size_in_bytes / 2**20,
+        "argument_mib": analysis.argument_size_in_bytes / 2**20,
+        "output_mib": analysis.output_size_in_bytes / 2**20,
+        "time_ms": 1e3 * statistics.median(times),
+        "compile_s": compile_s,
+        "nfe": nfe,
+    }
+
+
+def _adaptive(config: Config, adjoint, max_steps: int = 4096) -> pf.Continuous:
+    return pf.Continuous(
+        diffrax.Tsit5(),
+        diffrax.PIDController(rtol=config.rtol, atol=config.atol),
+        adjoint,
+        max_steps=max_steps,
+    )
+
+
+def _euler_half(adjoint) -> pf.Continuous:
+    return pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), adjoint, dt0=0.5)
+
+
+def layer_variants(config: Config) -> dict[str, Callable[[], pf.AbstractDepth]]:
+    rc, bs = diffrax.RecursiveCheckpointAdjoint, diffrax.BacksolveAdjoint
+    return {
+        "Discrete": pf.Discrete,
+        "Euler 1/2, RecursiveCheckpoint": lambda: _euler_half(rc()),
+        "Euler 1/2, Backsolve": lambda: _euler_half(bs()),
+        "Tsit5 adaptive, RecursiveCheckpoint": lambda: _adaptive(config, rc()),
+        "Tsit5 adaptive, Backsolve": lambda: _adaptive(config, bs()),
+    }
+
+
+def step_variants(config: Config) -> dict[str, Callable[[int], pf.AbstractDepth]]:
+    rc, bs = diffrax.RecursiveCheckpointAdjoint, diffrax.BacksolveAdjoint
+    return {
+        "RecursiveCheckpoint (default checkpoints)": lambda n: _adaptive(config, rc(), n),
+        "RecursiveCheckpoint (checkpoints=max_steps)": lambda n: _adaptive(
+            config, rc(checkpoints=n), n
+        ),
+        "Backsolve": lambda n: _adaptive(config, bs(), n),
+    }
+
+
+def main(
+    config: Config,
+    log: Callable[[str], None] = lambda s: None,
+    command: str = "python experiments/bench_memory.py",
+) -> dict[str, Any]:
+    key = jr.PRNGKey(config.seed)
+    kf, ku = jr.split(key)
+    u0 = jr.normal(ku, (config.batch, config.seq, config.dim))
+
+    def field(layers: int) -> pf.Field:
+        return pf.Field(config.dim, config.heads, layers, key=kf)
+
+    def chosen(variants: dict[str, Any]) -> dict[str, Any]:
+        if config.variants is None:
+            return variants
+        return {k: v for k, v in variants.items() if k in config.variants}
+
+    layer_rows = []
+    for name, make in chosen(layer_variants(config)).items():
+        for layers in config.layers:
+            row = {"variant": name, "layers": layers, **_measure(config, field(layers), u0, make())}
+            log(
+                f"{name:40s} L={layers:3d} temp {row['temp_mib']:9.1f} MiB {row['time_ms']:8.1f} ms"
+            )
+            layer_rows.append(row)
+    step_rows = []
+    fixed = field(config.fixed_layers)
+    for name, make in chosen(step_variants(config)).items():
+        for n in config.max_steps:
+            row = {"variant": name, "max_steps": n, **_measure(config, fixed, u0, make(n))}
+            log(f"{name:45s} max_steps={n:5d} temp {row['temp_mib']:9.1f} MiB "
+                f"{row['time_ms']:8.1f} ms")  # fmt: skip
+            step_rows.append(row)
+    return {
+        "layers_sweep": layer_rows,
+        "max_steps_sweep": step_rows,
+        "growth": _growth(layer_rows, "layers") | _growth(step_rows, "max_steps"),
+        "config": dataclasses.asdict(config),
+        "machine": _common.machine(),
+        "date": datetime.datetime.now(datetime.UTC).strftime(_common.DATE_FORMAT),
+        "command": command,
+    }
+
+
+def _growth(rows: list[dict[str, Any]], axis: str) -> dict[str, dict[str, float]]:
+    """Per variant: temp memory and time at the largest depth over those at the smallest."""
+    out = {}
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = sorted((r for r in rows if r["variant"] == name), key=lambda r: r[axis])
+        lo, hi = mine[0], mine[-1]
+        out[f"{name} [{axis} {lo[axis]}->{hi[axis]}]"] = {
+            "temp_ratio": hi["temp_mib"] / max(lo["temp_mib"], 1e-9),
+            "time_ratio": hi["time_ms"] / lo["time_ms"],
+        }
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| variant | layers | temp MiB | time ms | NFE |", "|---|---|---|---|---|"]
+    for r in result["layers_sweep"]:
+        lines.append(
+            f"| {r['variant']} | {r['layers']} | {r['temp_mib']:.1f} | {r['time_ms']:.0f} | "
+            f"{r['nfe']} |"
+        )
+    lines += ["", "| variant | max_steps | temp MiB | time ms | NFE |", "|---|---|---|---|---|"]
+    for r in result["max_steps_sweep"]:
+        lines.append(
+            f"| {r['variant']} | {r['max_steps']} | {r['temp_mib']:.1f} | {r['time_ms']:.0f} | "
+            f"{r['nfe']} |"
+        )
+    return "\n".join(lines)
+
+
+def _cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print only one JSON object")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    config = SMOKE if args.smoke else Config()
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
+    result = main(config, log, " ".join(["python", "experiments/bench_memory.py", *argv]))
+    if not args.json:
+        print(markdown(result), file=sys.stderr)
+    print(json.dumps(_common.json_safe(result)))
+
+
+if __name__ == "__main__":
+    _cli()
