@@ -1,7 +1,7 @@
 """Command line: `pdeformer train` and `pdeformer evaluate`.
 
 Names typed on the command line are mapped to objects here, in one place (`SOLVERS`,
-`ADJOINTS`, `diffusion_layer`; insertion points are the names of
+`ADJOINTS`, `diffusion_layer`, `data_parallel`; insertion points are the names of
 `pdeformer.placement.INSERTION_POINTS`); everything below the edge takes objects.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.random as jr
 
 from .data import TASK_NAMES, load_task
@@ -24,7 +25,14 @@ from .depth import AbstractDepth, Continuous, Discrete
 from .models import Classifier, DualClassifier
 from .operators import AdaptiveDiffusionLayer, DiffusionLayer
 from .placement import INSERTION_POINTS
-from .training import TrainConfig, evaluate, load_checkpoint, make_optimizer, train
+from .training import (
+    DataParallel,
+    TrainConfig,
+    evaluate,
+    load_checkpoint,
+    make_optimizer,
+    train,
+)
 
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "euler": diffrax.Euler,
@@ -127,6 +135,59 @@ def _add_depth_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices")
+    g.add_argument(
+        "--devices",
+        default=None,
+        metavar="N|all",
+        help="data-parallel over the first N devices, or all of them (every host's with "
+        "--distributed); the batch size must be a multiple of the count (default: JAX's "
+        "default device only)",
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first: one process per host, each started "
+        "with the same command (coordinator from the options below, JAX_COORDINATOR_ADDRESS "
+        "or the cluster's environment)",
+    )
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index")
+
+
+def data_parallel(devices: str | None) -> DataParallel | None:
+    """The data parallelism named by the command line's `--devices`.
+
+    **Arguments:**
+
+    - `devices`: `None` (the option absent), `"all"`, or a positive device count such as
+      `"4"`.
+
+    **Returns:**
+
+    `None` (JAX's default device) for `None`, `DataParallel()` (every device of
+    `jax.devices()`) for `"all"`, `DataParallel(devices=n)` for a count `n`.
+
+    **Raises:**
+
+    `ValueError` for any other text, or a count JAX's devices cannot provide.
+    """
+    if devices is None:
+        return None
+    if devices.strip().lower() == "all":
+        return DataParallel()
+    try:
+        count = int(devices)
+    except ValueError:
+        raise ValueError(
+            f"--devices expects a device count or 'all'; got {devices!r}. Pass e.g. "
+            "--devices 4 or --devices all."
+        ) from None
+    return DataParallel(devices=count)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdeformer",
@@ -219,6 +280,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "run starts afresh and replaces the directory's log and checkpoints",
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_device_options(tr)
 
     ev = sub.add_parser(
         "evaluate",
@@ -232,6 +294,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     _add_depth_options(ev)
+    _add_device_options(ev)
     return parser
 
 
@@ -302,12 +365,17 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
     )
+    parallel = data_parallel(args.devices)
     task, model = _load(run)
     depth = _depth(args)
     args.out.mkdir(parents=True, exist_ok=True)
     run["train_config"] = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    (args.out / RUN_NAME).write_text(json.dumps(run, indent=2) + "\n")
-    _, history = train(model, task, depth, config, out_dir=args.out, resume=args.resume)
+    run["devices"] = 1 if parallel is None else parallel.num_devices
+    if jax.process_index() == 0:
+        (args.out / RUN_NAME).write_text(json.dumps(run, indent=2) + "\n")
+    _, history = train(
+        model, task, depth, config, out_dir=args.out, resume=args.resume, parallel=parallel
+    )
     last = history[-1] if history else {}
     summary = {k: last.get(k) for k in ("step", "loss", "accuracy", "nfe")}
     print(json.dumps({"out": str(args.out), "steps": len(history), "last": summary}))
@@ -324,7 +392,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     opt_state = make_optimizer(config).init(eqx.filter(model, eqx.is_inexact_array))
     model, _, meta = load_checkpoint(args.run, model, opt_state)
     split = task.val if args.split == "val" else task.test
-    result = evaluate(model, split, _depth(args), args.batch_size)
+    parallel = data_parallel(args.devices)
+    result = evaluate(model, split, _depth(args), args.batch_size, parallel=parallel)
     print(
         json.dumps(
             {
@@ -338,6 +407,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 "wall_time_s": result.wall_time,
                 "time_per_batch_s": result.time_per_batch,
                 "num_examples": result.num_examples,
+                "devices": 1 if parallel is None else parallel.num_devices,
             }
         )
     )
@@ -356,6 +426,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     The exit status.
     """
     args = _build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.distributed:
+        # Before anything touches a device: afterwards jax.devices() lists every host's.
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
     if args.command == "train":
         return _train(args)
     return _evaluate(args)

@@ -2,8 +2,11 @@
 
 The integrator (`Discrete()` or `Continuous(...)`) is an argument of `train_step` and
 `evaluate`, a pytree whose tolerances are arrays, so changing a tolerance does not recompile.
+`DataParallel` splits batches over several devices (and hosts) with `jax.sharding`.
 """
 
+from ._parallel import DataParallel as DataParallel
+from ._parallel import to_host as to_host
 from ._train import CHECKPOINT_NAME as CHECKPOINT_NAME
 from ._train import METRICS_NAME as METRICS_NAME
 from ._train import Evaluation as Evaluation
@@ -20,6 +23,7 @@ from ._train import train_step as train_step
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "DataParallel",
     "METRICS_NAME",
     "Evaluation",
     "NonFiniteLossError",
@@ -30,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "make_optimizer",
     "save_checkpoint",
+    "to_host",
     "train",
     "train_step",
 ]

@@ -22,6 +22,7 @@ import optax
 
 from ..data import Batch, Split, TaskData, iterate_batches, iterate_forever
 from ..depth import AbstractDepth
+from ._parallel import DataParallel, to_host
 
 CHECKPOINT_NAME = "checkpoint.json"
 """The sidecar naming the latest checkpoint in a run directory."""
@@ -278,7 +279,9 @@ def train_step(
         updates, opt_state = optimizer.update(grads, opt_state, params)
     model = eqx.apply_updates(model, updates)
     labels = jnp.asarray(batch.labels)
-    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
+    # argmax is int64 under jax_enable_x64, the labels int32: compare in the labels' dtype.
+    correct = jnp.argmax(logits, axis=-1).astype(labels.dtype) == labels
+    accuracy = jnp.mean(correct.astype(logits.dtype))
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
@@ -316,6 +319,7 @@ def evaluate(
     *,
     pad_to: int | None = None,
     warmup: bool = True,
+    parallel: DataParallel | None = None,
 ) -> Evaluation:
     """Accuracy, mean NFE and wall time of a model on a split under one integrator.
 
@@ -327,6 +331,8 @@ def evaluate(
     - `batch_size`: examples per batch; every batch, the last included, has this size.
     - `pad_to`: padded length (`None`: the split's longest sequence).
     - `warmup`: run the first batch once untimed, so `wall_time` excludes compilation.
+    - `parallel`: a `DataParallel` to split every batch over its devices (the model is
+      replicated on them), or `None` (default): JAX's default device.
 
     **Returns:**
 
@@ -334,21 +340,29 @@ def evaluate(
 
     **Raises:**
 
-    `ValueError` for an empty split or `batch_size < 1`.
+    `ValueError` for an empty split, `batch_size < 1`, or a `batch_size` that `parallel`'s
+    devices do not divide.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
     if len(split) == 0:
         raise ValueError("cannot evaluate on an empty split.")
+    if parallel is not None:
+        parallel.check_batch_size(batch_size)
+        model = parallel.replicate(model)
     pad_to = int(split.tokens.shape[1]) if pad_to is None else pad_to
+
+    def place(batch: Batch) -> Batch:
+        return batch if parallel is None else parallel.shard(batch)
+
     if warmup:
         batch, _ = next(_eval_batches(split, batch_size, pad_to))
-        jax.block_until_ready(_forward(model, _inputs(batch), depth))
+        jax.block_until_ready(_forward(model, _inputs(place(batch)), depth))
     logits_all, nfes, successes = [], [], []
     num_batches = 0
     start = time.perf_counter()
     for batch, n in _eval_batches(split, batch_size, pad_to):
-        logits, nfe, success = jax.device_get(_forward(model, _inputs(batch), depth))
+        logits, nfe, success = to_host(_forward(model, _inputs(place(batch)), depth))
         logits_all.append(np.asarray(logits)[:n])
         nfes.append(int(nfe))
         successes.append(bool(success))
@@ -388,6 +402,13 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
         raise
 
 
+def _gather_nonlocal(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: to_host(x) if isinstance(x, jax.Array) and not x.is_fully_addressable else x,
+        tree,
+    )
+
+
 def save_checkpoint(
     out_dir: str | Path,
     model: eqx.Module,
@@ -400,6 +421,8 @@ def save_checkpoint(
 
     The leaves go to `ckpt-{step}.eqx`; `checkpoint.json` (step, data position, config) is
     replaced last, so it always names a complete file. Older `ckpt-*.eqx` files are removed.
+    Arrays on several devices (a `DataParallel` run) are gathered to the host first; with
+    several processes, call it from one (`train` writes from process 0).
 
     **Arguments:**
 
@@ -416,7 +439,10 @@ def save_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:08d}.eqx"
-    _atomic_write(out / name, lambda f: eqx.tree_serialise_leaves(f, (model, opt_state)))
+    # Arrays spanning other processes' devices cannot be read directly; local ones are saved
+    # as they are (jnp.save keeps bfloat16), so a file does not depend on the device count.
+    leaves = _gather_nonlocal((model, opt_state))
+    _atomic_write(out / name, lambda f: eqx.tree_serialise_leaves(f, leaves))
     meta = {
         "step": step,
         "file": name,
@@ -534,6 +560,7 @@ def train(
     resume: bool = False,
     *,
     callback: Callable[[int, dict[str, Any]], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> tuple[eqx.Module, list[dict[str, Any]]]:
     """Train a model on a task's training split with one integrator in depth.
 
@@ -544,6 +571,14 @@ def train(
     order (`iterate_forever(start_step=...)`); log lines written after that checkpoint are
     dropped. Without a checkpoint, `resume=True` starts afresh; `resume=False` always starts
     afresh, replacing the log and checkpoints in `out_dir`.
+
+    With `parallel=DataParallel(...)` the model and optimiser state are replicated on its
+    devices and every batch is split over them: the same steps, losses and parameters as on
+    one device up to the order of floating-point sums (a continuous solve takes the same
+    steps, the batch being one ODE). Checkpoints are gathered to the host, so a run resumes
+    on any number of devices. With several processes every process calls `train` with the
+    same arguments (the data order is the same everywhere; each feeds its devices' rows),
+    and only process 0 writes to `out_dir`, which must be shared for a resume.
 
     **Arguments:**
 
@@ -556,6 +591,8 @@ def train(
     - `resume`: continue from the checkpoint in `out_dir`.
     - `callback`: called as `callback(step, record)` after each step (e.g. for early
       stopping by raising).
+    - `parallel`: a `DataParallel` for data-parallel training over several devices, or
+      `None` (default): JAX's default device.
 
     **Returns:**
 
@@ -566,13 +603,20 @@ def train(
 
     `NonFiniteLossError` when the loss or gradient norm is not finite; the model of that step
     is discarded and the last checkpoint kept. `ValueError` for a resume with a different
-    config.
+    config, or for a `batch_size` (or `eval_batch_size`) that `parallel`'s devices do not
+    divide.
     """
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    if parallel is not None:
+        parallel.check_batch_size(config.batch_size, "TrainConfig.batch_size")
+        if config.eval_every:
+            parallel.check_batch_size(eval_batch_size, "TrainConfig.eval_batch_size")
+    # With several processes, one writes the log and the checkpoints; every one reads them.
+    writer = jax.process_index() == 0
     optimizer = make_optimizer(config)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     schedule = _schedule(config)
     pad_to = int(task_data.train.tokens.shape[1]) if config.pad_to is None else config.pad_to
-    eval_batch_size = config.eval_batch_size or config.batch_size
     start = 0
     history: list[dict[str, Any]] = []
     out = None if out_dir is None else Path(out_dir)
@@ -588,21 +632,32 @@ def train(
             if log_path.is_file():
                 lines = [json.loads(s) for s in log_path.read_text().splitlines() if s.strip()]
                 history = [r for r in lines if r.get("step", math.inf) < start]
-            kept = "".join(json.dumps(r) + "\n" for r in history)
-            _atomic_write(log_path, lambda f: f.write(kept), mode="w")
-        else:
+            if writer:
+                kept = "".join(json.dumps(r) + "\n" for r in history)
+                _atomic_write(log_path, lambda f: f.write(kept), mode="w")
+        elif writer:
             for old in [*out.glob("ckpt-*.eqx"), out / CHECKPOINT_NAME]:
                 old.unlink(missing_ok=True)
             log_path.write_text("")
-        log = open(log_path, "a")  # noqa: SIM115 (closed in the finally below)
+        if writer:
+            log = open(log_path, "a")  # noqa: SIM115 (closed in the finally below)
+    if parallel is not None:
+        model, opt_state = parallel.replicate((model, opt_state))
 
     def checkpoint(step: int) -> None:
         nonlocal last_checkpoint
         if out is not None:
-            save_checkpoint(out, model, opt_state, step, config, extra={"task": task_data.name})
+            # Every process takes part in gathering; one writes.
+            saved_model, saved_state = _gather_nonlocal((model, opt_state))
+            if writer:
+                save_checkpoint(
+                    out, saved_model, saved_state, step, config, extra={"task": task_data.name}
+                )
             last_checkpoint = step
 
-    progress = _Progress(config.total_steps, start, config.progress and start < config.total_steps)
+    progress = _Progress(
+        config.total_steps, start, writer and config.progress and start < config.total_steps
+    )
     try:
         data = iterate_forever(
             task_data.train,
@@ -616,10 +671,12 @@ def train(
             if step >= config.total_steps:
                 break
             t0 = time.perf_counter()
+            if parallel is not None:
+                batch = parallel.shard(batch)
             new_model, new_opt_state, metrics = train_step(
                 model, opt_state, batch, depth, optimizer
             )
-            metrics = jax.device_get(metrics)
+            metrics = to_host(metrics)
             elapsed = time.perf_counter() - t0
             record: dict[str, Any] = {"step": step}
             for k, v in metrics.items():
@@ -648,7 +705,9 @@ def train(
                 )
             model, opt_state = new_model, new_opt_state
             if config.eval_every and (step + 1) % config.eval_every == 0:
-                ev = evaluate(model, task_data.val, depth, eval_batch_size, warmup=False)
+                ev = evaluate(
+                    model, task_data.val, depth, eval_batch_size, warmup=False, parallel=parallel
+                )
                 record["val_accuracy"] = ev.accuracy
                 record["val_nfe"] = ev.mean_nfe
             history.append(record)
