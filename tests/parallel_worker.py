@@ -4,7 +4,8 @@ JAX fixes its device count when it starts, and the pytest process has started wi
 device; this script is run with `XLA_FLAGS=--xla_force_host_platform_device_count=4` and
 `JAX_PLATFORMS=cpu` and prints one JSON object of measurements, which the tests check. It
 keeps the test configuration: strict dtype promotion, warnings as errors, and beartype on
-the package's jaxtyping annotations. Float64, so one device and four agree to rounding.
+the package's jaxtyping annotations. Float64, so one device and four agree to rounding;
+XLA's optimisations off, as for the docs examples, since compiling dominates.
 """
 
 import dataclasses
@@ -21,6 +22,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# Compiling dominates these tiny runs on a CPU (as in the docs examples).
+jax.config.update("jax_disable_most_optimizations", True)
 
 from jaxtyping import install_import_hook  # noqa: E402
 
