@@ -207,3 +207,38 @@ def test_lra_placement_switched_off_layers_are_the_baseline(experiments):
     on = module._model(task, config, 0, (1, 2), "after_embedding")
     assert module._coefficient_sum(on, "after_embedding") > 0
     assert module._coefficient_sum(on, "between_layers") == 0.0
+
+
+def test_bench_peers_smoke(experiments):
+    """pdeformer against torchdiffeq and torch.nn.TransformerEncoder at tiny sizes: the
+    hand-written PyTorch field and the encoder agree with pdeformer, both solutions are
+    accurate against the float64 reference, and the JSON carries targets and breakdown."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchdiffeq")
+    module = experiments("bench_peers")
+    config, as_json = module._parse(["--smoke", "--json"])
+    assert as_json and config.ode_seq == 16
+    result = json.loads(json.dumps(module.main(config)))
+    assert set(result["passed_targets"]) >= {"pdeformer_vs_torchdiffeq", "discrete_vs_pytorch"}
+    ode = result["pdeformer_vs_torchdiffeq"]
+    assert max(ode["rate_check_max_abs_diff"].values()) < 1e-5
+    (run,) = ode["tolerances"]
+    errors = run["max_abs_error_vs_float64_reference"]
+    assert errors["pdeformer"] < 1e-2 and errors["torchdiffeq"] < 1e-2
+    assert run["counts"]["pdeformer"]["nfe"] > 0 and run["counts"]["torchdiffeq"]["nfe"] > 0
+    assert run["grad_max_rel_diff"] < 1e-2
+    assert run["torchdiffeq_odeint_adjoint"]["tried"]
+    for lib in ("pdeformer", "torchdiffeq"):
+        assert _finite(ode["breakdown"][lib]["bwd_ms_per_nfe"])
+    assert result["discrete_vs_pytorch"]["output_max_abs_diff"] < 1e-4
+    assert all(_finite(v) for v in result["ratios"].values())
+    assert result["threads"]["torch_intra_op"] >= 1
+
+
+def test_bench_peers_names_the_extra_without_torch(experiments, monkeypatch):
+    import sys
+
+    module = experiments("bench_peers")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(SystemExit, match=re.escape('pip install -e ".[peers]"')):
+        module._import_peers()

@@ -1,0 +1,824 @@
+"""pdeformer against its peers: torchdiffeq for the continuous model, PyTorch for the discrete.
+
+Two side-by-side comparisons in one run, forward + backward, float32, equal weights:
+
+1. **`pdeformer_vs_torchdiffeq`**: the library's default field (`PerLayer` weights,
+   `SequentialBlock`: attention on `[l, l + 1/2)` with rate `2 A_l`, the FFN on
+   `[l + 1/2, l + 1)` with rate `2 R_l`) integrated over `[0, L]` with Dopri5 at equal
+   tolerances by `pf.Continuous(diffrax.Dopri5(), diffrax.PIDController(rtol, atol))` and by
+   torchdiffeq's `odeint(..., method="dopri5")` with plain autograd through the solver. The
+   field is piecewise in depth with jumps at every `t = k/2`; both libraries are told them
+   (pdeformer passes them to `diffrax.ClipStepSizeController(jump_ts=...)` itself,
+   torchdiffeq gets `options=dict(jump_t=...)`), so both integrate the same smooth pieces and
+   neither pays for stepping over a discontinuity. torchdiffeq is also given
+   `step_t=[T]`: by default it steps past the end and interpolates back, which at the smoke
+   size gave a 500x larger error (1.2e-2 against 2.2e-5) than ending the last step on `T`
+   as diffrax does. The PyTorch field is written by hand from
+   the pdeformer weights (copied; biases and norm parameters are perturbed away from their
+   initial zeros and ones so that the copy is really checked) and its rate at `t = 0` and
+   `t = 1/2` is checked against pdeformer's before anything is timed. Loss: the sum of the
+   final state; gradients with respect to every weight. Each float32 solution's error is
+   measured against a float64 reference (torchdiffeq's `dopri8` at rtol 1e-10, atol 1e-12,
+   same jumps), so that a faster solve cannot come from a less accurate one. torchdiffeq's
+   `odeint_adjoint` (continuous adjoint, its backward solve also told the jumps) is timed
+   too, as a second PyTorch arm. NFE: pdeformer's exact `stats.nfe`; torchdiffeq: calls of
+   the field's `forward` counted in the module.
+2. **`discrete_vs_pytorch`**: `pf.Discrete()` against `torch.nn.TransformerEncoder`
+   (`norm_first=True`, dropout 0, the tanh-approximated GELU of `jax.nn.gelu`'s default,
+   the same weights copied in), outputs checked equal before timing.
+
+The breakdown of the continuous comparison (`breakdown`) gives, for each library, the
+steps (accepted, rejected), NFE, forward-only time, forward+backward time, and the cost
+per NFE of the forward and of the backward, plus one evaluation of the field alone
+(forward, forward+backward). Repeats of the two libraries are interleaved and medians
+reported; PyTorch is given as many threads as XLA's CPU backend uses (`torch_threads`).
+
+Usage:
+
+    python experiments/bench_peers.py            # readable summary
+    python experiments/bench_peers.py --json     # one JSON object on stdout
+    python experiments/bench_peers.py --smoke    # tiny sizes, seconds (the test)
+
+Needs the `peers` extra: `pip install -e ".[peers]"` (torch and torchdiffeq).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
+TARGETS_GPU = {"pdeformer_vs_torchdiffeq": 0.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark settings.
+
+    **Arguments:**
+
+    - `ode_batch`, `ode_seq`, `ode_dim`, `ode_heads`, `ode_layers`, `ode_hidden`: sizes of the
+      continuous comparison.
+    - `rtol`, `atol`: the tolerances of the headline figure (both libraries).
+    - `rtol2`, `atol2`: a second, tighter tolerance pair (reported, not a target); `None`
+      skips it.
+    - `disc_batch`, `disc_seq`, `disc_dim`, `disc_heads`, `disc_layers`, `disc_hidden`: sizes
+      of the discrete comparison.
+    - `repeats`: timed calls per variant (median reported); `warmup`: untimed calls.
+    - `adjoint_repeats`: timed calls of torchdiffeq's `odeint_adjoint` (0 skips it).
+    - `torch_threads`: PyTorch intra-op threads (`None`: the CPU count, as XLA uses).
+    - `seed`: PRNG seed for weights and inputs.
+    """
+
+    ode_batch: int = 8
+    ode_seq: int = 256
+    ode_dim: int = 64
+    ode_heads: int = 4
+    ode_layers: int = 4
+    ode_hidden: int = 256
+    rtol: float = 1e-3
+    atol: float = 1e-5
+    rtol2: float | None = 1e-5
+    atol2: float | None = 1e-7
+    disc_batch: int = 8
+    disc_seq: int = 512
+    disc_dim: int = 128
+    disc_heads: int = 4
+    disc_layers: int = 4
+    disc_hidden: int = 512
+    repeats: int = 7
+    warmup: int = 1
+    adjoint_repeats: int = 3
+    torch_threads: int | None = None
+    seed: int = 0
+
+
+SMOKE = {
+    "ode_batch": 2,
+    "ode_seq": 16,
+    "ode_dim": 16,
+    "ode_heads": 2,
+    "ode_layers": 2,
+    "ode_hidden": 32,
+    "disc_batch": 2,
+    "disc_seq": 16,
+    "disc_dim": 16,
+    "disc_heads": 2,
+    "disc_layers": 2,
+    "disc_hidden": 32,
+    "repeats": 2,
+    "warmup": 0,
+    "adjoint_repeats": 1,
+    "rtol2": None,
+    "atol2": None,
+}
+
+PEERS_MESSAGE = (
+    "bench_peers.py compares pdeformer with PyTorch and torchdiffeq, which are not installed. "
+    'Install the optional extra: pip install -e ".[peers]"'
+)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _import_peers():
+    try:
+        import torch
+        import torchdiffeq
+    except ImportError as e:
+        raise SystemExit(f"{PEERS_MESSAGE} ({e})") from None
+    return torch, torchdiffeq
+
+
+# ---------------------------------------------------------------------------------------
+# The pdeformer field, with its parameters moved off their initial values.
+# ---------------------------------------------------------------------------------------
+
+
+def _field(dim: int, heads: int, layers: int, hidden: int, seed: int):
+    import equinox as eqx
+    import jax.random as jr
+
+    import pdeformer as pf
+
+    field = pf.Field(dim, heads, layers, key=jr.PRNGKey(seed), hidden=hidden)
+    b = field.blocks
+    # Biases start at 0 and norm scales at 1: perturb them, so that copying them is checked.
+    get = lambda blk: (
+        blk.attention_norm.weight,
+        blk.attention_norm.bias,
+        blk.attention.qkv_bias,
+        blk.attention.out_bias,
+        blk.reaction_norm.weight,
+        blk.reaction_norm.bias,
+        blk.reaction.b1,
+        blk.reaction.b2,
+    )
+    keys = jr.split(jr.PRNGKey(seed + 100), 8)
+    new = tuple(x + 0.1 * jr.normal(k, x.shape, x.dtype) for x, k in zip(get(b), keys, strict=True))
+    return eqx.tree_at(lambda f: f.blocks, field, eqx.tree_at(get, b, new))
+
+
+def _numpy_weights(field) -> list[dict[str, Any]]:
+    """Per layer, the weights as numpy arrays in pdeformer's layout (`x @ W + b`)."""
+    import numpy as np
+
+    b = field.blocks
+    arrays = {
+        "ln1_w": b.attention_norm.weight,
+        "ln1_b": b.attention_norm.bias,
+        "qkv_w": b.attention.qkv_weight,
+        "qkv_b": b.attention.qkv_bias,
+        "out_w": b.attention.out_weight,
+        "out_b": b.attention.out_bias,
+        "ln2_w": b.reaction_norm.weight,
+        "ln2_b": b.reaction_norm.bias,
+        "w1": b.reaction.w1,
+        "b1": b.reaction.b1,
+        "w2": b.reaction.w2,
+        "b2": b.reaction.b2,
+    }
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    return [{k: v[i] for k, v in arrays.items()} for i in range(field.num_layers)]
+
+
+# ---------------------------------------------------------------------------------------
+# The same field written by hand in PyTorch.
+# ---------------------------------------------------------------------------------------
+
+
+def _torch_field_class(torch):
+    nn = torch.nn
+    F = torch.nn.functional
+
+    class TorchLayer(nn.Module):
+        def __init__(self, w: dict, heads: int, dtype):
+            super().__init__()
+            p = lambda a: nn.Parameter(torch.tensor(a, dtype=dtype))
+            self.ln1_w, self.ln1_b = p(w["ln1_w"]), p(w["ln1_b"])
+            self.qkv_w, self.qkv_b = p(w["qkv_w"]), p(w["qkv_b"])
+            self.out_w, self.out_b = p(w["out_w"]), p(w["out_b"])
+            self.ln2_w, self.ln2_b = p(w["ln2_w"]), p(w["ln2_b"])
+            self.w1, self.b1 = p(w["w1"]), p(w["b1"])
+            self.w2, self.b2 = p(w["w2"]), p(w["b2"])
+            self.heads = heads
+
+        def attend(self, u):
+            batch, seq, dim = u.shape
+            h = F.layer_norm(u, (dim,), self.ln1_w, self.ln1_b, eps=1e-5)
+            qkv = (h @ self.qkv_w + self.qkv_b).reshape(batch, seq, 3, self.heads, -1)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+            a = F.scaled_dot_product_attention(q, k, v)
+            return a.transpose(1, 2).reshape(batch, seq, dim) @ self.out_w + self.out_b
+
+        def react(self, u):
+            h = F.layer_norm(u, (u.shape[-1],), self.ln2_w, self.ln2_b, eps=1e-5)
+            return F.gelu(h @ self.w1 + self.b1, approximate="tanh") @ self.w2 + self.b2
+
+    class TorchField(nn.Module):
+        """`du/dt = 2 A_l(N u)` on `[l, l + 1/2)`, `2 R_l(N' u)` on `[l + 1/2, l + 1)`."""
+
+        def __init__(self, weights: list[dict], heads: int, dtype):
+            super().__init__()
+            self.layers = nn.ModuleList(TorchLayer(w, heads, dtype) for w in weights)
+            self.nfe = 0
+            self.steps = 0
+            self.accepted = 0
+            self.rejected = 0
+
+        def reset(self):
+            self.nfe = self.steps = self.accepted = self.rejected = 0
+
+        def forward(self, t, u):
+            self.nfe += 1
+            t = float(t.detach())  # torchdiffeq perturbs t off a jump (nextafter)
+            index = min(max(int(t // 1.0), 0), len(self.layers) - 1)
+            layer = self.layers[index]
+            if t - index < 0.5:
+                return 2 * layer.attend(u)
+            return 2 * layer.react(u)
+
+        # torchdiffeq calls these once per attempted step, and per accepted/rejected one.
+        def callback_step(self, t0, y0, dt):
+            self.steps += 1
+
+        def callback_accept_step(self, t0, y0, dt):
+            self.accepted += 1
+
+        def callback_reject_step(self, t0, y0, dt):
+            self.rejected += 1
+
+    return TorchField
+
+
+# ---------------------------------------------------------------------------------------
+# Timing helpers.
+# ---------------------------------------------------------------------------------------
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, label: str) -> dict[str, list]:
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        _log(
+            f"{label} {r + 1}/{repeats}: "
+            + ", ".join(f"{n} {1e3 * s[-1]:.1f} ms" for n, s in samples.items())
+        )
+    return samples
+
+
+def _median_ms(samples: list[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. pdeformer vs torchdiffeq.
+# ---------------------------------------------------------------------------------------
+
+
+def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
+    import diffrax
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+
+    import pdeformer as pf
+
+    c = config
+    field = _field(c.ode_dim, c.ode_heads, c.ode_layers, c.ode_hidden, c.seed)
+    weights = _numpy_weights(field)
+    TorchField = _torch_field_class(torch)
+    tfield = TorchField(weights, c.ode_heads, torch.float32)
+    jump_ts = list(field.jump_times())
+    t1 = float(field.t1)
+
+    u0 = jr.normal(jr.PRNGKey(c.seed + 1), (c.ode_batch, c.ode_seq, c.ode_dim), jnp.float32)
+    u0_torch = torch.tensor(np.asarray(u0))
+
+    # The two fields agree (float32) on both halves of a layer before anything is timed.
+    rate_check = {}
+    for t in (0.0, 0.5, t1 - 0.25):
+        r_jax = jax.vmap(lambda v, t=t: field(jnp.asarray(t, jnp.float32), v))(u0)
+        with torch.no_grad():
+            r_torch = tfield(torch.tensor(t, dtype=torch.float64), u0_torch).numpy()
+        rate_check[f"t={t:g}"] = float(np.max(np.abs(np.asarray(r_jax) - r_torch)))
+    scale = float(np.max(np.abs(np.asarray(jax.vmap(lambda v: field(jnp.float32(0), v))(u0)))))
+    worst = max(rate_check.values())
+    if worst > 1e-4 * max(1.0, scale):
+        raise RuntimeError(f"the PyTorch field differs from pdeformer's: {rate_check}")
+    _log(f"rates agree: max |diff| {worst:.1e} (rate scale {scale:.2f})")
+
+    # The float64 reference: torchdiffeq's dopri8 at a tight tolerance, same jumps.
+    tfield64 = TorchField(weights, c.ode_heads, torch.float64)
+    t_span = torch.tensor([0.0, t1], dtype=torch.float64)
+    _log("float64 reference (dopri8, rtol 1e-10)")
+    t0_ref = time.perf_counter()
+    with torch.no_grad():
+        ref = torchdiffeq.odeint(
+            tfield64,
+            u0_torch.double(),
+            t_span,
+            method="dopri8",
+            rtol=1e-10,
+            atol=1e-12,
+            options=dict(
+                jump_t=torch.tensor(jump_ts, dtype=torch.float64),
+                step_t=torch.tensor([t1], dtype=torch.float64),
+            ),
+        )[-1].numpy()
+    reference = {
+        "method": "torchdiffeq dopri8, float64, rtol 1e-10, atol 1e-12, jump_t, step_t=[T]",
+        "nfe": tfield64.nfe,
+        "wall_s": time.perf_counter() - t0_ref,
+        "state_max_abs": float(np.max(np.abs(ref))),
+    }
+
+    params, static = eqx.partition(field, eqx.is_array)
+    tparams = list(tfield.parameters())
+    sizes = {
+        "batch": c.ode_batch,
+        "seq": c.ode_seq,
+        "dim": c.ode_dim,
+        "heads": c.ode_heads,
+        "layers": c.ode_layers,
+        "hidden": c.ode_hidden,
+    }
+
+    def one_tolerance(rtol: float, atol: float, repeats: int, adjoint_repeats: int):
+        depth = pf.Continuous(diffrax.Dopri5(), diffrax.PIDController(rtol=rtol, atol=atol))
+
+        def solve(p, u):
+            return depth(eqx.combine(p, static), u)
+
+        def loss(p, u):
+            sol = solve(p, u)
+            return jnp.sum(sol.u), sol
+
+        fwd = jax.jit(solve)
+        grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        options = dict(
+            jump_t=torch.tensor(jump_ts, dtype=torch.float64),
+            step_t=torch.tensor([t1], dtype=torch.float64),
+        )
+
+        def torch_solve(u):
+            return torchdiffeq.odeint(
+                tfield, u, t_span, method="dopri5", rtol=rtol, atol=atol, options=options
+            )[-1]
+
+        def torch_grad():
+            for p in tparams:
+                p.grad = None
+            tfield.reset()
+            out = torch_solve(u0_torch)
+            out.sum().backward()
+            return out
+
+        def torch_fwd():
+            tfield.reset()
+            with torch.no_grad():
+                return torch_solve(u0_torch)
+
+        def torch_adjoint():
+            for p in tparams:
+                p.grad = None
+            tfield.reset()
+            out = torchdiffeq.odeint_adjoint(
+                tfield,
+                u0_torch,
+                t_span,
+                method="dopri5",
+                rtol=rtol,
+                atol=atol,
+                options=options,
+                adjoint_options=options,
+                adjoint_params=tparams,
+            )[-1]
+            out.sum().backward()
+            return out
+
+        _log(f"rtol {rtol:g}: compiling pdeformer")
+        t0 = time.perf_counter()
+        (value, sol), grads = jax.block_until_ready(grad(params, u0))
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(fwd(params, u0))
+        for _ in range(c.warmup):
+            jax.block_until_ready(grad(params, u0))
+            torch_grad()
+
+        # Counts: pdeformer's exact statistics; torchdiffeq's from the module's counters.
+        out_torch = torch_fwd()
+        torch_fwd_counts = {
+            "nfe": tfield.nfe,
+            "steps": tfield.steps,
+            "accepted": tfield.accepted,
+            "rejected": tfield.rejected,
+        }
+        out_torch_grad = torch_grad()
+        torch_nfe_fwd_bwd = tfield.nfe
+        tgrads = {
+            n: p.grad.numpy().copy() for n, p in zip(_torch_names(tfield), tparams, strict=True)
+        }
+
+        samples = _interleaved(
+            {
+                "pdeformer": lambda: jax.block_until_ready(grad(params, u0)),
+                "torchdiffeq": torch_grad,
+            },
+            repeats,
+            f"rtol {rtol:g} fwd+bwd",
+        )
+        fwd_samples = _interleaved(
+            {
+                "pdeformer": lambda: jax.block_until_ready(fwd(params, u0)),
+                "torchdiffeq": torch_fwd,
+            },
+            max(1, repeats // 2 + 1),
+            f"rtol {rtol:g} fwd",
+        )
+        adjoint = None
+        if adjoint_repeats > 0:
+            torch_adjoint()
+            s = _interleaved({"torchdiffeq_adjoint": torch_adjoint}, adjoint_repeats, "adjoint")
+            adjoint = {
+                "tried": True,
+                "fwd_bwd_ms": _median_ms(s["torchdiffeq_adjoint"]),
+                "nfe_fwd_bwd": tfield.nfe,
+            }
+        st = sol.stats
+        u_jax = np.asarray(sol.u)
+        u_torch = out_torch.numpy()
+        jax_grads = _grads_as_torch_names(grads)
+        grad_rel = max(
+            float(np.max(np.abs(jax_grads[n] - tgrads[n])) / (np.max(np.abs(tgrads[n])) + 1e-30))
+            for n in tgrads
+        )
+        times = {
+            "pdeformer_fwd_bwd_ms": _median_ms(samples["pdeformer"]),
+            "torchdiffeq_fwd_bwd_ms": _median_ms(samples["torchdiffeq"]),
+            "pdeformer_fwd_ms": _median_ms(fwd_samples["pdeformer"]),
+            "torchdiffeq_fwd_ms": _median_ms(fwd_samples["torchdiffeq"]),
+        }
+        counts = {
+            "pdeformer": {
+                "nfe": int(st.nfe),
+                "steps": int(st.num_steps),
+                "accepted": int(st.num_accepted_steps),
+                "rejected": int(st.num_rejected_steps),
+            },
+            "torchdiffeq": torch_fwd_counts,
+        }
+        return {
+            "rtol": rtol,
+            "atol": atol,
+            "ratio": times["pdeformer_fwd_bwd_ms"] / times["torchdiffeq_fwd_bwd_ms"],
+            "times_ms": times,
+            "times_ms_min": {k: 1e3 * min(v) for k, v in samples.items()},
+            "counts": counts,
+            "torchdiffeq_nfe_fwd_bwd": torch_nfe_fwd_bwd,
+            "max_abs_error_vs_float64_reference": {
+                "pdeformer": float(np.max(np.abs(u_jax - ref))),
+                "torchdiffeq": float(np.max(np.abs(u_torch - ref))),
+            },
+            "pdeformer_vs_torchdiffeq_state_max_abs_diff": float(np.max(np.abs(u_jax - u_torch))),
+            "loss": {
+                "pdeformer": float(value),
+                "torchdiffeq": float(out_torch_grad.detach().sum()),
+            },
+            "grad_max_rel_diff": grad_rel,
+            "pdeformer_compile_s": compile_s,
+            "torchdiffeq_odeint_adjoint": adjoint or {"tried": False},
+        }
+
+    runs = [one_tolerance(c.rtol, c.atol, c.repeats, c.adjoint_repeats)]
+    if c.rtol2 is not None and c.atol2 is not None:
+        runs.append(one_tolerance(c.rtol2, c.atol2, max(2, c.repeats // 2), 0))
+
+    # One evaluation of the field alone: forward, and forward+backward (vjp of the sum).
+    # t is an argument, as in the solver: the composition's branch is a traced lax.cond.
+    rate = lambda p, t, u: jax.vmap(lambda v: eqx.combine(p, static)(t, v))(u)
+    rate_fwd = jax.jit(rate)
+    rate_grad = jax.jit(jax.grad(lambda p, t, u: jnp.sum(rate(p, t, u))))
+    t_attn = jnp.asarray(0.25, jnp.float32)
+    jax.block_until_ready(rate_fwd(params, t_attn, u0))
+    jax.block_until_ready(rate_grad(params, t_attn, u0))
+    t_q = torch.tensor(0.25, dtype=torch.float64)
+
+    def torch_rate_grad():
+        for p in tparams:
+            p.grad = None
+        tfield(t_q, u0_torch).sum().backward()
+
+    def torch_rate_fwd():
+        with torch.no_grad():
+            tfield(t_q, u0_torch)
+
+    n_inner = 5
+    field_samples = _interleaved(
+        {
+            "pdeformer_fwd": lambda: [
+                jax.block_until_ready(rate_fwd(params, t_attn, u0)) for _ in range(n_inner)
+            ],
+            "torch_fwd": lambda: [torch_rate_fwd() for _ in range(n_inner)],
+            "pdeformer_fwd_bwd": lambda: [
+                jax.block_until_ready(rate_grad(params, t_attn, u0)) for _ in range(n_inner)
+            ],
+            "torch_fwd_bwd": lambda: [torch_rate_grad() for _ in range(n_inner)],
+        },
+        max(2, c.repeats // 2),
+        "attention rate alone",
+    )
+    field_ms = {k: _median_ms(v) / n_inner for k, v in field_samples.items()}
+
+    head = runs[0]
+    breakdown = {}
+    for lib, key in (("pdeformer", "pdeformer"), ("torchdiffeq", "torchdiffeq")):
+        nfe = head["counts"][lib]["nfe"]
+        f = head["times_ms"][f"{key}_fwd_ms"]
+        fb = head["times_ms"][f"{key}_fwd_bwd_ms"]
+        breakdown[lib] = {
+            **head["counts"][lib],
+            "fwd_ms": f,
+            "fwd_bwd_ms": fb,
+            "bwd_ms": fb - f,
+            "fwd_ms_per_nfe": f / nfe,
+            "bwd_ms_per_nfe": (fb - f) / nfe,
+            "bwd_over_fwd": (fb - f) / f,
+        }
+    breakdown["one_attention_evaluation_ms"] = {
+        "pdeformer_fwd": field_ms["pdeformer_fwd"],
+        "pdeformer_fwd_bwd": field_ms["pdeformer_fwd_bwd"],
+        "torch_fwd": field_ms["torch_fwd"],
+        "torch_fwd_bwd": field_ms["torch_fwd_bwd"],
+    }
+    return {
+        "field": "pf.Field defaults: PerLayer weights, SequentialBlock (jumps at t = k/2, told "
+        "to both solvers: ClipStepSizeController(jump_ts) / options=dict(jump_t=..., "
+        "step_t=[T]))",
+        "sizes": sizes,
+        "jump_ts": jump_ts,
+        "solver": "Dopri5 / dopri5; pdeformer: pf.Continuous(diffrax.Dopri5(), "
+        "diffrax.PIDController(rtol, atol)) with its defaults; torchdiffeq: odeint with "
+        "autograd through the solver",
+        "loss": "sum of the final state",
+        "rate_check_max_abs_diff": rate_check,
+        "reference": reference,
+        "tolerances": runs,
+        "breakdown": breakdown,
+    }
+
+
+def _torch_names(tfield) -> list[str]:
+    return [n for n, _ in tfield.named_parameters()]
+
+
+def _grads_as_torch_names(grads) -> dict[str, Any]:
+    """pdeformer's stacked gradients keyed like the PyTorch field's parameters."""
+    import numpy as np
+
+    out = {}
+    for i, w in enumerate(_numpy_weights(grads)):
+        for k, v in w.items():
+            out[f"layers.{i}.{k}"] = np.asarray(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Discrete mode vs torch.nn.TransformerEncoder.
+# ---------------------------------------------------------------------------------------
+
+
+def _discrete(config: BenchConfig, torch) -> dict[str, Any]:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+
+    import pdeformer as pf
+
+    c = config
+    field = _field(c.disc_dim, c.disc_heads, c.disc_layers, c.disc_hidden, c.seed)
+    weights = _numpy_weights(field)
+    gelu_tanh = functools.partial(torch.nn.functional.gelu, approximate="tanh")
+    layer = torch.nn.TransformerEncoderLayer(
+        c.disc_dim,
+        c.disc_heads,
+        dim_feedforward=c.disc_hidden,
+        dropout=0.0,
+        activation=gelu_tanh,
+        layer_norm_eps=1e-5,
+        batch_first=True,
+        norm_first=True,
+    )
+    encoder = torch.nn.TransformerEncoder(layer, c.disc_layers, enable_nested_tensor=False).float()
+    with torch.no_grad():
+        for mod, w in zip(encoder.layers, weights, strict=True):
+            t = lambda a: torch.tensor(np.ascontiguousarray(a))
+            mod.norm1.weight.copy_(t(w["ln1_w"]))
+            mod.norm1.bias.copy_(t(w["ln1_b"]))
+            mod.self_attn.in_proj_weight.copy_(t(w["qkv_w"].T))
+            mod.self_attn.in_proj_bias.copy_(t(w["qkv_b"]))
+            mod.self_attn.out_proj.weight.copy_(t(w["out_w"].T))
+            mod.self_attn.out_proj.bias.copy_(t(w["out_b"]))
+            mod.norm2.weight.copy_(t(w["ln2_w"]))
+            mod.norm2.bias.copy_(t(w["ln2_b"]))
+            mod.linear1.weight.copy_(t(w["w1"].T))
+            mod.linear1.bias.copy_(t(w["b1"]))
+            mod.linear2.weight.copy_(t(w["w2"].T))
+            mod.linear2.bias.copy_(t(w["b2"]))
+    encoder.train()  # training mode: the autograd path (dropout is 0)
+
+    u0 = jr.normal(jr.PRNGKey(c.seed + 2), (c.disc_batch, c.disc_seq, c.disc_dim), jnp.float32)
+    u0_torch = torch.tensor(np.asarray(u0))
+    params, static = eqx.partition(field, eqx.is_array)
+    depth = pf.Discrete()
+
+    def loss(p, u):
+        return jnp.sum(depth(eqx.combine(p, static), u).u)
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    fwd = jax.jit(lambda p, u: depth(eqx.combine(p, static), u).u)
+    tparams = list(encoder.parameters())
+
+    def torch_grad():
+        for p in tparams:
+            p.grad = None
+        encoder(u0_torch).sum().backward()
+
+    out_jax = np.asarray(fwd(params, u0))
+    with torch.no_grad():
+        out_torch = encoder(u0_torch).numpy()
+    diff = float(np.max(np.abs(out_jax - out_torch)))
+    out_scale = float(np.max(np.abs(out_torch)))
+    if diff > 1e-4 * max(1.0, out_scale):
+        raise RuntimeError(f"nn.TransformerEncoder differs from pf.Discrete: max |diff| {diff}")
+    _log(f"discrete outputs agree: max |diff| {diff:.1e} (scale {out_scale:.1f})")
+    t0 = time.perf_counter()
+    jax.block_until_ready(grad(params, u0))
+    compile_s = time.perf_counter() - t0
+    for _ in range(c.warmup):
+        jax.block_until_ready(grad(params, u0))
+        torch_grad()
+    samples = _interleaved(
+        {"pdeformer": lambda: jax.block_until_ready(grad(params, u0)), "pytorch": torch_grad},
+        c.repeats,
+        "discrete fwd+bwd",
+    )
+    times = {k: _median_ms(v) for k, v in samples.items()}
+    return {
+        "reference": "torch.nn.TransformerEncoder(TransformerEncoderLayer(norm_first=True, "
+        "dropout=0, activation=gelu(approximate='tanh'), batch_first=True))",
+        "activation_note": "pdeformer's Reaction uses jax.nn.gelu, whose default is the tanh "
+        "approximation; PyTorch's 'gelu' is exact, so the tanh form is passed explicitly",
+        "sizes": {
+            "batch": c.disc_batch,
+            "seq": c.disc_seq,
+            "dim": c.disc_dim,
+            "heads": c.disc_heads,
+            "layers": c.disc_layers,
+            "hidden": c.disc_hidden,
+        },
+        "loss": "sum of the output",
+        "output_max_abs_diff": diff,
+        "ratio": times["pdeformer"] / times["pytorch"],
+        "times_ms": times,
+        "times_ms_min": {k: 1e3 * min(v) for k, v in samples.items()},
+        "pdeformer_compile_s": compile_s,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Main.
+# ---------------------------------------------------------------------------------------
+
+
+def _machine(torch, torchdiffeq) -> dict[str, Any]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import machine
+
+    m = machine()
+    m.update(
+        {
+            "torch": torch.__version__,
+            "torchdiffeq": getattr(torchdiffeq, "__version__", "unknown"),
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+        }
+    )
+    return m
+
+
+def main(config: BenchConfig) -> dict[str, Any]:
+    """Run both comparisons.
+
+    **Arguments:**
+
+    - `config`: benchmark settings.
+
+    **Returns:**
+
+    A JSON-serialisable dict with `ratios`, `targets`, `passed_targets`,
+    `pdeformer_vs_torchdiffeq` (times, NFE, steps, errors against the float64 reference,
+    the breakdown), `discrete_vs_pytorch`, `machine`, `date`, `command`, `config`.
+    """
+    torch, torchdiffeq = _import_peers()
+    import jax
+
+    threads = config.torch_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process (e.g. the test suite's second run)
+        pass
+    t_start = time.perf_counter()
+    ode = _continuous(config, torch, torchdiffeq)
+    disc = _discrete(config, torch)
+    ratios = {
+        "pdeformer_vs_torchdiffeq": ode["tolerances"][0]["ratio"],
+        "discrete_vs_pytorch": disc["ratio"],
+    }
+    on_gpu = jax.devices()[0].platform == "gpu"
+    targets = {**TARGETS, **(TARGETS_GPU if on_gpu else {})}
+    return {
+        "ratios": ratios,
+        "targets": targets,
+        "passed_targets": {k: bool(ratios[k] <= targets[k]) for k in targets},
+        "pdeformer_vs_torchdiffeq": ode,
+        "discrete_vs_pytorch": disc,
+        "threads": {
+            "torch_intra_op": torch.get_num_threads(),
+            "xla_cpu": os.cpu_count(),
+            "note": "XLA's CPU backend uses every core; PyTorch is given as many threads",
+        },
+        "config": dataclasses.asdict(config),
+        "machine": _machine(torch, torchdiffeq),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    ode, disc = result["pdeformer_vs_torchdiffeq"], result["discrete_vs_pytorch"]
+    m = result["machine"]
+    print(f"machine: {m['cpu']} ({m['cpu_count']} cpus), jax {m['jax']}, torch {m['torch']}")
+    print(f"date: {result['date']}   command: {result['command']}")
+    for run in ode["tolerances"]:
+        t, n, e = run["times_ms"], run["counts"], run["max_abs_error_vs_float64_reference"]
+        print(
+            f"dopri5 rtol {run['rtol']:g} atol {run['atol']:g}: pdeformer "
+            f"{t['pdeformer_fwd_bwd_ms']:.0f} ms (NFE {n['pdeformer']['nfe']}, error "
+            f"{e['pdeformer']:.1e}), torchdiffeq {t['torchdiffeq_fwd_bwd_ms']:.0f} ms (NFE "
+            f"{n['torchdiffeq']['nfe']}, error {e['torchdiffeq']:.1e}), ratio {run['ratio']:.2f}"
+        )
+    print(
+        f"discrete: pdeformer {disc['times_ms']['pdeformer']:.0f} ms, PyTorch "
+        f"{disc['times_ms']['pytorch']:.0f} ms, ratio {disc['ratio']:.2f}"
+    )
+    print(json.dumps(ode["breakdown"], indent=1))
+    for k, v in result["ratios"].items():
+        ok = "yes" if result["passed_targets"].get(k, True) else "NO"
+        print(f"{k}: {v:.3f} (target <= {result['targets'][k]}) {ok}")
+
+
+def _parse(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--smoke", action="store_true", help=f"tiny sizes: {SMOKE} unless given")
+    for f in dataclasses.fields(BenchConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        kind = float if f.name in ("rtol", "atol", "rtol2", "atol2") else int
+        p.add_argument(flag, type=kind, default=None)
+    args = p.parse_args(argv)
+    values = {f.name: f.default for f in dataclasses.fields(BenchConfig)}
+    if args.smoke:
+        values.update(SMOKE)
+    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
+    return BenchConfig(**values), args.json
+
+
+if __name__ == "__main__":
+    cfg, as_json = _parse()
+    result = main(cfg)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        _print_summary(result)
