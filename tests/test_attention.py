@@ -1,0 +1,159 @@
+"""The attention implementations against plain softmax attention; the default choice."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import pdeformer as pf
+from helpers import tree_allclose
+from pdeformer.operators.attention import attention, choose_implementation
+
+SEQ, HEADS, HEAD_DIM = 13, 2, 4
+
+
+def _plain_attention(q, k, v, mask):
+    """Softmax attention written out per head, pads at -inf (rows need one valid key)."""
+    outs = []
+    for n in range(q.shape[1]):
+        logits = q[:, n] @ k[:, n].T / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+        if mask is not None:
+            logits = jnp.where(mask[None, :], logits, -jnp.inf)
+        p = jnp.exp(logits - logits.max(-1, keepdims=True))
+        outs.append((p / p.sum(-1, keepdims=True)) @ v[:, n])
+    return jnp.stack(outs, axis=1)
+
+
+def _inputs(key, dtype, mask_kind):
+    kq, kk, kv, kg, km = jr.split(key, 5)
+    shape = (SEQ, HEADS, HEAD_DIM)
+    q, k, v, g = (2.0 * jr.normal(x, shape, dtype) for x in (kq, kk, kv, kg))
+    if mask_kind is None:
+        mask = None
+    elif mask_kind == "prefix":
+        mask = jnp.arange(SEQ) < 9
+    else:  # scattered, with at least one valid key
+        mask = jr.bernoulli(km, 0.5, (SEQ,)).at[3].set(True)
+    return q, k, v, g, mask
+
+
+def _value_and_vjp(fn, q, k, v, g, mask):
+    out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+    return out, pullback(g)
+
+
+IMPLEMENTATIONS = [
+    ("blockwise", 1),
+    ("blockwise", 4),  # does not divide SEQ: the last block is padded
+    ("blockwise", 13),  # one block
+    ("blockwise", 64),
+    ("einsum", 128),
+    ("xla", 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("mask_kind", [None, "prefix", "scattered"])
+@pytest.mark.parametrize("implementation,block_size", IMPLEMENTATIONS)
+def test_values_and_gradients_equal_plain_attention(
+    getkey, dtype, mask_kind, implementation, block_size
+):
+    with jax.enable_x64(dtype == jnp.float64):
+        q, k, v, g, mask = _inputs(getkey(), dtype, mask_kind)
+
+        def fn(q, k, v, mask):
+            return attention(q, k, v, mask, implementation=implementation, block_size=block_size)
+
+        out, grads = _value_and_vjp(fn, q, k, v, g, mask)
+        ref_out, ref_grads = _value_and_vjp(_plain_attention, q, k, v, g, mask)
+        assert out.dtype == dtype and all(x.dtype == dtype for x in grads)
+        assert tree_allclose(out, ref_out)
+        assert tree_allclose(grads, ref_grads)
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "einsum", "xla"])
+def test_padded_keys_get_no_weight(getkey, implementation):
+    with jax.enable_x64(True):
+        q, k, v, _, mask = _inputs(getkey(), jnp.float64, "scattered")
+        noise_k, noise_v = (jr.normal(getkey(), k.shape, k.dtype) for _ in range(2))
+        pads = ~mask[:, None, None]
+        k2, v2 = jnp.where(pads, 1e3 * noise_k, k), jnp.where(pads, noise_v, v)
+        fn = lambda k, v: attention(q, k, v, mask, implementation=implementation, block_size=4)
+        np.testing.assert_array_equal(fn(k, v), fn(k2, v2))
+        # ... and receive zero gradient.
+        _, pullback = jax.vjp(fn, k, v)
+        dk, dv = pullback(jnp.ones_like(q))
+        assert np.all(np.asarray(dk)[~np.asarray(mask)] == 0)
+        assert np.all(np.asarray(dv)[~np.asarray(mask)] == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("implementation", ["blockwise", "einsum", "xla"])
+def test_all_keys_padded_gives_uniform_weights_not_nan(getkey, dtype, implementation):
+    # What jax.nn.dot_product_attention (the previous float32 path) returns: a finite mask
+    # value, so every weight is equal.
+    with jax.enable_x64(dtype == jnp.float64):
+        q, k, v, g, _ = _inputs(getkey(), dtype, None)
+        mask = jnp.zeros((SEQ,), bool)
+        fn = lambda q, k, v: attention(q, k, v, mask, implementation=implementation, block_size=5)
+        out, pullback = jax.vjp(fn, q, k, v)
+        grads = pullback(g)
+        assert all(np.all(np.isfinite(x)) for x in (out, *grads))
+        expected = jnp.broadcast_to(v.mean(axis=0), out.shape)
+        assert tree_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "platform,dtype,seq,head_dim,masked,expected",
+    [
+        ("gpu", jnp.bfloat16, 512, 32, False, "cudnn"),
+        ("cuda", jnp.float16, 512, 64, True, "cudnn"),
+        ("gpu", jnp.bfloat16, 512, 128, True, "cudnn"),
+        ("gpu", jnp.bfloat16, 511, 32, True, "xla"),  # masked: cuDNN needs an even length
+        ("gpu", jnp.bfloat16, 511, 32, False, "cudnn"),
+        ("gpu", jnp.bfloat16, 512, 12, False, "xla"),  # head dim not a multiple of 8
+        ("gpu", jnp.bfloat16, 512, 256, False, "xla"),  # above 128
+        ("gpu", jnp.float32, 512, 32, False, "xla"),
+        ("gpu", jnp.float64, 512, 32, True, "einsum"),
+        ("cpu", jnp.float32, 512, 32, True, "blockwise"),
+        ("cpu", jnp.float64, 7, 3, False, "blockwise"),
+        ("cpu", jnp.bfloat16, 512, 32, False, "xla"),
+        ("cpu", jnp.float16, 512, 32, False, "xla"),
+        ("rocm", jnp.bfloat16, 512, 32, False, "xla"),
+        ("tpu", jnp.float32, 512, 32, False, "xla"),
+        ("tpu", jnp.float64, 512, 32, False, "einsum"),
+    ],
+)
+def test_choose_implementation(platform, dtype, seq, head_dim, masked, expected):
+    assert choose_implementation(platform, dtype, seq, head_dim, masked) == expected
+
+
+def test_default_on_this_machine_is_chosen_by_platform(getkey):
+    q, k, v, g, mask = _inputs(getkey(), jnp.float32, "prefix")
+    chosen = choose_implementation(jax.default_backend(), q.dtype, SEQ, HEAD_DIM, True)
+    default = attention(q, k, v, mask)
+    np.testing.assert_array_equal(default, attention(q, k, v, mask, implementation=chosen))
+
+
+def test_module_default_matches_xla(getkey):
+    attn_default = pf.MultiHeadAttention(8, 2, key=jr.PRNGKey(0))
+    attn_xla = pf.MultiHeadAttention(8, 2, key=jr.PRNGKey(0), implementation="xla")
+    u = jr.normal(getkey(), (SEQ, 8))
+    mask = jnp.arange(SEQ) < 10
+    assert tree_allclose(attn_default(u, mask), attn_xla(u, mask))
+
+
+@pytest.mark.parametrize("bad", ["flash", "XLA", "cudnn "])
+def test_unknown_implementation_is_refused(bad):
+    match = f"Unknown attention implementation '{bad}'. Pass one of 'xla', 'cudnn'"
+    with pytest.raises(ValueError, match=match):
+        pf.MultiHeadAttention(8, 2, key=jr.PRNGKey(0), implementation=bad)
+    q = jnp.zeros((SEQ, HEADS, HEAD_DIM))
+    with pytest.raises(ValueError, match=match):
+        attention(q, q, q, implementation=bad)
+
+
+def test_block_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="needs block_size >= 1; got 0"):
+        pf.MultiHeadAttention(8, 2, key=jr.PRNGKey(0), block_size=0)
