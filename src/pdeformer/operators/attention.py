@@ -91,6 +91,32 @@ def _dense_init(key: PRNGKeyArray, fan_in: int, shape: tuple[int, ...], dtype) -
     return jr.uniform(key, shape, dtype, -lim, lim)
 
 
+@jax.custom_vjp
+def _matmul(x, w):
+    """`x @ w` whose backward pass reads both products row-major.
+
+    Autodiff's weight gradient `x^T g` contracts the rows of `x`; XLA's CPU backend then
+    leaves its fast matmul library for a generic loop (under `vmap` the rows are the batch
+    and the sequence). Transposing the operands explicitly, behind `optimization_barrier` so
+    that XLA does not fold the transposes back, keeps both products on the fast path.
+    """
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(residuals, g):
+    x, w = residuals
+    x_t = lax.optimization_barrier(x.T)
+    w_t = lax.optimization_barrier(w.T)
+    return g @ w_t, x_t @ g
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def _masked_value(dtype) -> Array:
     # Finite, as in jax.nn.dot_product_attention: a row whose keys are all padded gets
     # uniform weights instead of NaN, and a row with one valid key gets exp(-huge) = 0 on
@@ -266,7 +292,9 @@ class MultiHeadAttention(eqx.Module):
     inputs it supports, a blockwise attention with its own backward pass on CPU
     (float32/float64), XLA's `jax.nn.dot_product_attention` elsewhere, and an exact einsum
     path for float64 off the CPU. Padded keys receive no attention weight; padded queries are
-    computed like any other and are the caller's to ignore or freeze.
+    computed like any other and are the caller's to ignore or freeze. The blockwise path
+    defines its own backward pass (`jax.custom_vjp`), so it supports reverse-mode
+    differentiation only; for `jax.jvp`/`jax.jacfwd` pass `implementation="einsum"`.
 
     **Arguments:**
 
@@ -327,10 +355,16 @@ class MultiHeadAttention(eqx.Module):
     ) -> Float[Array, "seq dim"]:
         seq, dim = u.shape
         head_dim = dim // self.num_heads
-        qkv = u @ self.qkv_weight + self.qkv_bias
+        implementation = self.implementation
+        if implementation is None:
+            implementation = choose_implementation(
+                _current_platform(), u.dtype, seq, head_dim, mask is not None
+            )
+        # The CPU path's projections get the row-major backward as well (see `_matmul`);
+        # the others keep plain autodiff, and with it forward-mode differentiation.
+        matmul = _matmul if implementation == "blockwise" else jnp.matmul
+        qkv = matmul(u, self.qkv_weight) + self.qkv_bias
         qkv = qkv.reshape(seq, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        out = attention(
-            q, k, v, mask, implementation=self.implementation, block_size=self.block_size
-        )
-        return out.reshape(seq, dim) @ self.out_weight + self.out_bias
+        out = attention(q, k, v, mask, implementation=implementation, block_size=self.block_size)
+        return matmul(out.reshape(seq, dim), self.out_weight) + self.out_bias
