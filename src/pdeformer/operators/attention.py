@@ -16,6 +16,7 @@ runs where):
   plain formula, kept as the exact reference path off the CPU.
 """
 
+import contextlib
 import functools
 import math
 
@@ -91,8 +92,22 @@ def _dense_init(key: PRNGKeyArray, fan_in: int, shape: tuple[int, ...], dtype) -
     return jr.uniform(key, shape, dtype, -lim, lim)
 
 
-@jax.custom_vjp
-def _matmul(x, w):
+def _precision_context(precision):
+    # A custom rule may be traced after, and outside, the `jax.default_matmul_precision`
+    # context the call ran in (the backward always; the forward under diffrax's
+    # checkpointing); the integrators pin the field's matmuls that way, so the caller's
+    # setting is passed on and re-entered.
+    if precision is None:
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
+
+
+def _current_precision():
+    return jax.config.jax_default_matmul_precision
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, w, precision):
     """`x @ w` whose backward pass reads both products row-major.
 
     Autodiff's weight gradient `x^T g` contracts the rows of `x`; XLA's CPU backend then
@@ -103,15 +118,17 @@ def _matmul(x, w):
     return x @ w
 
 
-def _matmul_fwd(x, w):
-    return x @ w, (x, w)
+def _matmul_fwd(x, w, precision):
+    with _precision_context(precision):
+        return x @ w, (x, w)
 
 
-def _matmul_bwd(residuals, g):
+def _matmul_bwd(precision, residuals, g):
     x, w = residuals
-    x_t = lax.optimization_barrier(x.T)
-    w_t = lax.optimization_barrier(w.T)
-    return g @ w_t, x_t @ g
+    with _precision_context(precision):
+        x_t = lax.optimization_barrier(x.T)
+        w_t = lax.optimization_barrier(w.T)
+        return g @ w_t, x_t @ g
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -172,12 +189,17 @@ def _scale(q):
     return jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blockwise_attention(q, k, v, mask, block_size):
-    return _blockwise_fwd(q, k, v, mask, block_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise_attention(q, k, v, mask, block_size, precision):
+    return _blockwise_fwd(q, k, v, mask, block_size, precision)[0]
 
 
-def _blockwise_fwd(q, k, v, mask, block_size):
+def _blockwise_fwd(q, k, v, mask, block_size, precision):
+    with _precision_context(precision):
+        return _blockwise_fwd_body(q, k, v, mask, block_size)
+
+
+def _blockwise_fwd_body(q, k, v, mask, block_size):
     t = q.shape[0]
     k_t = lax.optimization_barrier(jnp.transpose(k, (1, 2, 0)))  # (n, h, s)
     v_h = jnp.swapaxes(v, 0, 1)  # (n, s, h)
@@ -195,7 +217,12 @@ def _blockwise_fwd(q, k, v, mask, block_size):
     return out, (q, k, v, mask, out, lse)
 
 
-def _blockwise_bwd(block_size, residuals, g):
+def _blockwise_bwd(block_size, precision, residuals, g):
+    with _precision_context(precision):
+        return _blockwise_bwd_body(block_size, residuals, g)
+
+
+def _blockwise_bwd_body(block_size, residuals, g):
     q, k, v, mask, out, lse = residuals
     t = q.shape[0]
     barrier = lax.optimization_barrier
@@ -268,7 +295,7 @@ def attention(
             _current_platform(), q.dtype, seq, head_dim, mask is not None
         )
     if implementation == "blockwise":
-        return _blockwise_attention(q, k, v, mask, min(block_size, seq))
+        return _blockwise_attention(q, k, v, mask, min(block_size, seq), _current_precision())
     if implementation == "einsum" or (implementation == "xla" and q.dtype == jnp.float64):
         return _einsum_attention(q, k, v, mask)
     attn_mask = None if mask is None else mask[None, None, :]
@@ -362,7 +389,10 @@ class MultiHeadAttention(eqx.Module):
             )
         # The CPU path's projections get the row-major backward as well (see `_matmul`);
         # the others keep plain autodiff, and with it forward-mode differentiation.
-        matmul = _matmul if implementation == "blockwise" else jnp.matmul
+        if implementation == "blockwise":
+            matmul = functools.partial(_matmul, precision=_current_precision())
+        else:
+            matmul = jnp.matmul
         qkv = matmul(u, self.qkv_weight) + self.qkv_bias
         qkv = qkv.reshape(seq, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
