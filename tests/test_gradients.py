@@ -42,7 +42,10 @@ def test_adjoints_agree(getkey):
         rc = grad(diffrax.RecursiveCheckpointAdjoint())
         direct = grad(diffrax.DirectAdjoint())
         back = grad(diffrax.BacksolveAdjoint())
-        np.testing.assert_allclose(direct, rc, rtol=1e-9, atol=1e-9)
+        # The same discrete computation differentiated two ways: equal to rounding, which
+        # the adaptive controller's branches amplify on some inputs (seeds 0-7 gave relative
+        # differences from 6e-16 to 6e-9, max-abs up to 1e-7 for gradients of size 10).
+        assert jnp.linalg.norm(direct - rc) <= 1e-7 * jnp.linalg.norm(rc)
         # Backsolve integrates the adjoint ODE backwards: equal to the tolerance level.
         np.testing.assert_allclose(back, rc, rtol=1e-5, atol=1e-5)
         assert jnp.linalg.norm(rc) > 1e-3

@@ -12,8 +12,9 @@ runs where):
   recomputes each block's probabilities in the backward pass. Every matmul is laid out so
   that the `(rows, keys)` matrix is read row-major; see `docs/architecture.md` for why this is
   the CPU path. Exact in the input dtype (float64 included).
-- `"einsum"`: two einsums and a softmax in the input dtype, autodiff for the backward; the
-  plain formula, kept as the exact reference path off the CPU.
+- `"einsum"`: two einsums and a softmax (in float32 for half-precision inputs), autodiff
+  for the backward; the plain formula, kept as the exact reference path off the CPU and as
+  the CPU's half-precision path.
 """
 
 import contextlib
@@ -57,7 +58,7 @@ def choose_implementation(platform: str, dtype, seq: int, head_dim: int, masked:
       (float16/bfloat16, head dimension a multiple of 8 and at most 128, an even sequence
       length when masked); otherwise `"einsum"` for float64 and `"xla"` for the rest.
     - CPU: `"blockwise"` for float32 and float64 (faster on XLA's CPU backend, and exact
-      in float64); `"xla"` for float16/bfloat16, whose softmax it takes in float32.
+      in float64); `"einsum"` for float16/bfloat16 (logits and softmax in float32).
     - Any other platform: `"einsum"` for float64, `"xla"` otherwise.
 
     **Arguments:**
@@ -76,7 +77,10 @@ def choose_implementation(platform: str, dtype, seq: int, head_dim: int, masked:
     if platform in ("gpu", "cuda") and _cudnn_can_run(dtype, seq, head_dim, masked):
         return "cudnn"
     if platform == "cpu":
-        return "blockwise" if dtype in (np.dtype(np.float32), np.dtype(np.float64)) else "xla"
+        # Half precision: the einsum path, which casts to float32 for the softmax itself
+        # (jax.nn.dot_product_attention's backward mixes dtypes, which strict promotion
+        # refuses; half precision is no faster on a CPU anyway).
+        return "blockwise" if dtype in (np.dtype(np.float32), np.dtype(np.float64)) else "einsum"
     return "einsum" if dtype == np.dtype(np.float64) else "xla"
 
 
@@ -142,10 +146,15 @@ def _masked_value(dtype) -> Array:
 
 
 def _einsum_attention(q, k, v, mask):
-    logits = jnp.einsum("tnh,snh->nts", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+    # Logits and softmax in at least float32 (half-precision inputs are cast explicitly,
+    # so the backward pass mixes no dtypes); a no-op for float32 and float64.
+    dtype = jnp.float32 if jnp.finfo(q.dtype).bits < 32 else q.dtype
+    q, k = q.astype(dtype), k.astype(dtype)
+    logits = jnp.einsum("tnh,snh->nts", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], dtype))
     if mask is not None:
         logits = jnp.where(mask[None, None, :], logits, _masked_value(logits.dtype))
-    return jnp.einsum("nts,snh->tnh", jax.nn.softmax(logits, axis=-1), v)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("nts,snh->tnh", weights, v)
 
 
 # --- Blockwise attention ---------------------------------------------------------------
@@ -299,7 +308,10 @@ def attention(
     if implementation == "einsum" or (implementation == "xla" and q.dtype == jnp.float64):
         return _einsum_attention(q, k, v, mask)
     attn_mask = None if mask is None else mask[None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=attn_mask, implementation=implementation)
+    # jax.nn.dot_product_attention promotes half-precision logits against float32 itself,
+    # which a caller's strict dtype promotion would refuse; its result keeps q's dtype.
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.nn.dot_product_attention(q, k, v, mask=attn_mask, implementation=implementation)
 
 
 def _check_implementation(implementation) -> None:
