@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from _flags import add_config_flags, config_from_args
 from pdeformer.data import (
     ListOpsConfig,
     PathfinderConfig,
@@ -156,11 +157,9 @@ def main(config: BenchConfig) -> dict[str, float]:
 def _parse() -> tuple[BenchConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    for f in dataclasses.fields(BenchConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+    add_config_flags(p, BenchConfig)
     args = p.parse_args()
-    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
-    return cfg, args.json
+    return config_from_args(args, BenchConfig), args.json
 
 
 if __name__ == "__main__":

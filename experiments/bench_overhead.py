@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _flags import add_config_flags, config_from_args
+
 TARGETS = {
     "discrete_vs_reference": 1.10,
     "continuous_euler_vs_discrete": 1.30,
@@ -393,20 +395,9 @@ def _parse(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK} unless given")
-    for f in dataclasses.fields(BenchConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", default=None)
-        elif f.name == "dtype":
-            p.add_argument(flag, choices=("float32", "float64"), default=None)
-        else:
-            p.add_argument(flag, type=type(f.default), default=None)
+    add_config_flags(p, BenchConfig, choices={"dtype": ("float32", "float64")})
     args = p.parse_args(argv)
-    values = {f.name: f.default for f in dataclasses.fields(BenchConfig)}
-    if args.quick:
-        values.update(QUICK)
-    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
-    return BenchConfig(**values), args.json
+    return config_from_args(args, BenchConfig, QUICK if args.quick else None), args.json
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _flags import add_config_flags, config_from_args
+
 TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
 TARGETS_GPU = {"pdeformer_vs_torchdiffeq": 0.5}
 
@@ -829,16 +831,9 @@ def _parse(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--smoke", action="store_true", help=f"tiny sizes: {SMOKE} unless given")
-    for f in dataclasses.fields(BenchConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        kind = float if f.name in ("rtol", "atol", "rtol2", "atol2") else int
-        p.add_argument(flag, type=kind, default=None)
+    add_config_flags(p, BenchConfig)
     args = p.parse_args(argv)
-    values = {f.name: f.default for f in dataclasses.fields(BenchConfig)}
-    if args.smoke:
-        values.update(SMOKE)
-    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
-    return BenchConfig(**values), args.json
+    return config_from_args(args, BenchConfig, SMOKE if args.smoke else None), args.json
 
 
 if __name__ == "__main__":

@@ -329,8 +329,9 @@ class MultiHeadAttention(eqx.Module):
     By default the implementation is chosen per platform, dtype and shapes
     (`choose_implementation`): the fused cuDNN kernel on NVIDIA GPUs for float16/bfloat16
     inputs it supports, a blockwise attention with its own backward pass on CPU
-    (float32/float64), XLA's `jax.nn.dot_product_attention` elsewhere, and an exact einsum
-    path for float64 off the CPU. Padded keys receive no attention weight; padded queries are
+    (float32/float64), the einsum path with a float32 softmax for half precision on CPU,
+    XLA's `jax.nn.dot_product_attention` elsewhere, and an exact einsum path for float64 off
+    the CPU. Padded keys receive no attention weight; padded queries are
     computed like any other and are the caller's to ignore or freeze. The blockwise path
     defines its own backward pass (`jax.custom_vjp`), so it supports reverse-mode
     differentiation only; for `jax.jvp`/`jax.jacfwd` pass `implementation="einsum"`.
