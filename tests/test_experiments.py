@@ -179,18 +179,72 @@ def test_lra_placement_smoke(experiments, tmp_path):
     assert set(results["summary"]["delta_points_vs_baseline"]) == set(saved["arms"][1:])
     md = (tmp_path / "results.md").read_text()
     assert "| baseline |" in md and "after_embedding helps most" in md
+    assert "| *majority class* |" in md and "## Does the baseline learn each task?" in md
+    assert set(results["summary"]["delta_standard_error_points"]) == set(saved["arms"][1:])
 
 
-def test_lra_placement_switched_off_layers_are_the_baseline(experiments):
-    """An arm's unused points are exactly the identity: with every point switched off the
-    model is bit for bit the model without diffusion layers (same key, same weights)."""
+def test_lra_placement_baseline_only(experiments, tmp_path):
+    """`--baseline-only` trains the baseline arm alone and reports whether it learnt."""
+    module = experiments("lra_placement")
+    results = module.main(["--smoke", "--baseline-only", "--out", str(tmp_path)])
+    assert results["arms"] == ["baseline"]
+    assert results["summary"]["delta_points_vs_baseline"] == {}
+    md = (tmp_path / "results.md").read_text()
+    assert "## Does the baseline learn each task?" in md and "papers' claims" not in md
+    assert md.startswith("# Placement study budget")
+    assert not (tmp_path / "placement.png").exists()
+
+
+def _placement_results(module, accuracies, majority, num_test):
+    """A results dict as `run` builds it: `accuracies[task][arm]` lists one accuracy per
+    seed."""
+    tasks = {}
+    for t, arms in accuracies.items():
+        tasks[t] = {
+            "data": {"test_majority_fraction": majority[t], "num_test": num_test},
+            "arms": {
+                a: {"accuracy": accs, "mean": float(sum(accs) / len(accs))}
+                for a, accs in arms.items()
+            },
+        }
+    return {"tasks": tasks, "arms": list(next(iter(accuracies.values())))}
+
+
+def test_lra_placement_paired_deltas_and_informative_tasks(experiments):
+    """The change from the baseline is paired seed by seed (its standard error ignores the
+    seeds' common offset), and a task whose baseline sits at the majority class is not
+    informative."""
+    module = experiments("lra_placement")
+    config = module.dataclasses.replace(
+        module.Config.smoke(), points=("after_embedding",), scales=(("single", (1,)),)
+    )
+    arm = "after_embedding (single)"
+    accuracies = {
+        # Seeds differ by 20 points, the arm is +2 points on every seed: SE 0.
+        "a": {"baseline": [0.50, 0.70], arm: [0.52, 0.72]},
+        # At chance (majority 0.5, 1000 test examples: 3 SE = 4.7 points).
+        "b": {"baseline": [0.51, 0.52], arm: [0.51, 0.50]},
+    }
+    results = _placement_results(module, accuracies, {"a": 0.1, "b": 0.5}, 1000)
+    summary = module._summary(results, config)
+    assert summary["informative_tasks"] == ["a"]
+    # (2 + 0) / 2 on seed 0 and (2 - 2) / 2 on seed 1: mean 0.5, SE 0.5.
+    assert abs(summary["delta_points_vs_baseline"][arm] - 0.5) < 1e-9
+    assert abs(summary["delta_standard_error_points"][arm] - 0.5) < 1e-9
+    assert abs(summary["delta_points_on_informative_tasks"][arm] - 2.0) < 1e-9
+
+
+def test_lra_placement_arms_share_the_baseline_weights(experiments):
+    """Every arm of a seed is the baseline plus one diffusion layer: the same Transformer
+    weights, and the baseline is the plain classifier of that key."""
+    import equinox as eqx
     import jax.numpy as jnp
     import jax.random as jr
 
     module = experiments("lra_placement")
     config = module.Config.smoke()
     task = module.load_task("listops", **config.options["listops"], seed=0)
-    off = module._model(task, config, 0, (1, 2), None)
+    base = module._model(task, config, 0, (), None)
     plain = module.pf.Classifier(
         task.vocab_size,
         config.dim,
@@ -199,14 +253,17 @@ def test_lra_placement_switched_off_layers_are_the_baseline(experiments):
         task.num_classes,
         key=jr.PRNGKey(0),
     )
-    tokens = jnp.asarray(task.test.tokens[:4].astype("int32"))
-    mask = jnp.arange(tokens.shape[1])[None, :] < jnp.asarray(task.test.lengths[:4])[:, None]
-    a, _ = off(tokens, mask)
-    b, _ = plain(tokens, mask)
-    assert jnp.array_equal(a, b)
-    on = module._model(task, config, 0, (1, 2), "after_embedding")
-    assert module._coefficient_sum(on, "after_embedding") > 0
-    assert module._coefficient_sum(on, "between_layers") == 0.0
+    leaves = lambda m: jax.tree.leaves(eqx.filter(m, eqx.is_array))
+    assert all(jnp.array_equal(a, b) for a, b in zip(leaves(base), leaves(plain), strict=True))
+    for point in ("after_embedding", "after_attention", "between_layers", "before_head"):
+        arm = module._model(task, config, 0, (1, 2), point)
+        assert arm.encoder.diffusion_at == (point,)
+        assert module._coefficient_sum(arm, point) > 0
+        # Remove the one layer: what is left is the baseline, weight for weight.
+        layer = module._layer(arm, point)
+        rest = [x for x in leaves(arm) if not any(x is y for y in leaves(layer))]
+        assert len(rest) == len(leaves(base))
+        assert all(jnp.array_equal(a, b) for a, b in zip(rest, leaves(base), strict=True))
 
 
 def test_bench_peers_smoke(experiments):
