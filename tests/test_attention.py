@@ -159,6 +159,22 @@ def test_block_size_below_one_is_refused():
         pf.MultiHeadAttention(8, 2, key=jr.PRNGKey(0), block_size=0)
 
 
+def test_field_passes_its_block_size_to_attention(getkey):
+    """`Field(attention_block_size=...)` reaches every block's attention, and the blockwise
+    result does not depend on it (float64: exact up to round-off)."""
+    with jax.enable_x64(True):
+        key = getkey()
+        kw = dict(key=key, attention_implementation="blockwise", dtype=jnp.float64)
+        fields = [pf.Field(8, 2, 2, attention_block_size=b, **kw) for b in (3, 128)]
+        assert fields[0].blocks.attention.block_size == 3
+        assert fields[1].blocks.attention.block_size == 128
+        u = jr.normal(getkey(), (SEQ, 8), jnp.float64)
+        mask = jnp.arange(SEQ) < 7
+        rates = [f(jnp.asarray(0.25), u, mask) for f in fields]
+        assert jnp.allclose(rates[0], rates[1], rtol=1e-12, atol=1e-12)
+        assert not jnp.allclose(rates[0], 0.0)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_module_gradients_equal_einsum_module(getkey, dtype):
     # The blockwise module also has its own backward for the projections (`_matmul`).

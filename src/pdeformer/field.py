@@ -256,7 +256,10 @@ class Field(eqx.Module):
     - `activation`: the reaction's nonlinearity.
     - `diffusion`: an optional `DiffusionOperator` adding `D Lap(u)` to the rate; for a
       learnable `D >= 0` use `DiffusionOperator(dim, alpha_max=None)`.
-    - `attention_implementation`: passed to `jax.nn.dot_product_attention`.
+    - `attention_implementation`: `MultiHeadAttention`'s `implementation`: `None` (chosen
+      per platform, dtype and shapes; see `choose_implementation`), `"xla"`, `"cudnn"`,
+      `"blockwise"` or `"einsum"`.
+    - `attention_block_size`: query rows per block of the blockwise (CPU) attention.
     - `diffusion_at`: insertion points of diffusion layers inside the field, any of
       `"before_norm"`, `"after_norm"`, `"after_attention"`, `"after_ffn"` (in each block's
       branches; their weights follow `schedule` like the block's) and `"between_layers"`
@@ -303,6 +306,7 @@ class Field(eqx.Module):
         activation: Callable[[Array], Array] = jax.nn.gelu,
         diffusion: DiffusionOperator | None = None,
         attention_implementation: str | None = None,
+        attention_block_size: int = 128,
         diffusion_at: tuple[str, ...] | str | None = (),
         diffusion_layer: DiffusionFactory = DiffusionLayer,
         dtype=jnp.float32,
@@ -353,7 +357,12 @@ class Field(eqx.Module):
             return Block(
                 attention_norm=norm(dim, dtype=dtype),
                 attention=MultiHeadAttention(
-                    dim, num_heads, key=ka, implementation=attention_implementation, dtype=dtype
+                    dim,
+                    num_heads,
+                    key=ka,
+                    implementation=attention_implementation,
+                    block_size=attention_block_size,
+                    dtype=dtype,
                 ),
                 reaction_norm=norm(dim, dtype=dtype),
                 reaction=Reaction(dim, hidden, key=kr, activation=activation, dtype=dtype),
