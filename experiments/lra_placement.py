@@ -172,7 +172,8 @@ def _model(task, config: Config, seed: int, dilations: tuple[int, ...], active: 
     leaves every other weight as it is: every arm of a seed starts from the baseline's
     Transformer weights. (Switching the other points off inside one shared structure would
     compile once per scale instead of once per arm, but the switched-off layers still cost
-    their compute: 60–80% more per step at the quick sizes, more than the compiles.)
+    their compute on every step, which at the quick sizes outweighs the compiles; the seeds
+    of an arm share one compile.)
     """
     cls = pf.DualClassifier if task.dual else pf.Classifier
     return cls(
