@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from _flags import add_config_flags, config_from_args
+from _reference import field_weights
 
 TARGETS = {
     "discrete_vs_reference": 1.10,
@@ -117,25 +118,6 @@ def _reference_forward(params: dict, u, mask, num_heads: int, eps: float = 1e-5)
     return out
 
 
-def _reference_params(field) -> dict:
-    """The field's stacked weights as the plain dict a hand-written model would hold."""
-    b = field.blocks
-    return {
-        "ln1_w": b.attention_norm.weight,
-        "ln1_b": b.attention_norm.bias,
-        "qkv_w": b.attention.qkv_weight,
-        "qkv_b": b.attention.qkv_bias,
-        "out_w": b.attention.out_weight,
-        "out_b": b.attention.out_bias,
-        "ln2_w": b.reaction_norm.weight,
-        "ln2_b": b.reaction_norm.bias,
-        "w1": b.reaction.w1,
-        "b1": b.reaction.b1,
-        "w2": b.reaction.w2,
-        "b2": b.reaction.b2,
-    }
-
-
 # ---------------------------------------------------------------------------------------
 # Building the jitted value_and_grad functions.
 # ---------------------------------------------------------------------------------------
@@ -191,7 +173,7 @@ def _reference_grad_fn(field, num_heads: int) -> tuple[Callable, Any]:
     def loss(p, u0, mask):
         return jnp.mean(_reference_forward(p, u0, mask, num_heads) ** 2)
 
-    return jax.value_and_grad(loss), _reference_params(field)
+    return jax.value_and_grad(loss), field_weights(field)
 
 
 def _compile_seconds(config: BenchConfig, num_layers: int, u0, mask) -> dict[str, float]:
@@ -354,7 +336,7 @@ def main(config: BenchConfig) -> dict[str, Any]:
 
 def _grads_as_dict(grads) -> dict:
     """A Field-shaped gradient pytree as the reference's dict of stacked arrays."""
-    return _reference_params(grads)
+    return field_weights(grads)
 
 
 def _print_table(result: dict[str, Any]) -> None:

@@ -58,6 +58,7 @@ from collections.abc import Callable
 from typing import Any
 
 from _flags import add_config_flags, config_from_args
+from _reference import field_weights
 
 TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
 TARGETS_GPU = {"pdeformer_vs_torchdiffeq": 0.5}
@@ -179,21 +180,7 @@ def _numpy_weights(field) -> list[dict[str, Any]]:
     """Per layer, the weights as numpy arrays in pdeformer's layout (`x @ W + b`)."""
     import numpy as np
 
-    b = field.blocks
-    arrays = {
-        "ln1_w": b.attention_norm.weight,
-        "ln1_b": b.attention_norm.bias,
-        "qkv_w": b.attention.qkv_weight,
-        "qkv_b": b.attention.qkv_bias,
-        "out_w": b.attention.out_weight,
-        "out_b": b.attention.out_bias,
-        "ln2_w": b.reaction_norm.weight,
-        "ln2_b": b.reaction_norm.bias,
-        "w1": b.reaction.w1,
-        "b1": b.reaction.b1,
-        "w2": b.reaction.w2,
-        "b2": b.reaction.b2,
-    }
+    arrays = field_weights(field)
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     return [{k: v[i] for k, v in arrays.items()} for i in range(field.num_layers)]
 
