@@ -366,10 +366,16 @@ def _markdown(results: dict[str, Any], config: Config) -> str:
         f"pre-LN, discrete mode. Training: {config.train.total_steps} steps, batch "
         f"{config.train.batch_size}, lr {config.train.lr:g} (AdamW, warmup + cosine). "
         f"Seeds: {list(config.seeds)}. Test accuracy in %, mean ± std over seeds.",
-        "Single scale: dilation 1; multi-scale: dilations 1, 2, 4, 8 (one budget "
-        "sum alpha < 0.45). Δ avg: change of the task-averaged accuracy from the baseline, "
-        "in points, mean ± standard error over seeds of the per-seed (paired) change: every "
-        "arm of a seed starts from the baseline's weights and sees its data in its order.",
+    ]
+    if not config.baseline_only:
+        lines.append(
+            "Single scale: dilation 1; multi-scale: dilations 1, 2, 4, 8 (one budget "
+            "sum alpha < 0.45). Δ avg: change of the task-averaged accuracy from the baseline, "
+            "in points, mean ± standard error over seeds of the per-seed (paired) change: "
+            "every arm of a seed starts from the baseline's weights and sees its data in its "
+            "order."
+        )
+    lines += [
         "",
         "| arm | " + " | ".join(tasks) + " | avg | Δ avg |",
         "|---|" + "---|" * (len(tasks) + 2),
@@ -525,7 +531,7 @@ def _plot(results: dict[str, Any], config: Config, out: Path, log) -> None:
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x + width * (len(config.scales) - 1) / 2)
     ax.set_xticklabels(config.points, rotation=30, ha="right")
-    ax.set_ylabel("Δ task-averaged test accuracy (points)")
+    ax.set_ylabel("Δ task-averaged test accuracy (points)\n± s.e. of the paired change")
     ax.set_title(f"Diffusion layer vs baseline ({', '.join(tasks)})")
     ax.legend()
     common.save_figure(fig, out / "placement.png", log)
