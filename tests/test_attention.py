@@ -1,5 +1,7 @@
 """The attention implementations against plain softmax attention; the default choice."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -177,7 +179,8 @@ def test_field_passes_its_block_size_to_attention(getkey):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_module_gradients_equal_einsum_module(getkey, dtype):
-    # The blockwise module also has its own backward for the projections (`_matmul`).
+    # The blockwise module under `jax.vmap` (its own backward, batched by JAX) and called on
+    # the batch directly (its loops over pairs of the whole batch) against plain autodiff.
     with jax.enable_x64(dtype == jnp.float64):
         key, u_key = getkey(), getkey()
         modules = [
@@ -190,11 +193,60 @@ def test_module_gradients_equal_einsum_module(getkey, dtype):
         def loss(module, u):
             return jnp.sum(jnp.sin(jax.vmap(module)(u, mask)))
 
+        def loss_batched(module, u):
+            return jnp.sum(jnp.sin(module(u, mask)))
+
         grads = [jax.grad(loss, argnums=(0, 1))(m, u) for m in modules]
+        grads.append(jax.grad(loss_batched, argnums=(0, 1))(modules[0], u))
         # Weight gradients sum over 26 tokens of size-20 terms: float32 round-off ~1e-5.
         tol = {} if dtype == jnp.float64 else dict(rtol=1e-5, atol=1e-4)
         # Leaves only: the two modules differ in a static field, hence in tree structure.
         assert tree_allclose(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), **tol)
+        assert tree_allclose(jax.tree.leaves(grads[2]), jax.tree.leaves(grads[1]), **tol)
+
+
+@pytest.mark.parametrize("batch", [(), (1,), (3,), (2, 3)])
+def test_batched_blockwise_attention_equals_einsum(getkey, batch, monkeypatch):
+    """Leading batch axes, with the grouping of (sequence, head) pairs forced small so that
+    several groups, group sizes above one and padded query blocks are all exercised."""
+    from pdeformer.operators import attention as att
+
+    monkeypatch.setattr(att, "_BLOCK_BYTES", 2 * 4 * SEQ * 8)  # two pairs of 4-row blocks
+    with jax.enable_x64(True):
+        q, k, v = (jr.normal(getkey(), (*batch, SEQ, 2, 3), jnp.float64) for _ in range(3))
+        lengths = jr.randint(getkey(), batch, 1, SEQ + 1)
+        mask = jnp.arange(SEQ) < lengths[..., None]
+
+        def loss(implementation, q, k, v):
+            out = attention(q, k, v, mask, implementation=implementation, block_size=4)
+            return jnp.sum(jnp.sin(out))
+
+        ref = jax.value_and_grad(functools.partial(loss, "einsum"), argnums=(0, 1, 2))(q, k, v)
+        got = jax.value_and_grad(functools.partial(loss, "blockwise"), argnums=(0, 1, 2))(q, k, v)
+        assert tree_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_blocking_rule():
+    from pdeformer.operators.attention import _blocking
+
+    # About 8 MiB of logits per block, at least two groups, a divisor of the pairs.
+    assert _blocking(32, 512, 512, 4) == (8, 512)
+    assert _blocking(32, 256, 512, 4) == (16, 256)
+    assert _blocking(32, 4096, 512, 4) == (1, 512)
+    assert _blocking(7, 64, 512, 4) == (1, 64)
+    assert _blocking(1, 64, 512, 4) == (1, 64)
+    assert _blocking(12, 100, 16, 8) == (6, 16)
+
+
+def test_attention_refuses_mismatched_shapes():
+    # The check itself (the test suite's jaxtyping hook would refuse these calls first).
+    from pdeformer.operators.attention import _check_attention_shapes
+
+    q = jnp.zeros((2, SEQ, 2, 3))
+    with pytest.raises(ValueError, match="of one shape"):
+        _check_attention_shapes(q, q[0], q, None)
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 13\)"):
+        _check_attention_shapes(q, q, q, jnp.ones((SEQ,), bool))
 
 
 def test_einsum_supports_forward_mode(getkey):

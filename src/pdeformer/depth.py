@@ -51,13 +51,6 @@ class DepthSolution(eqx.Module):
     stats: DepthStats
 
 
-def _batched(fn, ndim: int, has_mask: bool):
-    """A per-sequence rate `fn(t, u, mask)` as a function of the (possibly batched) state."""
-    for _ in range(ndim - 2):
-        fn = jax.vmap(fn, in_axes=(None, 0, 0 if has_mask else None))
-    return fn
-
-
 def _transition(field: Field, boundary, u, mask):
     """The field's between-layer map after layer `boundary`, on a (possibly batched) state."""
     fn = lambda v, m: field.transition(boundary, v, m)
@@ -79,9 +72,10 @@ class _Rate(eqx.Module):
 
     def __call__(self, t, u, args):
         mask, anchor = args
-        fn = _batched(
-            lambda t, v, m: self.field(t, v, m, anchor=anchor), self.ndim, mask is not None
-        )
+        # The field takes the batch axes itself (`Field.__call__`): no `jax.vmap` here,
+        # which would leave XLA's CPU backend the weight gradients of batched matmuls to
+        # differentiate (much slower; see `docs/architecture.md`).
+        fn = lambda t, v, m: self.field(t, v, m, anchor=anchor)
         if self.matmul_precision is None:
             return fn(t, u, mask)
         # Set here, in the vector field, so that every trace of it is pinned: the forward
@@ -200,13 +194,7 @@ class Discrete(AbstractDepth):
             states = []
             for k in range(sub):
                 t = layer + jnp.asarray(k * h, step_dtype)
-                f = _batched(
-                    lambda t, v, m, k=k: field(
-                        t, v, m, normalize=not post_norm, phase=float(k * h)
-                    ),
-                    u.ndim,
-                    has_mask,
-                )
+                f = lambda t, v, m, k=k: field(t, v, m, normalize=not post_norm, phase=float(k * h))
                 increment = h_arr * f(t, u, mask)
                 if self.residual:
                     new = u + increment

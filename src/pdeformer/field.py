@@ -25,6 +25,7 @@ from .operators import (
     MultiHeadAttention,
     Reaction,
 )
+from .operators.attention import DEFAULT_BLOCK_SIZE
 from .placement import FIELD_POINTS, DiffusionFactory, check_points
 
 
@@ -45,23 +46,47 @@ class Block(eqx.Module):
     after_ffn: eqx.Module | None = None
 
     def attend(
-        self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"] | None, normalize: bool = True
-    ) -> Float[Array, "seq dim"]:
+        self,
+        u: Float[Array, "*batch seq dim"],
+        mask: Bool[Array, "*batch seq"] | None,
+        normalize: bool = True,
+    ) -> Float[Array, "*batch seq dim"]:
         """The attention branch `A(N(u))` (`A(u)` with `normalize=False`, post-LN), with
         the `before_norm`, `after_norm` and `after_attention` diffusion layers where set."""
-        x = u if self.before_norm is None else self.before_norm(u, mask)
-        x = self.attention_norm(x) if normalize else x
-        x = x if self.after_norm is None else self.after_norm(x, mask)
+        x = _per_sequence(self.before_norm, u, mask)
+        x = _token_wise(self.attention_norm, x) if normalize else x
+        x = _per_sequence(self.after_norm, x, mask)
         a = self.attention(x, mask)
-        return a if self.after_attention is None else self.after_attention(a, mask)
+        return _per_sequence(self.after_attention, a, mask)
 
     def react(
-        self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"] | None, normalize: bool = True
-    ) -> Float[Array, "seq dim"]:
+        self,
+        u: Float[Array, "*batch seq dim"],
+        mask: Bool[Array, "*batch seq"] | None,
+        normalize: bool = True,
+    ) -> Float[Array, "*batch seq dim"]:
         """The FFN branch `R(N'(u))` (`R(u)` with `normalize=False`, post-LN), with the
         `after_ffn` diffusion layer where set (`mask` is only read by that layer)."""
-        r = self.reaction(self.reaction_norm(u) if normalize else u)
-        return r if self.after_ffn is None else self.after_ffn(r, mask)
+        r = self.reaction(_token_wise(self.reaction_norm, u) if normalize else u)
+        return _per_sequence(self.after_ffn, r, mask)
+
+
+def _per_sequence(layer, u, mask):
+    """`layer(u, mask)` for a layer that acts on one sequence, mapped over the leading
+    axes of `u`; the identity for `layer=None`."""
+    if layer is None:
+        return u
+    fn = layer
+    for _ in range(u.ndim - 2):
+        fn = jax.vmap(fn, in_axes=(0, 0 if mask is not None else None))
+    return fn(u, mask)
+
+
+def _token_wise(norm: AbstractNorm, u):
+    """A token-wise norm on `(*batch, seq, dim)`: the batch is folded into the token axis."""
+    if u.ndim == 2:
+        return norm(u)
+    return norm(u.reshape(-1, u.shape[-1])).reshape(u.shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,7 +284,7 @@ class Field(eqx.Module):
     - `attention_implementation`: `MultiHeadAttention`'s `implementation`: `None` (chosen
       per platform, dtype and shapes; see `choose_implementation`), `"xla"`, `"cudnn"`,
       `"blockwise"` or `"einsum"`.
-    - `attention_block_size`: query rows per block of the blockwise (CPU) attention.
+    - `attention_block_size`: the most query rows per block of the blockwise (CPU) attention.
     - `diffusion_at`: insertion points of diffusion layers inside the field, any of
       `"before_norm"`, `"after_norm"`, `"after_attention"`, `"after_ffn"` (in each block's
       branches; their weights follow `schedule` like the block's) and `"between_layers"`
@@ -306,7 +331,7 @@ class Field(eqx.Module):
         activation: Callable[[Array], Array] = jax.nn.gelu,
         diffusion: DiffusionOperator | None = None,
         attention_implementation: str | None = None,
-        attention_block_size: int = 128,
+        attention_block_size: int = DEFAULT_BLOCK_SIZE,
         diffusion_at: tuple[str, ...] | str | None = (),
         diffusion_layer: DiffusionFactory = DiffusionLayer,
         dtype=jnp.float32,
@@ -439,19 +464,23 @@ class Field(eqx.Module):
     def __call__(
         self,
         t: Scalar,
-        u: Float[Array, "seq dim"],
-        mask: Bool[Array, " seq"] | None = None,
+        u: Float[Array, "*batch seq dim"],
+        mask: Bool[Array, "*batch seq"] | None = None,
         *,
         normalize: bool = True,
         anchor: Scalar | None = None,
         phase: float | None = None,
-    ) -> Float[Array, "seq dim"]:
+    ) -> Float[Array, "*batch seq dim"]:
         """The rate `du/dt` at depth `t`.
 
         **Arguments:**
 
         - `t`: depth, a scalar in `[0, num_layers]`.
-        - `u`: token states of one sequence.
+        - `u`: token states of one sequence `(seq, dim)`, or of a batch on leading axes.
+          Pass a batch here rather than `jax.vmap`-ing the field: attention and the
+          reaction then run as whole-batch matmuls, which XLA's CPU backend differentiates
+          much faster (see `docs/architecture.md`); diffusion layers are mapped over the
+          batch inside.
         - `mask`: key-padding mask (`True` = valid token, valid tokens first), or `None`.
         - `normalize`: `False` drops the pre-norms (used by post-LN discrete mode).
         - `anchor`: a depth inside the smooth piece being integrated; the field is then
@@ -476,7 +505,7 @@ class Field(eqx.Module):
             )
             rate = rate.astype(u.dtype)
         if self.diffusion is not None:
-            rate = rate + self.diffusion(u, mask)
+            rate = rate + _per_sequence(self.diffusion, u, mask)
         if mask is not None:
-            rate = jnp.where(mask[:, None], rate, jnp.zeros_like(rate))
+            rate = jnp.where(mask[..., None], rate, jnp.zeros_like(rate))
         return rate

@@ -1,4 +1,9 @@
-"""Operators of the field; each acts on one sequence `(seq, dim)`; batch with `jax.vmap`."""
+"""Operators of the field, each acting on one sequence `(seq, dim)`.
+
+Attention, the reaction and the norms also take a batch on leading axes `(*batch, seq,
+dim)`, which is faster on the CPU than `jax.vmap` over them (see `docs/architecture.md`);
+the diffusion operators and layers act on one sequence, batched with `jax.vmap`.
+"""
 
 from .attention import MultiHeadAttention as MultiHeadAttention
 from .diffusion import DiffusionOperator as DiffusionOperator

@@ -96,6 +96,20 @@ def _dense_init(key: PRNGKeyArray, fan_in: int, shape: tuple[int, ...], dtype) -
     return jr.uniform(key, shape, dtype, -lim, lim)
 
 
+def dense(x: Float[Array, "*rows fan_in"], w: Float[Array, "fan_in fan_out"], b=None):
+    """`x @ w + b` over any leading axes, computed as one 2-D matmul.
+
+    The leading axes are flattened first. Under `jax.vmap` (or with a 3-D `x` and
+    `jnp.matmul`) the weight gradient `x^T g` contracts two axes at once, and XLA's CPU
+    backend then copies the cotangent into a transposed layout and leaves its fast matmul
+    path: the feed-forward network's forward + backward measured 1.8x slower that way
+    (batch 8, seq 512, dim 128). This is why the field takes its batch axes itself instead
+    of being vmapped (`docs/architecture.md`).
+    """
+    out = (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+    return out if b is None else out + b
+
+
 def _precision_context(precision):
     # A custom rule may be traced after, and outside, the `jax.default_matmul_precision`
     # context the call ran in (the backward always; the forward under diffrax's
@@ -110,34 +124,6 @@ def _current_precision():
     return jax.config.jax_default_matmul_precision
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x, w, precision):
-    """`x @ w` whose backward pass reads both products row-major.
-
-    Autodiff's weight gradient `x^T g` contracts the rows of `x`; XLA's CPU backend then
-    leaves its fast matmul library for a generic loop (under `vmap` the rows are the batch
-    and the sequence). Transposing the operands explicitly, behind `optimization_barrier` so
-    that XLA does not fold the transposes back, keeps both products on the fast path.
-    """
-    return x @ w
-
-
-def _matmul_fwd(x, w, precision):
-    with _precision_context(precision):
-        return x @ w, (x, w)
-
-
-def _matmul_bwd(precision, residuals, g):
-    x, w = residuals
-    with _precision_context(precision):
-        x_t = lax.optimization_barrier(x.T)
-        w_t = lax.optimization_barrier(w.T)
-        return g @ w_t, x_t @ g
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
 def _masked_value(dtype) -> Array:
     # Finite, as in jax.nn.dot_product_attention: a row whose keys are all padded gets
     # uniform weights instead of NaN, and a row with one valid key gets exp(-huge) = 0 on
@@ -150,48 +136,76 @@ def _einsum_attention(q, k, v, mask):
     # so the backward pass mixes no dtypes); a no-op for float32 and float64.
     dtype = jnp.float32 if jnp.finfo(q.dtype).bits < 32 else q.dtype
     q, k = q.astype(dtype), k.astype(dtype)
-    logits = jnp.einsum("tnh,snh->nts", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], dtype))
+    scale = jnp.sqrt(jnp.asarray(q.shape[-1], dtype))
+    logits = jnp.einsum("...tnh,...snh->...nts", q, k) / scale
     if mask is not None:
-        logits = jnp.where(mask[None, None, :], logits, _masked_value(logits.dtype))
+        logits = jnp.where(mask[..., None, None, :], logits, _masked_value(logits.dtype))
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("nts,snh->tnh", weights, v)
+    return jnp.einsum("...nts,...snh->...tnh", weights, v)
 
 
 # --- Blockwise attention ---------------------------------------------------------------
 #
-# XLA's CPU backend hands a matmul to its fast library (YNNPACK) only when each operand is
-# read along its rows; a product like `P^T dO` (contracting the rows of the big `(t, s)`
-# matrix) either falls back to a slow generic loop or is preceded by a full transpose copy
-# of `P`. Below, every product reads the `(t, s)` block row-major; the small `(t, h)`
-# operands are transposed instead, behind `optimization_barrier` so that XLA does not fold
-# the transposes back into the matmuls.
+# The inputs are laid out as `(pairs, seq, head_dim)`, one row per (sequence, head) pair of
+# the whole batch, so that the loop structure is chosen here and not by `vmap`. An outer
+# `lax.scan` walks groups of `g` pairs, an inner one blocks of `b` query rows; each step
+# holds one `(g, b, seq)` block of logits. The sizes follow `_blocking`: about 8 MiB per
+# block and at least two groups, which measured fastest on XLA's CPU backend (a block of a
+# few MiB stays in cache between the matmul and the softmax; one group for the whole batch
+# was up to 1.5x slower). XLA's CPU backend hands a matmul to its fast library only when
+# each operand is read along its rows; a product like `P^T dO` (contracting the rows of the
+# big block) falls back to a slow loop or a full transpose copy of the block. Every product
+# below reads the block row-major; the small `(b, h)` operands are transposed instead,
+# behind `optimization_barrier` so that XLA does not fold the transposes back.
+
+_BLOCK_BYTES = 8 * 2**20
+DEFAULT_BLOCK_SIZE = 512
 
 
-def _query_blocks(x, block_size):  # (t, n, h) -> (blocks, n, block_size, h), zero-padded
-    t = x.shape[0]
-    num_blocks = -(-t // block_size)
-    x = jnp.pad(x, ((0, num_blocks * block_size - t), (0, 0), (0, 0)))
-    return jnp.transpose(x.reshape(num_blocks, block_size, *x.shape[1:]), (0, 2, 1, 3))
+def _blocking(pairs: int, seq: int, block_size: int, itemsize: int) -> tuple[int, int]:
+    """`(g, b)`: pairs per group (a divisor of `pairs`) and query rows per block."""
+    rows = min(block_size, seq)
+    fits = [
+        g
+        for g in range(1, pairs + 1)
+        if pairs % g == 0
+        and (g == 1 or g * rows * seq * itemsize <= _BLOCK_BYTES)
+        and (g == 1 or pairs // g >= 2)
+    ]
+    return max(fits), rows
 
 
-def _unblock(x, t):  # (blocks, n, block_size, h) -> (t, n, h)
-    num_blocks, n, block_size, h = x.shape
-    return jnp.transpose(x, (0, 2, 1, 3)).reshape(num_blocks * block_size, n, h)[:t]
-
-
-def _block_logits(q_block, k_t, mask):  # (n, b, h) x (n, h, s) -> (n, b, s)
-    logits = jnp.einsum("nbh,nhs->nbs", q_block, k_t)
-    if mask is not None:
-        logits = jnp.where(mask[None, None, :], logits, _masked_value(logits.dtype))
-    return logits
-
-
-def _scan_blocks(body, carry, xs):
-    # One block: no loop (the whole sequence is one matmul per product).
+def _scan(body, carry, xs):
+    # A loop of one iteration is the body itself: no while loop around it.
     if jax.tree.leaves(xs)[0].shape[0] == 1:
         carry, ys = body(carry, jax.tree.map(lambda x: x[0], xs))
         return carry, jax.tree.map(lambda y: y[None], ys)
     return lax.scan(body, carry, xs)
+
+
+def _to_blocks(x, g, b):  # (p, t, ...) -> (p/g, t/b, g, b, ...), zero-padded rows
+    p, t = x.shape[:2]
+    num = -(-t // b)
+    x = jnp.pad(x, ((0, 0), (0, num * b - t)) + ((0, 0),) * (x.ndim - 2))
+    x = x.reshape(p // g, g, num, b, *x.shape[2:])
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _from_blocks(x, t):  # (p/g, t/b, g, b, ...) -> (p, t, ...)
+    groups, num, g, b = x.shape[:4]
+    x = jnp.swapaxes(x, 1, 2)
+    return x.reshape(groups * g, num * b, *x.shape[4:])[:, :t]
+
+
+def _groups(x, g):  # (p, ...) -> (p/g, g, ...)
+    return x.reshape(x.shape[0] // g, g, *x.shape[1:])
+
+
+def _block_logits(q_block, k_t, mask):  # (g, b, h) x (g, h, s) -> (g, b, s)
+    logits = jnp.einsum("gbh,ghs->gbs", q_block, k_t)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, :], logits, _masked_value(logits.dtype))
+    return logits
 
 
 def _scale(q):
@@ -209,21 +223,28 @@ def _blockwise_fwd(q, k, v, mask, block_size, precision):
 
 
 def _blockwise_fwd_body(q, k, v, mask, block_size):
-    t = q.shape[0]
-    k_t = lax.optimization_barrier(jnp.transpose(k, (1, 2, 0)))  # (n, h, s)
-    v_h = jnp.swapaxes(v, 0, 1)  # (n, s, h)
+    pairs, t, _ = q.shape
+    g, b = _blocking(pairs, t, block_size, q.dtype.itemsize)
+    k_t = _groups(lax.optimization_barrier(jnp.swapaxes(k, 1, 2)), g)  # (p/g, g, h, s)
+    masks = None if mask is None else _groups(mask, g)
 
-    def block(_, q_block):
-        logits = _block_logits(q_block, k_t, mask)
-        peak = jnp.max(logits, axis=-1, keepdims=True)
-        weights = jnp.exp(logits - peak)
-        total = jnp.sum(weights, axis=-1, keepdims=True)
-        out = jnp.einsum("nbs,nsh->nbh", weights, v_h) / total
-        return None, (out, (peak + jnp.log(total))[..., 0])
+    def group(_, xs):
+        q_blocks, k_t, v, mask = xs
 
-    _, (out, lse) = _scan_blocks(block, None, _query_blocks(q * _scale(q), block_size))
-    out = _unblock(out, t)
-    return out, (q, k, v, mask, out, lse)
+        def block(_, q_block):
+            logits = _block_logits(q_block, k_t, mask)
+            peak = jnp.max(logits, axis=-1, keepdims=True)
+            weights = jnp.exp(logits - peak)
+            total = jnp.sum(weights, axis=-1, keepdims=True)
+            out = jnp.einsum("gbs,gsh->gbh", weights, v) / total
+            return None, (out, (peak + jnp.log(total))[..., 0])
+
+        return None, _scan(block, None, q_blocks)[1]
+
+    xs = (_to_blocks(q * _scale(q), g, b), k_t, _groups(v, g), masks)
+    _, (out, lse) = _scan(group, None, xs)
+    out = _from_blocks(out, t)
+    return out, (q, k, v, mask, out, _from_blocks(lse, t))
 
 
 def _blockwise_bwd(block_size, precision, residuals, g):
@@ -231,63 +252,89 @@ def _blockwise_bwd(block_size, precision, residuals, g):
         return _blockwise_bwd_body(block_size, residuals, g)
 
 
-def _blockwise_bwd_body(block_size, residuals, g):
+def _blockwise_bwd_body(block_size, residuals, d_out):
     q, k, v, mask, out, lse = residuals
-    t = q.shape[0]
+    pairs, t, _ = q.shape
+    g, b = _blocking(pairs, t, block_size, q.dtype.itemsize)
     barrier = lax.optimization_barrier
-    k_t = barrier(jnp.transpose(k, (1, 2, 0)))  # (n, h, s)
-    v_t = barrier(jnp.transpose(v, (1, 2, 0)))
-    k_h = jnp.swapaxes(k, 0, 1)  # (n, s, h)
-    q_blocks = _query_blocks(q * _scale(q), block_size)
-    g_blocks = _query_blocks(g, block_size)
-    q_blocks_t = barrier(jnp.swapaxes(q_blocks, -1, -2))  # (blocks, n, h, b)
-    g_blocks_t = barrier(jnp.swapaxes(g_blocks, -1, -2))
+    q_blocks = _to_blocks(q * _scale(q), g, b)  # (p/g, blocks, g, b, h)
+    g_blocks = _to_blocks(d_out, g, b)
     # dP - rowsum(dO * O): the softmax backward without materialising its Jacobian. Padded
-    # query rows have g = 0, so they add nothing to dK and dV.
-    delta = jnp.sum(g_blocks * _query_blocks(out, block_size), axis=-1)
+    # query rows have dO = 0, so they add nothing to dK and dV.
+    delta = _to_blocks(jnp.sum(d_out * out, axis=-1), g, b)
+    xs = (
+        q_blocks,
+        barrier(jnp.swapaxes(q_blocks, -1, -2)),
+        g_blocks,
+        barrier(jnp.swapaxes(g_blocks, -1, -2)),
+        _to_blocks(lse, g, b),
+        delta,
+        _groups(barrier(jnp.swapaxes(k, 1, 2)), g),  # (p/g, g, h, s)
+        _groups(barrier(jnp.swapaxes(v, 1, 2)), g),
+        _groups(k, g),  # (p/g, g, s, h)
+        None if mask is None else _groups(mask, g),
+    )
 
-    def block(carry, xs):
-        dk_t, dv_t = carry
-        q_block, q_block_t, g_block, g_block_t, lse_block, delta_block = xs
-        weights = jnp.exp(_block_logits(q_block, k_t, mask) - lse_block[..., None])
-        dv_t = dv_t + jnp.einsum("nhb,nbs->nhs", g_block_t, weights)
-        d_weights = jnp.einsum("nbh,nhs->nbs", g_block, v_t)
-        d_logits = weights * (d_weights - delta_block[..., None])
-        dq_block = jnp.einsum("nbs,nsh->nbh", d_logits, k_h)
-        dk_t = dk_t + jnp.einsum("nhb,nbs->nhs", q_block_t, d_logits)
-        return (dk_t, dv_t), dq_block
+    def group(_, xs):
+        q_blocks, q_blocks_t, g_blocks, g_blocks_t, lse, delta, k_t, v_t, k_h, mask = xs
 
-    zeros = jnp.zeros_like(k_t)
-    xs = (q_blocks, q_blocks_t, g_blocks, g_blocks_t, lse, delta)
-    (dk_t, dv_t), dq = _scan_blocks(block, (zeros, zeros), xs)
-    dq = _unblock(dq, t) * _scale(q)
-    return dq, jnp.transpose(dk_t, (2, 0, 1)), jnp.transpose(dv_t, (2, 0, 1)), None
+        def block(carry, ys):
+            dk_t, dv_t = carry
+            q_block, q_block_t, g_block, g_block_t, lse_block, delta_block = ys
+            weights = jnp.exp(_block_logits(q_block, k_t, mask) - lse_block[..., None])
+            dv_t = dv_t + jnp.einsum("ghb,gbs->ghs", g_block_t, weights)
+            d_weights = jnp.einsum("gbh,ghs->gbs", g_block, v_t)
+            d_logits = weights * (d_weights - delta_block[..., None])
+            dq_block = jnp.einsum("gbs,gsh->gbh", d_logits, k_h)
+            dk_t = dk_t + jnp.einsum("ghb,gbs->ghs", q_block_t, d_logits)
+            return (dk_t, dv_t), dq_block
+
+        zeros = jnp.zeros_like(k_t)
+        ys = (q_blocks, q_blocks_t, g_blocks, g_blocks_t, lse, delta)
+        (dk_t, dv_t), dq = _scan(block, (zeros, zeros), ys)
+        return None, (dk_t, dv_t, dq)
+
+    _, (dk_t, dv_t, dq) = _scan(group, None, xs)
+    unpair = lambda x: jnp.swapaxes(x.reshape(pairs, *x.shape[2:]), 1, 2)  # -> (p, s, h)
+    return _from_blocks(dq, t) * _scale(q), unpair(dk_t), unpair(dv_t), None
 
 
 _blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
+def _pairs(x):  # (*batch, seq, heads, h) -> (batch * heads, seq, h)
+    x = jnp.moveaxis(x, -2, -3)
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def _unpairs(x, shape):  # inverse of `_pairs` for a `shape` of (*batch, seq, heads, h)
+    x = x.reshape(*shape[:-3], shape[-2], shape[-3], shape[-1])
+    return jnp.moveaxis(x, -3, -2)
+
+
 def attention(
-    q: Float[Array, "seq heads head_dim"],
-    k: Float[Array, "seq heads head_dim"],
-    v: Float[Array, "seq heads head_dim"],
-    mask: Bool[Array, " seq"] | None = None,
+    q: Float[Array, "*batch seq heads head_dim"],
+    k: Float[Array, "*batch seq heads head_dim"],
+    v: Float[Array, "*batch seq heads head_dim"],
+    mask: Bool[Array, "*batch seq"] | None = None,
     *,
     implementation: str | None = None,
-    block_size: int = 128,
-) -> Float[Array, "seq heads head_dim"]:
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Float[Array, "*batch seq heads head_dim"]:
     """Softmax attention `softmax(q k^T / sqrt(head_dim)) v` per head, keys masked.
 
     **Arguments:**
 
-    - `q`, `k`, `v`: queries, keys and values of one sequence.
-    - `mask`: `True` for the keys that take part; a query whose keys are all masked gets
-      uniform weights over all keys (a finite result, never NaN).
+    - `q`, `k`, `v`: queries, keys and values of one sequence, or of a batch on leading
+      axes (passing the batch here, instead of `jax.vmap`-ing over it, lets the
+      blockwise path choose its loops over the whole batch).
+    - `mask`: `True` for the keys that take part, shaped `q.shape[:-2]`; a query whose keys
+      are all masked gets uniform weights over all keys (a finite result, never NaN).
     - `implementation`: one of `"xla"`, `"cudnn"`, `"blockwise"`, `"einsum"`, or `None`
       for `choose_implementation`'s choice. `"xla"` in float64 runs `"einsum"`, since
       `jax.nn.dot_product_attention` takes its softmax in float32.
-    - `block_size`: query rows per block of `"blockwise"` (any positive integer; the last
-      block is zero-padded).
+    - `block_size`: the most query rows per block of `"blockwise"` (any positive integer;
+      the last block is zero-padded).
 
     **Returns:**
 
@@ -295,23 +342,48 @@ def attention(
 
     **Raises:**
 
-    `ValueError` for an unknown `implementation`.
+    `ValueError` for an unknown `implementation` or mismatched shapes.
     """
     _check_implementation(implementation)
-    seq, _, head_dim = q.shape
+    _check_attention_shapes(q, k, v, mask)
+    *batch, seq, heads, head_dim = q.shape
     if implementation is None:
         implementation = choose_implementation(
             _current_platform(), q.dtype, seq, head_dim, mask is not None
         )
     if implementation == "blockwise":
-        return _blockwise_attention(q, k, v, mask, min(block_size, seq), _current_precision())
+        if mask is not None:
+            mask = jnp.broadcast_to(mask[..., None, :], (*batch, heads, seq)).reshape(-1, seq)
+        out = _blockwise_attention(
+            _pairs(q), _pairs(k), _pairs(v), mask, block_size, _current_precision()
+        )
+        return _unpairs(out, q.shape)
     if implementation == "einsum" or (implementation == "xla" and q.dtype == jnp.float64):
         return _einsum_attention(q, k, v, mask)
-    attn_mask = None if mask is None else mask[None, None, :]
+    # jax.nn.dot_product_attention takes one batch axis (or none).
+    flat = lambda x: x.reshape(-1, *x.shape[-3:]) if batch else x
+    attn_mask = None if mask is None else mask.reshape(-1, seq)[:, None, None, :]
+    if attn_mask is not None and not batch:
+        attn_mask = attn_mask[0]
     # jax.nn.dot_product_attention promotes half-precision logits against float32 itself,
     # which a caller's strict dtype promotion would refuse; its result keeps q's dtype.
     with jax.numpy_dtype_promotion("standard"):
-        return jax.nn.dot_product_attention(q, k, v, mask=attn_mask, implementation=implementation)
+        out = jax.nn.dot_product_attention(
+            flat(q), flat(k), flat(v), mask=attn_mask, implementation=implementation
+        )
+    return out.reshape(q.shape)
+
+
+def _check_attention_shapes(q, k, v, mask) -> None:
+    if q.ndim < 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            "attention needs q, k and v of one shape (*batch, seq, heads, head_dim); got "
+            f"{q.shape}, {k.shape} and {v.shape}."
+        )
+    if mask is not None and mask.shape != q.shape[:-2]:
+        raise ValueError(
+            f"attention needs a mask of shape {q.shape[:-2]} (*batch, seq); got {mask.shape}."
+        )
 
 
 def _check_implementation(implementation) -> None:
@@ -343,7 +415,7 @@ class MultiHeadAttention(eqx.Module):
     - `key`: a JAX PRNG key for the initial weights.
     - `implementation`: `None` (choose as above) or one of `"xla"`, `"cudnn"` (raises where
       JAX's cuDNN kernel cannot run), `"blockwise"`, `"einsum"`.
-    - `block_size`: query rows per block of the blockwise implementation.
+    - `block_size`: the most query rows per block of the blockwise implementation.
     - `dtype`: dtype of the weights.
 
     **Raises:**
@@ -367,7 +439,7 @@ class MultiHeadAttention(eqx.Module):
         *,
         key: PRNGKeyArray,
         implementation: str | None = None,
-        block_size: int = 128,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         dtype=jnp.float32,
     ):
         if num_heads < 1 or dim % num_heads != 0:
@@ -379,7 +451,8 @@ class MultiHeadAttention(eqx.Module):
         if block_size < 1:
             raise ValueError(
                 f"MultiHeadAttention needs block_size >= 1; got {block_size}. Pass a "
-                "positive number of query rows per block (128 is the default)."
+                f"positive number of query rows per block ({DEFAULT_BLOCK_SIZE} is the "
+                "default)."
             )
         kq, ko = jr.split(key)
         self.qkv_weight = _dense_init(kq, dim, (dim, 3 * dim), dtype)
@@ -391,23 +464,14 @@ class MultiHeadAttention(eqx.Module):
         self.block_size = block_size
 
     def __call__(
-        self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"] | None = None
-    ) -> Float[Array, "seq dim"]:
-        seq, dim = u.shape
+        self, u: Float[Array, "*batch seq dim"], mask: Bool[Array, "*batch seq"] | None = None
+    ) -> Float[Array, "*batch seq dim"]:
+        *batch, seq, dim = u.shape
         head_dim = dim // self.num_heads
-        implementation = self.implementation
-        if implementation is None:
-            implementation = choose_implementation(
-                _current_platform(), u.dtype, seq, head_dim, mask is not None
-            )
-        # The CPU path's projections get the row-major backward as well (see `_matmul`);
-        # the others keep plain autodiff, and with it forward-mode differentiation.
-        if implementation == "blockwise":
-            matmul = functools.partial(_matmul, precision=_current_precision())
-        else:
-            matmul = jnp.matmul
-        qkv = matmul(u, self.qkv_weight) + self.qkv_bias
-        qkv = qkv.reshape(seq, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        out = attention(q, k, v, mask, implementation=implementation, block_size=self.block_size)
-        return matmul(out.reshape(seq, dim), self.out_weight) + self.out_bias
+        qkv = dense(u, self.qkv_weight, self.qkv_bias)
+        qkv = qkv.reshape(*batch, seq, 3, self.num_heads, head_dim)
+        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        out = attention(
+            q, k, v, mask, implementation=self.implementation, block_size=self.block_size
+        )
+        return dense(out.reshape(*batch, seq, dim), self.out_weight, self.out_bias)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .attention import _dense_init
+from .attention import _dense_init, dense
 
 
 class Reaction(eqx.Module):
@@ -46,5 +46,6 @@ class Reaction(eqx.Module):
         self.b2 = jnp.zeros((dim,), dtype)
         self.activation = activation
 
-    def __call__(self, u: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
-        return self.activation(u @ self.w1 + self.b1) @ self.w2 + self.b2
+    def __call__(self, u: Float[Array, "*batch seq dim"]) -> Float[Array, "*batch seq dim"]:
+        # Token-wise: any leading axes, flattened into one matmul (see `dense`).
+        return dense(self.activation(dense(u, self.w1, self.b1)), self.w2, self.b2)
