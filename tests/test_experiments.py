@@ -299,3 +299,20 @@ def test_bench_peers_names_the_extra_without_torch(experiments, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(SystemExit, match=re.escape('pip install -e ".[peers]"')):
         module._import_peers()
+
+
+def test_bench_layout_smoke(experiments):
+    """The layout benchmark at tiny sizes: both variants and the default blocking timed,
+    and the forced blockings restored afterwards."""
+    from pdeformer.operators import attention
+
+    module = experiments("bench_layout")
+    budget = attention._BLOCK_BYTES
+    result = json.loads(json.dumps(module.main(["--quick", "--json", "--repeats", "1"])))
+    assert attention._BLOCK_BYTES == budget
+    layout = result["vmapped_vs_batched"]
+    assert set(layout["times_ms"]) == {"vmapped", "batched"} and _finite(layout["ratio"])
+    assert [b["seq"] for b in result["blocking"]] == [64, 32]
+    for b in result["blocking"]:
+        assert b["default"] in b["times_ms"]
+        assert all(_finite(t) for t in b["times_ms"].values())

@@ -84,9 +84,10 @@ def _per_sequence(layer, u, mask):
 
 def _token_wise(norm: AbstractNorm, u):
     """A token-wise norm on `(*batch, seq, dim)`: the batch is folded into the token axis."""
+    apply = jax.checkpoint(lambda n, x: n(x))
     if u.ndim == 2:
-        return norm(u)
-    return norm(u.reshape(-1, u.shape[-1])).reshape(u.shape)
+        return apply(norm, u)
+    return apply(norm, u.reshape(-1, u.shape[-1])).reshape(u.shape)
 
 
 # ---------------------------------------------------------------------------------------

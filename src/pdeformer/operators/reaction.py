@@ -48,4 +48,8 @@ class Reaction(eqx.Module):
 
     def __call__(self, u: Float[Array, "*batch seq dim"]) -> Float[Array, "*batch seq dim"]:
         # Token-wise: any leading axes, flattened into one matmul (see `dense`).
-        return dense(self.activation(dense(u, self.w1, self.b1)), self.w2, self.b2)
+        # The activation is rematerialised in the backward pass: reverse mode then keeps
+        # only its input, not the several hidden-size intermediates of e.g. the tanh GELU,
+        # which a scan over layers (or depth steps) would otherwise store and copy.
+        hidden = jax.checkpoint(self.activation)(dense(u, self.w1, self.b1))
+        return dense(hidden, self.w2, self.b2)
