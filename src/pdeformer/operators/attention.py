@@ -102,9 +102,8 @@ def dense(x: Float[Array, "*rows fan_in"], w: Float[Array, "fan_in fan_out"], b=
     The leading axes are flattened first. Under `jax.vmap` (or with a 3-D `x` and
     `jnp.matmul`) the weight gradient `x^T g` contracts two axes at once, and XLA's CPU
     backend then copies the cotangent into a transposed layout and leaves its fast matmul
-    path: the feed-forward network's forward + backward measured 1.8x slower that way
-    (batch 8, seq 512, dim 128). This is why the field takes its batch axes itself instead
-    of being vmapped (`docs/architecture.md`).
+    path. This is why the field takes its batch axes itself instead of being vmapped
+    (`docs/architecture.md`; `experiments/bench_layout.py`).
     """
     out = (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
     return out if b is None else out + b
@@ -150,9 +149,9 @@ def _einsum_attention(q, k, v, mask):
 # the whole batch, so that the loop structure is chosen here and not by `vmap`. An outer
 # `lax.scan` walks groups of `g` pairs, an inner one blocks of `b` query rows; each step
 # holds one `(g, b, seq)` block of logits. The sizes follow `_blocking`: about 8 MiB per
-# block and at least two groups, which measured fastest on XLA's CPU backend (a block of a
-# few MiB stays in cache between the matmul and the softmax; one group for the whole batch
-# was up to 1.5x slower). XLA's CPU backend hands a matmul to its fast library only when
+# block and at least two groups, the fastest of the choices `experiments/bench_layout.py`
+# times on XLA's CPU backend (a block of a few MiB stays in cache between the matmul and the
+# softmax). XLA's CPU backend hands a matmul to its fast library only when
 # each operand is read along its rows; a product like `P^T dO` (contracting the rows of the
 # big block) falls back to a slow loop or a full transpose copy of the block. Every product
 # below reads the block row-major; the small `(b, h)` operands are transposed instead,
