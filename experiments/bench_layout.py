@@ -38,6 +38,7 @@ import jax.random as jr
 import pdeformer as pf
 from _common import machine
 from _flags import add_config_flags, config_from_args
+from _timing import interleaved
 from pdeformer.operators import attention as attention_module
 
 
@@ -111,16 +112,7 @@ def _step(c: LayoutConfig, seq: int, block_size: int, vmapped: bool):
 
 
 def _interleaved(fns: dict[str, Any], repeats: int, what: str) -> dict[str, float]:
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-        _log(
-            f"{what} {r + 1}/{repeats}: "
-            + ", ".join(f"{k} {1e3 * v[-1]:.1f} ms" for k, v in samples.items())
-        )
+    samples = interleaved(fns, repeats, what, _log)
     return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
 

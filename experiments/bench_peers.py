@@ -59,6 +59,7 @@ from typing import Any
 
 from _flags import add_config_flags, config_from_args
 from _reference import field_weights
+from _timing import interleaved
 
 TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
 TARGETS_GPU = {"pdeformer_vs_torchdiffeq": 0.5}
@@ -260,17 +261,7 @@ def _torch_field_class(torch):
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, label: str) -> dict[str, list]:
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-        _log(
-            f"{label} {r + 1}/{repeats}: "
-            + ", ".join(f"{n} {1e3 * s[-1]:.1f} ms" for n, s in samples.items())
-        )
-    return samples
+    return interleaved(fns, repeats, label, _log)
 
 
 def _median_ms(samples: list[float]) -> float:
