@@ -67,7 +67,6 @@ class _Rate(eqx.Module):
     """
 
     field: Field
-    ndim: int = eqx.field(static=True)
     matmul_precision: str | None = eqx.field(static=True, default=None)
 
     def __call__(self, t, u, args):
@@ -448,7 +447,7 @@ class Continuous(AbstractDepth):
         )
 
     def _adaptive(self, field, u0, mask, ts_save):
-        term = diffrax.ODETerm(_Rate(field, u0.ndim, self.matmul_precision))
+        term = diffrax.ODETerm(_Rate(field, self.matmul_precision))
         controller = _clip_controller(
             self.controller, jump_ts=field.jump_times(), step_ts=(), dtype=u0.dtype
         )
@@ -552,7 +551,7 @@ class Continuous(AbstractDepth):
                 f"{edges.tolist()}; got {ts_save.tolist()}. Use an adaptive controller to "
                 "save elsewhere."
             )
-        term = diffrax.ODETerm(_Rate(field, u0.ndim, self.matmul_precision))
+        term = diffrax.ODETerm(_Rate(field, self.matmul_precision))
         dtype = u0.dtype
         starts = jnp.asarray(edges[:-1], dtype)
         # Pieces ending on an inner layer boundary apply the field's between-layer map.

@@ -521,7 +521,7 @@ class ExponentialContinuous(AbstractDepth):
         dtype = u0.dtype
         smooth = eqx.tree_at(lambda f: f.diffusion, field, None, is_leaf=lambda x: x is None)
         terms = diffrax.MultiTerm(
-            diffrax.ODETerm(_Rate(smooth, u0.ndim, self.matmul_precision)),
+            diffrax.ODETerm(_Rate(smooth, self.matmul_precision)),
             DiffusionTerm(field.diffusion, u0, mask),
         )
         controller = _clip_controller(
