@@ -316,3 +316,15 @@ def test_bench_layout_smoke(experiments):
     for b in result["blocking"]:
         assert b["default"] in b["times_ms"]
         assert all(_finite(t) for t in b["times_ms"].values())
+
+
+def test_profile_solve_smoke(experiments):
+    """The profile at tiny sizes: trace events attributed to HLO instructions of both
+    passes, the matmuls among them found."""
+    module = experiments("profile_solve")
+    result = json.loads(json.dumps(module.main(["--quick", "--json"])))
+    assert result["nfe"] > 0 and _finite(result["wall_ms_per_call"])
+    assert {"forward matmul", "backward matmul", "backward other"} <= set(result["self_ms"])
+    assert all(v >= 0 for v in result["self_ms"].values())
+    assert len(result["top"]) == 5 and result["instructions_profiled"] >= 5
+    assert {row["pass"] for row in result["top"]} <= {"forward", "backward"}
