@@ -14,9 +14,10 @@ cost in time. Two sweeps:
   `BacksolveAdjoint`;
 - **max_steps**: an adaptive Tsit5 solve of a fixed field with growing `max_steps` (the
   solver's step budget, which sizes the checkpointing adjoint's buffers), for
-  `RecursiveCheckpointAdjoint()` (about `log(max_steps)` checkpoints, recomputation in the
-  backward pass), `RecursiveCheckpointAdjoint(checkpoints=max_steps)` (every step stored)
-  and `BacksolveAdjoint` (no stored steps; a backward solve).
+  `RecursiveCheckpointAdjoint()` (about `sqrt(2 max_steps)` checkpoints, 90 at 4096;
+  recomputation in the backward pass once the steps outnumber them),
+  `RecursiveCheckpointAdjoint(checkpoints=max_steps)` (every step stored) and
+  `BacksolveAdjoint` (no stored steps; a backward solve).
 
 XLA's analysis is exact for the compiled program and the same on every backend that
 reports it (CPU and GPU); it is not a measured resident set size.

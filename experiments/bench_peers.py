@@ -506,8 +506,9 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
         runs.append(one_tolerance(c.rtol2, c.atol2, max(2, c.repeats // 2), 0))
 
     # One evaluation of the field alone: forward, and forward+backward (vjp of the sum).
-    # t is an argument, as in the solver: the composition's branch is a traced lax.cond.
-    rate = lambda p, t, u: jax.vmap(lambda v: eqx.combine(p, static)(t, v))(u)
+    # As in the solver, the batch goes to the field itself (no vmap), and t is an argument:
+    # the composition's branch is a traced lax.cond.
+    rate = lambda p, t, u: eqx.combine(p, static)(t, u)
     rate_fwd = jax.jit(rate)
     rate_grad = jax.jit(jax.grad(lambda p, t, u: jnp.sum(rate(p, t, u))))
     t_attn = jnp.asarray(0.25, jnp.float32)
