@@ -83,7 +83,7 @@ class ProfileConfig:
 QUICK = dict(batch=2, seq=16, dim=16, heads=2, layers=2, hidden=32, calls=1, top=5)
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\(", re.M)
-_COMPUTATION = re.compile(r"^%?([\w.\-]+) \(.*\) -> .* \{$", re.M)
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$", re.M)
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
