@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 _KINDS = {"int": int, "float": float, "str": str}
@@ -46,3 +47,24 @@ def config_from_args(
     values.update(preset or {})
     values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
     return config_cls(**values)
+
+
+def json_or_table_main(
+    argv: Sequence[str] | None,
+    *,
+    description: str,
+    config_cls: type,
+    quick: Mapping[str, Any],
+    run: Callable[[Any], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """The command line of a benchmark with `--json`, `--quick` and one flag per config
+    field: runs `run(config)` and prints one JSON object or `table(result)`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
+    add_config_flags(parser, config_cls)
+    args = parser.parse_args(argv)
+    result = run(config_from_args(args, config_cls, quick if args.quick else None))
+    print(json.dumps(result) if args.json else table(result))
+    return result

@@ -21,10 +21,8 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -37,7 +35,7 @@ import jax.random as jr
 
 import pdeformer as pf
 from _common import machine
-from _flags import add_config_flags, config_from_args
+from _flags import json_or_table_main
 from _timing import interleaved
 from pdeformer.operators import attention as attention_module
 
@@ -194,15 +192,14 @@ def _table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
-    add_config_flags(parser, LayoutConfig)
-    args = parser.parse_args(argv)
-    config = config_from_args(args, LayoutConfig, QUICK if args.quick else None)
-    result = run(config)
-    print(json.dumps(result) if args.json else _table(result))
-    return result
+    return json_or_table_main(
+        argv,
+        description=__doc__.splitlines()[0],
+        config_cls=LayoutConfig,
+        quick=QUICK,
+        run=run,
+        table=_table,
+    )
 
 
 if __name__ == "__main__":

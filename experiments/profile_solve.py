@@ -30,7 +30,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import datetime
@@ -51,7 +50,7 @@ import jax.random as jr
 
 import pdeformer as pf
 from _common import machine
-from _flags import add_config_flags, config_from_args
+from _flags import json_or_table_main
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,15 +242,14 @@ def _table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
-    add_config_flags(parser, ProfileConfig)
-    args = parser.parse_args(argv)
-    config = config_from_args(args, ProfileConfig, QUICK if args.quick else None)
-    result = run(config)
-    print(json.dumps(result) if args.json else _table(result))
-    return result
+    return json_or_table_main(
+        argv,
+        description=__doc__.splitlines()[0],
+        config_cls=ProfileConfig,
+        quick=QUICK,
+        run=run,
+        table=_table,
+    )
 
 
 if __name__ == "__main__":
