@@ -70,8 +70,18 @@ def test_values_and_gradients_equal_plain_attention(
         out, grads = _value_and_vjp(fn, q, k, v, g, mask)
         ref_out, ref_grads = _value_and_vjp(_plain_attention, q, k, v, g, mask)
         assert out.dtype == dtype and all(x.dtype == dtype for x in grads)
-        assert tree_allclose(out, ref_out)
-        assert tree_allclose(grads, ref_grads)
+        for x, ref in zip((out, *grads), (ref_out, *ref_grads), strict=True):
+            assert tree_allclose(x, ref, **_normwise_tolerance(ref))
+
+
+def _normwise_tolerance(ref) -> dict:
+    """float32 round-off in attention's gradients scales with their largest entry, not with
+    each entry: logits here spread by about 4 and gradients reach about 10, so an entry near
+    zero can differ by ~1e-5 between two correct summation orders. Measured over 300 seeds x
+    3 masks x every implementation: max |diff| / max |ref| <= 4.4e-6; allowed: 2e-5."""
+    if ref.dtype != jnp.float32:
+        return {}
+    return dict(rtol=0.0, atol=2e-5 * float(jnp.max(jnp.abs(ref))))
 
 
 @pytest.mark.parametrize("implementation", ["blockwise", "einsum", "xla"])
