@@ -118,6 +118,40 @@ def step_outputs_stay_replicated(task):
     }
 
 
+def sharded_attention():
+    # The CPU attention on a batch split over the four devices: each device computes its own
+    # sequences' pairs; no collective gathers the activations onto every device.
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from pdeformer.operators.attention import attention
+
+    mesh = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Auto,))
+    shape = (8, 32, 2, 4)  # 16 (sequence, head) pairs
+    q, k, v = (jr.normal(jr.PRNGKey(i), shape, jnp.float64) for i in range(3))
+    mask = jnp.arange(32)[None, :] < jnp.arange(25, 33)[:, None]
+
+    def grads(q, k, v, mask):
+        loss = lambda q, k, v: jnp.sum(
+            jnp.sin(attention(q, k, v, mask, implementation="blockwise"))
+        )
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    fn = jax.jit(grads)
+    one = fn(q, k, v, mask)
+    sharded = [
+        jax.device_put(x, NamedSharding(mesh, PartitionSpec("batch"))) for x in (q, k, v, mask)
+    ]
+    hlo = fn.lower(*sharded).compile().as_text()
+    four = fn(*sharded)
+    return {
+        "gathers": sum(hlo.count(op) for op in ("all-gather", "all-to-all", "collective-permute")),
+        "grad_diff": max_diff(one, four),
+        "grads_sharded": all(
+            len(g.sharding.device_set) == 4 and not g.sharding.is_fully_replicated for g in four
+        ),
+    }
+
+
 def errors(task):
     out = {}
     config = TrainConfig(warmup_steps=0, total_steps=1, batch_size=6, progress=False)
@@ -210,6 +244,7 @@ def main() -> None:
         "resume": lambda: resume(task),
         "adaptive": lambda: compare(task, adaptive, steps=2, evaluation=False),
         "errors": lambda: errors(task),
+        "sharded_attention": sharded_attention,
         "cli": lambda: cli(task),
     }
     for name, check in checks.items():

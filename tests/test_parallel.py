@@ -88,6 +88,15 @@ def test_resume_on_four_devices_is_exact_and_loads_on_one(measured):
     assert resume["single_device_sharding"] == 1
 
 
+def test_sharded_blockwise_attention_stays_on_its_devices(measured):
+    # Its loops walk groups of (sequence, head) pairs; a group must span the devices, or XLA
+    # gathers every pair onto every device and each one computes the whole batch.
+    run = measured["sharded_attention"]
+    assert run["gathers"] == 0
+    assert run["grads_sharded"]
+    assert run["grad_diff"] < 1e-12
+
+
 def test_batch_size_not_divisible_says_what_to_pass(measured):
     errors = measured["errors"]
     assert errors["train_batch"] == (

@@ -161,15 +161,24 @@ _BLOCK_BYTES = 8 * 2**20
 DEFAULT_BLOCK_SIZE = 512
 
 
-def _blocking(pairs: int, seq: int, block_size: int, itemsize: int) -> tuple[int, int]:
-    """`(g, b)`: pairs per group (a divisor of `pairs`) and query rows per block."""
+def _blocking(
+    pairs: int, seq: int, block_size: int, itemsize: int, shards: int = 1
+) -> tuple[int, int]:
+    """`(g, b)`: pairs per group (a divisor of `pairs`) and query rows per block.
+
+    `g` is a multiple of `shards` where `pairs` allows it, and the memory bound applies to
+    the `g / shards` pairs of one shard: a batch split over `shards` devices then splits
+    each group evenly, and no device waits for another's pairs (see `_groups`).
+    """
+    if pairs % shards != 0:
+        shards = 1
     rows = min(block_size, seq)
     fits = [
         g
-        for g in range(1, pairs + 1)
+        for g in range(shards, pairs + 1, shards)
         if pairs % g == 0
-        and (g == 1 or g * rows * seq * itemsize <= _BLOCK_BYTES)
-        and (g == 1 or pairs // g >= 2)
+        and (g == shards or (g // shards) * rows * seq * itemsize <= _BLOCK_BYTES)
+        and (g == shards or pairs // g >= 2)
     ]
     return max(fits), rows
 
@@ -182,22 +191,29 @@ def _scan(body, carry, xs):
     return lax.scan(body, carry, xs)
 
 
+def _groups(x, g):  # (p, ...) -> (p/g, g, ...); group j holds pairs j, j + p/g, ...
+    # Strided, not contiguous: the loops run over the group axis, and the `g` pairs of a
+    # group are the batch axis of every product. A batch sharded over devices (contiguous
+    # runs of pairs) then shards that batch axis, never the axis a loop walks, which XLA's
+    # partitioner could only serve by gathering every pair onto every device.
+    return jnp.swapaxes(x.reshape(g, x.shape[0] // g, *x.shape[1:]), 0, 1)
+
+
+def _ungroups(x):  # inverse of `_groups`
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
 def _to_blocks(x, g, b):  # (p, t, ...) -> (p/g, t/b, g, b, ...), zero-padded rows
     p, t = x.shape[:2]
     num = -(-t // b)
     x = jnp.pad(x, ((0, 0), (0, num * b - t)) + ((0, 0),) * (x.ndim - 2))
-    x = x.reshape(p // g, g, num, b, *x.shape[2:])
-    return jnp.swapaxes(x, 1, 2)
+    x = x.reshape(p, num, b, *x.shape[2:])
+    return jnp.swapaxes(_groups(x, g), 1, 2)
 
 
 def _from_blocks(x, t):  # (p/g, t/b, g, b, ...) -> (p, t, ...)
-    groups, num, g, b = x.shape[:4]
-    x = jnp.swapaxes(x, 1, 2)
-    return x.reshape(groups * g, num * b, *x.shape[4:])[:, :t]
-
-
-def _groups(x, g):  # (p, ...) -> (p/g, g, ...)
-    return x.reshape(x.shape[0] // g, g, *x.shape[1:])
+    x = _ungroups(jnp.swapaxes(x, 1, 2))
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
 
 
 def _block_logits(q_block, k_t, mask):  # (g, b, h) x (g, h, s) -> (g, b, s)
@@ -223,7 +239,7 @@ def _blockwise_fwd(q, k, v, mask, block_size, precision):
 
 def _blockwise_fwd_body(q, k, v, mask, block_size):
     pairs, t, _ = q.shape
-    g, b = _blocking(pairs, t, block_size, q.dtype.itemsize)
+    g, b = _blocking(pairs, t, block_size, q.dtype.itemsize, jax.device_count())
     k_t = _groups(lax.optimization_barrier(jnp.swapaxes(k, 1, 2)), g)  # (p/g, g, h, s)
     masks = None if mask is None else _groups(mask, g)
 
@@ -254,7 +270,7 @@ def _blockwise_bwd(block_size, precision, residuals, g):
 def _blockwise_bwd_body(block_size, residuals, d_out):
     q, k, v, mask, out, lse = residuals
     pairs, t, _ = q.shape
-    g, b = _blocking(pairs, t, block_size, q.dtype.itemsize)
+    g, b = _blocking(pairs, t, block_size, q.dtype.itemsize, jax.device_count())
     barrier = lax.optimization_barrier
     q_blocks = _to_blocks(q * _scale(q), g, b)  # (p/g, blocks, g, b, h)
     g_blocks = _to_blocks(d_out, g, b)
@@ -294,7 +310,7 @@ def _blockwise_bwd_body(block_size, residuals, d_out):
         return None, (dk_t, dv_t, dq)
 
     _, (dk_t, dv_t, dq) = _scan(group, None, xs)
-    unpair = lambda x: jnp.swapaxes(x.reshape(pairs, *x.shape[2:]), 1, 2)  # -> (p, s, h)
+    unpair = lambda x: jnp.swapaxes(_ungroups(x), 1, 2)  # (p/g, g, h, s) -> (p, s, h)
     return _from_blocks(dq, t) * _scale(q), unpair(dk_t), unpair(dv_t), None
 
 
