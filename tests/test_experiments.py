@@ -328,3 +328,26 @@ def test_profile_solve_smoke(experiments):
     assert all(v >= 0 for v in result["self_ms"].values())
     assert len(result["top"]) == 5 and result["instructions_profiled"] >= 5
     assert {row["pass"] for row in result["top"]} <= {"forward", "backward"}
+
+
+def test_bench_parallel_smoke():
+    """The data-parallel benchmark at tiny sizes, in a process of its own (it sets the
+    virtual device count before JAX starts): both steps timed, equal gradients, and no
+    collective that gathers the batch onto every device."""
+    import subprocess
+    import sys
+
+    script = ROOT / "experiments" / "bench_parallel.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2 and result["machine"]["devices"] == ["cpu:0", "cpu:1"]
+    assert set(result["times_ms"]) == {"one_device", "sharded"}
+    assert _finite(result["sharded_vs_one_device"])
+    assert result["gathering_collectives"] == 0
+    assert result["grad_max_diff"] < 1e-5
