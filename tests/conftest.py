@@ -14,6 +14,9 @@ import pytest
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 SEED = int(os.environ.get("PDEFORMER_TEST_SEED", random.randrange(2**31)))
+# pytest-xdist's workers start after this module is imported, from this environment: they
+# all draw their keys from the one seed the header reports.
+os.environ["PDEFORMER_TEST_SEED"] = str(SEED)
 
 
 def pytest_report_header(config):
