@@ -69,10 +69,6 @@ QUICK = dict(batch=4, seq=32, dim=16, heads=2, layers=1, hidden=32, repeats=2)
 GATHERS = ("all-gather(", "all-to-all(", "collective-permute(")
 
 
-def _log(msg: str) -> None:
-    print(f"[bench_parallel {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def run(c: ParallelConfig) -> dict[str, Any]:
     import equinox as eqx
     import jax
@@ -82,7 +78,7 @@ def run(c: ParallelConfig) -> dict[str, Any]:
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
     import pdeformer as pf
-    from _common import machine
+    from _common import logger, machine
     from _timing import interleaved
 
     if jax.device_count() < c.devices:
@@ -93,6 +89,7 @@ def run(c: ParallelConfig) -> dict[str, Any]:
     if c.batch % c.devices != 0:
         raise SystemExit(f"--batch ({c.batch}) must be a multiple of --devices ({c.devices}).")
     t_start = time.perf_counter()
+    log = logger("bench_parallel")
     key_field, key_u = jr.split(jr.PRNGKey(c.seed))
     field = pf.Field(c.dim, c.heads, c.layers, hidden=c.hidden, key=key_field)
     params, static = eqx.partition(field, eqx.is_array)
@@ -112,7 +109,7 @@ def run(c: ParallelConfig) -> dict[str, Any]:
         jax.device_put(params, NamedSharding(mesh, PartitionSpec())),
         jax.device_put(u, NamedSharding(mesh, PartitionSpec("batch"))),
     )
-    _log(f"compiling ({c.devices} devices, {jax.default_backend()})")
+    log(f"compiling ({c.devices} devices, {jax.default_backend()})")
     hlo = grad.lower(*sharded).compile().as_text()
     gathers = sum(hlo.count(op) for op in GATHERS)
     g_one, g_sharded = grad(*one), grad(*sharded)
@@ -126,7 +123,7 @@ def run(c: ParallelConfig) -> dict[str, Any]:
     }
     for fn in fns.values():
         fn()  # warm up
-    samples = interleaved(fns, c.repeats, "one device vs sharded", _log)
+    samples = interleaved(fns, c.repeats, "one device vs sharded", log)
     times = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
     return {
         "sharded_vs_one_device": times["sharded"] / times["one_device"],
