@@ -57,6 +57,9 @@ def test_invalid_configuration(getkey):
         pf.DiffusionOperator(8, dilations=(0,))
     with pytest.raises(ValueError, match="max_steps must be a positive int"):
         pf.Continuous(max_steps=0)
+    # The library's own check or the jaxtyping hook (in the tests) may answer first.
+    with pytest.raises((TypeError, ValueError), match="adjoint"):
+        pf.Continuous(adjoint="backsolve")
     with pytest.raises(ValueError, match="cannot count vector-field evaluations"):
         pf.Continuous(diffrax.Kvaerno5())
     with pytest.raises(ValueError, match="dt0 must divide"):
@@ -78,3 +81,13 @@ def test_max_steps_too_small(field, getkey):
     sol = quiet(field, u0)
     assert not bool(sol.stats.success)
     assert int(sol.stats.num_steps) == 2
+
+
+def test_default_adjoint_checkpoints():
+    # 16 checkpoints, never more than the step budget (diffrax's own default would keep
+    # about sqrt(2 max_steps), 90 at 4096).
+    assert pf.Continuous().adjoint == diffrax.RecursiveCheckpointAdjoint(checkpoints=16)
+    assert pf.Continuous(max_steps=4).adjoint == diffrax.RecursiveCheckpointAdjoint(checkpoints=4)
+    back = diffrax.BacksolveAdjoint()
+    assert pf.Continuous(adjoint=back).adjoint is back
+    assert pf.ExponentialContinuous().adjoint == diffrax.RecursiveCheckpointAdjoint(checkpoints=16)

@@ -51,6 +51,28 @@ def test_adjoints_agree(getkey):
         assert jnp.linalg.norm(rc) > 1e-3
 
 
+def test_default_adjoint_recomputes_exactly(getkey):
+    # The default keeps 16 checkpoints: a solve of more steps recomputes some of them in
+    # the backward pass, which must give the gradient of keeping every step.
+    with jax.enable_x64(True):
+        field, x, mask = _setup(getkey())
+        ctrl = diffrax.PIDController(rtol=1e-10, atol=1e-10)
+        depth = pf.Continuous(diffrax.Tsit5(), ctrl, max_steps=256)
+        assert depth.adjoint == diffrax.RecursiveCheckpointAdjoint(checkpoints=16)
+        steps = int(depth(field, x, mask).stats.num_steps)
+        assert steps > 2 * pf.depth.DEFAULT_CHECKPOINTS
+        every = pf.Continuous(
+            diffrax.Tsit5(),
+            ctrl,
+            diffrax.RecursiveCheckpointAdjoint(checkpoints=256),
+            max_steps=256,
+        )
+        g = _flat(_grad(field, x, mask, depth))
+        g_every = _flat(_grad(field, x, mask, every))
+        assert jnp.linalg.norm(g - g_every) <= 1e-12 * jnp.linalg.norm(g_every)
+        assert jnp.linalg.norm(g_every) > 1e-3
+
+
 def test_gradient_matches_finite_differences(getkey):
     with jax.enable_x64(True):
         field, x, mask = _setup(getkey())

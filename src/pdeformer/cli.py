@@ -83,7 +83,8 @@ def _depth(args: argparse.Namespace) -> AbstractDepth:
     if args.depth == "discrete":
         return Discrete()
     solver = SOLVERS[args.solver]()
-    adjoint = ADJOINTS[args.adjoint]()
+    # "recursive" is the library's default (`pdeformer.depth.default_adjoint`).
+    adjoint = None if args.adjoint == "recursive" else ADJOINTS[args.adjoint]()
     if args.step_size is not None:
         controller = diffrax.ConstantStepSize()
         return Continuous(solver, controller, adjoint, dt0=args.step_size, max_steps=args.max_steps)
@@ -128,7 +129,7 @@ def _add_depth_options(p: argparse.ArgumentParser) -> None:
         choices=sorted(ADJOINTS),
         default="recursive",
         help="how gradients flow through a continuous solve (default: recursive, i.e. "
-        "diffrax.RecursiveCheckpointAdjoint)",
+        "diffrax.RecursiveCheckpointAdjoint keeping 16 steps, the library's default)",
     )
     g.add_argument(
         "--max-steps", type=int, default=4096, help="most solver steps per solve (default 4096)"

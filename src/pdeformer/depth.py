@@ -18,6 +18,23 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .field import Field
 
+DEFAULT_CHECKPOINTS = 16
+"""How many steps `Continuous`'s default adjoint keeps for its backward pass.
+
+diffrax's own default, `RecursiveCheckpointAdjoint()`, keeps about `sqrt(2 max_steps)`
+copies of the solver state (90 at the usual `max_steps=4096`), sized by the step budget and
+not by the steps taken. A Transformer solve takes a few steps per layer, so most of those
+buffers go unused, yet they are allocated, zero-filled and read on every training step. A
+solve longer than the checkpoints recomputes some steps instead (binomial checkpointing).
+The measured trade is in `docs/results/performance/results.md` (`bench_memory.py`).
+"""
+
+
+def default_adjoint(max_steps: int) -> diffrax.RecursiveCheckpointAdjoint:
+    """The adjoint `Continuous` uses when none is given: diffrax's
+    `RecursiveCheckpointAdjoint` with `min(DEFAULT_CHECKPOINTS, max_steps)` checkpoints."""
+    return diffrax.RecursiveCheckpointAdjoint(checkpoints=min(DEFAULT_CHECKPOINTS, max_steps))
+
 
 class DepthStats(eqx.Module):
     """Statistics of one integration in depth.
@@ -369,7 +386,9 @@ class Continuous(AbstractDepth):
       `diffrax.ConstantStepSize()` with `dt0`. The field's jump times are handed to
       adaptive controllers (through `diffrax.ClipStepSizeController`) at call time.
       Tolerances are stored as arrays, so changing them does not recompile.
-    - `adjoint`: how to differentiate (default `diffrax.RecursiveCheckpointAdjoint()`).
+    - `adjoint`: how to differentiate. Default: `default_adjoint(max_steps)`, diffrax's
+      `RecursiveCheckpointAdjoint` keeping `min(16, max_steps)` steps (see
+      `DEFAULT_CHECKPOINTS`; diffrax's own default keeps `sqrt(2 max_steps)`).
     - `dt0`: initial (or constant) step; default: the field's discrete step.
     - `max_steps`: the most steps the solver may take.
     - `throw`: raise on failure (default); with `False`, failure is reported in
@@ -414,11 +433,16 @@ class Continuous(AbstractDepth):
             )
         evaluations_per_step(self.solver)  # validates the solver early
         self.controller = _array_tolerances(controller)
-        self.adjoint = diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint
         if dt0 is not None and not dt0 > 0:
             raise ValueError(f"dt0 must be > 0; got dt0={dt0}.")
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be a positive int; got max_steps={max_steps!r}.")
+        if adjoint is not None and not isinstance(adjoint, diffrax.AbstractAdjoint):
+            raise ValueError(
+                f"adjoint must be a diffrax adjoint, e.g. diffrax.BacksolveAdjoint(); got "
+                f"{adjoint!r}."
+            )
+        self.adjoint = default_adjoint(max_steps) if adjoint is None else adjoint
         self.dt0 = None if dt0 is None else float(dt0)
         self.max_steps = max_steps
         self.throw = throw

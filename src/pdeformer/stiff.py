@@ -438,7 +438,8 @@ class ExponentialContinuous(AbstractDepth):
     - `controller`: an adaptive step-size controller (default
       `diffrax.PIDController(rtol=1e-3, atol=1e-5)`), with the tolerances checked and
       stored as arrays as `Continuous` does.
-    - `adjoint`: how to differentiate (default `diffrax.RecursiveCheckpointAdjoint()`;
+    - `adjoint`: how to differentiate (default, as for `Continuous`, diffrax's
+      `RecursiveCheckpointAdjoint` keeping `min(16, max_steps)` steps;
       `diffrax.BacksolveAdjoint` is not supported).
     - `dt0`: the initial step; default the field's discrete step.
     - `max_steps`, `throw`, `matmul_precision`: as for `Continuous`.
