@@ -6,18 +6,21 @@ integration) and reads XLA's own memory analysis of the compiled program
 (`compiled.memory_analysis()`): `temp` is the working memory beyond the arguments and
 outputs, what grows with depth when the backward pass stores states. The same program is
 then timed (jitted, warmed up, median of repeats), so each memory figure comes with its
-cost in time. Two sweeps:
+cost in time. Three sweeps:
 
 - **layers**: depth `L` of the default field (per-layer weights, sequential blocks) under
   `Discrete()`, fixed-step Euler with step 1/2 (the same function), and adaptive Tsit5,
-  each differentiated by `RecursiveCheckpointAdjoint` (diffrax's default) and by
-  `BacksolveAdjoint`;
+  each differentiated by the library's default adjoint (`RecursiveCheckpointAdjoint` with
+  16 checkpoints, `pdeformer.depth.DEFAULT_CHECKPOINTS`) and by `BacksolveAdjoint`, and
+  the adaptive solve also by diffrax's default `RecursiveCheckpointAdjoint()`;
 - **max_steps**: an adaptive Tsit5 solve of a fixed field with growing `max_steps` (the
-  solver's step budget, which sizes the checkpointing adjoint's buffers), for
-  `RecursiveCheckpointAdjoint()` (about `sqrt(2 max_steps)` checkpoints, 90 at 4096;
-  recomputation in the backward pass once the steps outnumber them),
-  `RecursiveCheckpointAdjoint(checkpoints=max_steps)` (every step stored) and
-  `BacksolveAdjoint` (no stored steps; a backward solve).
+  solver's step budget, which sizes the checkpointing adjoint's buffers), for the library's
+  default (16 checkpoints), diffrax's `RecursiveCheckpointAdjoint()` (about
+  `sqrt(2 max_steps)` checkpoints, 90 at 4096), `RecursiveCheckpointAdjoint(checkpoints=
+  max_steps)` (every step stored) and `BacksolveAdjoint` (no stored steps; a backward solve);
+- **steps taken**: the same solve at `max_steps=4096` forced to take more steps by a largest
+  step `dtmax`, for the two checkpoint counts: what 16 checkpoints cost once the steps
+  outnumber them and the backward pass recomputes some.
 
 XLA's analysis is exact for the compiled program and the same on every backend that
 reports it (CPU and GPU); it is not a measured resident set size.
@@ -49,6 +52,7 @@ import jax.random as jr
 
 import _common
 import pdeformer as pf
+from _timing import interleaved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,9 @@ class Config:
     - `batch`, `seq`, `dim`, `heads`: input and model sizes (FFN width `4 * dim`).
     - `layers`: depths of the layer sweep.
     - `max_steps`: step budgets of the `max_steps` sweep (at `fixed_layers` layers).
-    - `fixed_layers`: depth of the field in the `max_steps` sweep.
+    - `dtmax`: largest steps of the steps-taken sweep (at `fixed_layers` layers): each
+      forces at least `fixed_layers / dtmax` steps.
+    - `fixed_layers`: depth of the field in the `max_steps` and steps-taken sweeps.
     - `rtol`, `atol`: tolerances of the adaptive solves.
     - `repeats`: timed calls per variant (median reported), after one warm-up call.
     - `seed`: PRNG seed of weights and inputs.
@@ -74,6 +80,7 @@ class Config:
     heads: int = 4
     layers: tuple[int, ...] = (2, 4, 8, 16)
     max_steps: tuple[int, ...] = (64, 256, 1024, 4096)
+    dtmax: tuple[float, ...] = (0.5, 0.125, 0.03125)
     fixed_layers: int = 4
     rtol: float = 1e-3
     atol: float = 1e-5
@@ -94,8 +101,9 @@ SMOKE = Config(
     variants=(
         "Discrete",
         "Euler 1/2, RecursiveCheckpoint",
-        "RecursiveCheckpoint (default checkpoints)",
+        "RecursiveCheckpoint (16, default)",
     ),
+    dtmax=(0.25,),
 )
 
 
@@ -103,8 +111,9 @@ def _loss(field, u0, depth):
     return jnp.mean(depth(field, u0).u ** 2)
 
 
-def _measure(config: Config, field, u0, depth) -> dict[str, Any]:
-    """Compile the forward+backward of one variant, read its memory, time it."""
+def _measure(config: Config, field, u0, depth, timed: bool = True) -> dict[str, Any]:
+    """Compile the forward+backward of one variant, read its memory, time it (with
+    `timed=False`, return the warmed-up call as `call` instead of timing it)."""
     # Arrays as arguments (weights, tolerances), the rest closed over: the gradient is
     # taken with respect to the field's weights only.
     (params, depth_arrays), static = eqx.partition((field, depth), eqx.is_array)
@@ -122,20 +131,22 @@ def _measure(config: Config, field, u0, depth) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     analysis = compiled.memory_analysis()
     jax.block_until_ready(compiled(params, depth_arrays, u0))  # warm-up
+    nfe = int(eqx.filter_jit(lambda f, d, u: d(f, u).stats.nfe)(field, depth, u0))
+    memory = {
+        "temp_mib": analysis.temp_size_in_bytes / 2**20,
+        "argument_mib": analysis.argument_size_in_bytes / 2**20,
+        "output_mib": analysis.output_size_in_bytes / 2**20,
+        "compile_s": compile_s,
+        "nfe": nfe,
+    }
+    if not timed:
+        return memory | {"call": lambda: jax.block_until_ready(compiled(params, depth_arrays, u0))}
     times = []
     for _ in range(config.repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(params, depth_arrays, u0))
         times.append(time.perf_counter() - t0)
-    nfe = int(eqx.filter_jit(lambda f, d, u: d(f, u).stats.nfe)(field, depth, u0))
-    return {
-        "temp_mib": analysis.temp_size_in_bytes / 2**20,
-        "argument_mib": analysis.argument_size_in_bytes / 2**20,
-        "output_mib": analysis.output_size_in_bytes / 2**20,
-        "time_ms": 1e3 * statistics.median(times),
-        "compile_s": compile_s,
-        "nfe": nfe,
-    }
+    return memory | {"time_ms": 1e3 * statistics.median(times)}
 
 
 def _adaptive(config: Config, adjoint, max_steps: int = 4096) -> pf.Continuous:
@@ -155,9 +166,10 @@ def layer_variants(config: Config) -> dict[str, Callable[[], pf.AbstractDepth]]:
     rc, bs = diffrax.RecursiveCheckpointAdjoint, diffrax.BacksolveAdjoint
     return {
         "Discrete": pf.Discrete,
-        "Euler 1/2, RecursiveCheckpoint": lambda: _euler_half(rc()),
+        "Euler 1/2, RecursiveCheckpoint": lambda: _euler_half(None),
         "Euler 1/2, Backsolve": lambda: _euler_half(bs()),
-        "Tsit5 adaptive, RecursiveCheckpoint": lambda: _adaptive(config, rc()),
+        "Tsit5 adaptive, RecursiveCheckpoint (16, default)": lambda: _adaptive(config, None),
+        "Tsit5 adaptive, RecursiveCheckpoint (diffrax default)": lambda: _adaptive(config, rc()),
         "Tsit5 adaptive, Backsolve": lambda: _adaptive(config, bs()),
     }
 
@@ -165,11 +177,30 @@ def layer_variants(config: Config) -> dict[str, Callable[[], pf.AbstractDepth]]:
 def step_variants(config: Config) -> dict[str, Callable[[int], pf.AbstractDepth]]:
     rc, bs = diffrax.RecursiveCheckpointAdjoint, diffrax.BacksolveAdjoint
     return {
-        "RecursiveCheckpoint (default checkpoints)": lambda n: _adaptive(config, rc(), n),
+        "RecursiveCheckpoint (16, default)": lambda n: _adaptive(config, None, n),
+        "RecursiveCheckpoint (diffrax default)": lambda n: _adaptive(config, rc(), n),
         "RecursiveCheckpoint (checkpoints=max_steps)": lambda n: _adaptive(
             config, rc(checkpoints=n), n
         ),
         "Backsolve": lambda n: _adaptive(config, bs(), n),
+    }
+
+
+def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDepth]]:
+    """Adaptive Tsit5 at `max_steps=4096` made to take more steps by a largest step `dtmax`:
+    where 16 checkpoints no longer hold every step and the backward pass recomputes."""
+    rc = diffrax.RecursiveCheckpointAdjoint
+
+    def make(adjoint, dtmax):
+        return pf.Continuous(
+            diffrax.Tsit5(),
+            diffrax.PIDController(rtol=config.rtol, atol=config.atol, dtmax=dtmax),
+            adjoint,
+        )
+
+    return {
+        "RecursiveCheckpoint (16, default)": lambda d: make(None, d),
+        "RecursiveCheckpoint (diffrax default)": lambda d: make(rc(), d),
     }
 
 
@@ -206,9 +237,38 @@ def main(
             log(f"{name:45s} max_steps={n:5d} temp {row['temp_mib']:9.1f} MiB "
                 f"{row['time_ms']:8.1f} ms")  # fmt: skip
             step_rows.append(row)
+    taken_rows = []
+    taken = chosen(taken_variants(config))
+    for d in config.dtmax:
+        # The checkpoint counts are timed interleaved (`_timing.interleaved`), each call of
+        # one next to a call of the other: their ratio is the figure of this sweep.
+        measured = {
+            name: _measure(config, fixed, u0, make(d), timed=False) for name, make in taken.items()
+        }
+        samples = interleaved(
+            {name: m.pop("call") for name, m in measured.items()},
+            max(config.repeats, 5),
+            f"dtmax={d:g}",
+            log,
+        )
+        for name, m in measured.items():
+            depth = taken[name](d)
+            steps = eqx.filter_jit(lambda f, dd, u: dd(f, u).stats.num_steps)(fixed, depth, u0)
+            row = {
+                "variant": name,
+                "dtmax": d,
+                "steps": int(steps),
+                **m,
+                "time_ms": 1e3 * statistics.median(samples[name]),
+                "time_ms_min": 1e3 * min(samples[name]),
+            }
+            log(f"{name:45s} dtmax={d:<8g} steps={row['steps']:4d} temp {row['temp_mib']:9.1f} "
+                f"MiB {row['time_ms']:8.1f} ms")  # fmt: skip
+            taken_rows.append(row)
     return {
         "layers_sweep": layer_rows,
         "max_steps_sweep": step_rows,
+        "steps_taken_sweep": taken_rows,
         "growth": _growth(layer_rows, "layers") | _growth(step_rows, "max_steps"),
         "config": dataclasses.asdict(config),
         "machine": _common.machine(),
@@ -242,6 +302,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['variant']} | {r['max_steps']} | {r['temp_mib']:.1f} | {r['time_ms']:.0f} | "
             f"{r['nfe']} |"
+        )
+    lines += [
+        "",
+        "| variant | dtmax | steps | temp MiB | time ms, interleaved |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["steps_taken_sweep"]:
+        lines.append(
+            f"| {r['variant']} | {r['dtmax']:g} | {r['steps']} | {r['temp_mib']:.1f} | "
+            f"{r['time_ms']:.0f} (min {r['time_ms_min']:.0f}) |"
         )
     return "\n".join(lines)
 

@@ -20,5 +20,8 @@ def test_bench_memory_smoke(monkeypatch, capsys):
         assert r["temp_mib"] > 0 and r["time_ms"] > 0 and r["compile_s"] > 0
     (step,) = result["max_steps_sweep"]
     assert step["max_steps"] == 16 and step["nfe"] > 0 and step["temp_mib"] > 0
+    (taken,) = result["steps_taken_sweep"]
+    # One layer, steps no longer than 1/4: at least four of them.
+    assert taken["dtmax"] == 0.25 and taken["steps"] >= 4 and taken["temp_mib"] > 0
     assert result["growth"] and result["machine"]["cpu"]
     assert result["command"] == "python experiments/bench_memory.py --smoke --json"
