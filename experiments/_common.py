@@ -142,7 +142,8 @@ def _cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model (from `lscpu`), CPU count, platform, Python and jax versions, devices, load."""
+    """CPU model (from `lscpu`), CPU count, platform, Python and jax versions, devices, load,
+    and the allocator's environment variables (`GLIBC_TUNABLES`, `MALLOC_*`) where set."""
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -155,6 +156,11 @@ def machine() -> dict[str, Any]:
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
         "load_average": load,
+        # Allocator settings change CPU timings (XLA allocates its working memory on every
+        # call; see docs/howto/devices.md, "On a CPU"): recorded where set.
+        "malloc_env": {
+            k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")
+        },
     }
 
 

@@ -59,7 +59,7 @@ from typing import Any
 
 from _flags import add_config_flags, config_from_args
 from _reference import field_weights
-from _timing import interleaved
+from _timing import counter_medians, interleaved
 
 TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
 TARGETS_GPU = {"pdeformer_vs_torchdiffeq": 0.5}
@@ -260,8 +260,10 @@ def _torch_field_class(torch):
 # ---------------------------------------------------------------------------------------
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, label: str) -> dict[str, list]:
-    return interleaved(fns, repeats, label, _log)
+def _interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, label: str, counters: dict | None = None
+) -> dict[str, list]:
+    return interleaved(fns, repeats, label, _log, counters)
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -419,6 +421,7 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
             n: p.grad.numpy().copy() for n, p in zip(_torch_names(tfield), tparams, strict=True)
         }
 
+        counters: dict = {}
         samples = _interleaved(
             {
                 "pdeformer": lambda: jax.block_until_ready(grad(params, u0)),
@@ -426,6 +429,7 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
             },
             repeats,
             f"rtol {rtol:g} fwd+bwd",
+            counters,
         )
         fwd_samples = _interleaved(
             {
@@ -481,6 +485,7 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
             "ratio_of_min_times": times_min["pdeformer_fwd_bwd_ms"]
             / times_min["torchdiffeq_fwd_bwd_ms"],
             "times_ms_min": times_min,
+            "memory_faults_fwd_bwd": counter_medians(counters),
             "counts": counts,
             "torchdiffeq_nfe_fwd_bwd": torch_nfe_fwd_bwd,
             "max_abs_error_vs_float64_reference": {
@@ -679,10 +684,12 @@ def _discrete(config: BenchConfig, torch) -> dict[str, Any]:
     for _ in range(c.warmup):
         jax.block_until_ready(grad(params, u0))
         torch_grad()
+    counters: dict = {}
     samples = _interleaved(
         {"pdeformer": lambda: jax.block_until_ready(grad(params, u0)), "pytorch": torch_grad},
         c.repeats,
         "discrete fwd+bwd",
+        counters,
     )
     times = {k: _median_ms(v) for k, v in samples.items()}
     return {
@@ -703,6 +710,7 @@ def _discrete(config: BenchConfig, torch) -> dict[str, Any]:
         "ratio": times["pdeformer"] / times["pytorch"],
         "times_ms": times,
         "times_ms_min": {k: 1e3 * min(v) for k, v in samples.items()},
+        "memory_faults": counter_medians(counters),
         "pdeformer_compile_s": compile_s,
     }
 

@@ -290,6 +290,33 @@ def test_bench_peers_smoke(experiments):
     assert result["discrete_vs_pytorch"]["output_max_abs_diff"] < 1e-4
     assert all(_finite(v) for v in result["ratios"].values())
     assert result["threads"]["torch_intra_op"] >= 1
+    for faults in (run["memory_faults_fwd_bwd"], result["discrete_vs_pytorch"]["memory_faults"]):
+        assert len(faults) == 2
+        for f in faults.values():
+            assert f["minor_faults_per_call"] >= 0 and f["system_cpu_ms_per_call"] >= 0
+    assert isinstance(result["machine"]["malloc_env"], dict)
+
+
+def test_interleaved_counts_page_faults(experiments):
+    """The timing helper's counters see the page faults of memory touched for the first
+    time (a fresh 64 MiB buffer: 16384 pages of 4 KiB, fewer with huge pages) and not
+    those of a call that touches nothing new."""
+    import numpy as np
+
+    timing = experiments("_timing")
+    counters = {}
+    samples = timing.interleaved(
+        {"fresh": lambda: np.ones(2**24, np.float32).sum(), "none": lambda: None},
+        3,
+        "faults",
+        lambda s: None,
+        counters,
+    )
+    assert [len(v) for v in samples.values()] == [3, 3]
+    assert min(counters["fresh"]["minor_faults"]) >= 16
+    assert max(counters["none"]["minor_faults"]) < min(counters["fresh"]["minor_faults"])
+    medians = timing.counter_medians(counters)
+    assert set(medians["fresh"]) == {"minor_faults_per_call", "system_cpu_ms_per_call"}
 
 
 def test_bench_peers_names_the_extra_without_torch(experiments, monkeypatch):
