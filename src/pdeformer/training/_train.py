@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from ..data import Batch, Split, TaskData, iterate_batches, iterate_forever
 from ..depth import AbstractDepth
@@ -578,7 +579,8 @@ def train(
     steps, the batch being one ODE). Checkpoints are gathered to the host, so a run resumes
     on any number of devices. With several processes every process calls `train` with the
     same arguments (the data order is the same everywhere; each feeds its devices' rows),
-    and only process 0 writes to `out_dir`, which must be shared for a resume.
+    and only process 0 writes to `out_dir`, which must be shared for a resume; every process
+    waits at the end until it has written (`multihost_utils.sync_global_devices`).
 
     **Arguments:**
 
@@ -721,6 +723,10 @@ def train(
                 callback(step, record)
         if out is not None and last_checkpoint != config.total_steps:
             checkpoint(config.total_steps)
+        if out is not None and jax.process_count() > 1:
+            # No process returns before process 0 has written: a `train(..., resume=True)`
+            # or `load_checkpoint` right after this call then finds the files on every host.
+            multihost_utils.sync_global_devices("pdeformer.training.train: out_dir written")
     finally:
         progress.close()
         if log is not None:
