@@ -9,7 +9,9 @@ device without `DataParallel`, the reference. Both train the same tiny ListOps c
 (float64, so the two differ only by the order of floating-point sums) for three steps and
 evaluate it under an adaptive continuous solve; the multi-process run stops after two steps
 and resumes from its checkpoint in the shared `OUT_DIR`, and also assembles a batch from
-process-local rows. The last line of stdout is one JSON object of what the test checks.
+process-local rows. With a fifth argument `cli` the process instead runs
+`pdeformer train --distributed` (which joins the others itself). The last line of stdout is
+one JSON object of what the test checks.
 Test configuration as in `parallel_worker.py`: strict dtype promotion, beartype on the
 package's annotations, XLA's optimisations off (compiling dominates).
 """
@@ -22,11 +24,13 @@ import jax
 
 process_id, num_processes, port, out_dir = sys.argv[1:5]
 process_id, num_processes = int(process_id), int(num_processes)
+# `cli`: the same run through `pdeformer train --distributed`, which initialises itself.
+through_cli = sys.argv[5:] == ["cli"]
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_disable_most_optimizations", True)
-if num_processes > 1:
+if num_processes > 1 and not through_cli:
     jax.distributed.initialize(
         coordinator_address=f"localhost:{port}",
         num_processes=num_processes,
@@ -38,6 +42,7 @@ from jaxtyping import install_import_hook  # noqa: E402
 
 with install_import_hook("pdeformer", "beartype.beartype"):
     import pdeformer as pf
+    from pdeformer.cli import main as cli_main
     from pdeformer.data import ListOpsConfig, iterate_batches, load_task
     from pdeformer.training import DataParallel, TrainConfig, evaluate, to_host, train
 
@@ -47,6 +52,19 @@ import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
+
+if through_cli:  # before anything below touches a device
+    args = ["train", "--task", "listops", "--out", out_dir, "--steps", "2", "--no-progress"]
+    for option in ("max_depth=3", "min_length=5", "max_length=20", "num_train=24"):
+        args += ["--task-option", option]
+    args += ["--dim", "8", "--heads", "2", "--layers", "1", "--batch-size", "8"]
+    args += ["--devices", "all", "--distributed", "--coordinator-address", f"localhost:{port}"]
+    args += ["--num-processes", str(num_processes), "--process-id", str(process_id)]
+    stdout, sys.stdout = sys.stdout, sys.stderr  # the CLI's own output is not the result
+    rc = cli_main(args)
+    sys.stdout = stdout
+    print(json.dumps({"rc": rc, "process_count": jax.process_count()}))
+    sys.exit(0)
 
 TINY = ListOpsConfig(max_depth=3, min_length=5, max_length=20, num_train=24, num_val=8, num_test=8)
 CONFIG = TrainConfig(lr=3e-3, warmup_steps=0, total_steps=3, batch_size=8, progress=False)

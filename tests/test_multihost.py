@@ -26,13 +26,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(process_id: int, num_processes: int, port: int, out: Path, devices: int):
+def _start(process_id: int, num_processes: int, port: int, out: Path, devices: int, *extra):
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
     )
     args = [sys.executable, str(WORKER), str(process_id), str(num_processes), str(port), str(out)]
+    args += list(extra)
     pipe = subprocess.PIPE
     return subprocess.Popen(args, stdout=pipe, stderr=pipe, text=True, env=env)
 
@@ -48,19 +49,23 @@ def _result(proc) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("multihost")
-    port = _free_port()
-    procs = [_start(i, 2, port, out, devices=2) for i in range(2)]
-    procs.append(_start(0, 1, port, out / "unused", devices=1))  # the one-device reference
+def _results(procs) -> list[dict]:
     try:
-        *together, reference = [_result(p) for p in procs]
+        return [_result(p) for p in procs]
     finally:
         for p in procs:  # a failed worker leaves the others waiting for it
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost")
+    port = _free_port()
+    procs = [_start(i, 2, port, out, 2) for i in range(2)]
+    procs.append(_start(0, 1, port, out / "unused", 1))  # the one-device reference
+    *together, reference = _results(procs)
     return together, reference, out
 
 
@@ -101,3 +106,15 @@ def test_process_zero_writes_the_shared_directory(runs):
     # Steps 0, 1 from the first call, step 2 after the resume; written once, by process 0.
     assert [r["step"] for r in lines] == [0, 1, 2]
     assert (out / "checkpoint.json").is_file() and list(out.glob("ckpt-*.eqx"))
+
+
+def test_command_line_distributed(tmp_path):
+    # `pdeformer train --distributed --coordinator-address ... --process-id I` on each
+    # "host": both join, train over the four devices, and process 0 writes the run.
+    port = _free_port()
+    out = tmp_path / "run"
+    p0, p1 = _results([_start(i, 2, port, out, 2, "cli") for i in range(2)])
+    assert p0 == p1 == {"rc": 0, "process_count": 2}
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded["devices"] == 4  # the mesh spans both processes' devices
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
