@@ -11,7 +11,7 @@ evaluate it under an adaptive continuous solve; the multi-process run stops afte
 and resumes from its checkpoint in the shared `OUT_DIR`, and also assembles a batch from
 process-local rows. With a fifth argument `cli` the process instead runs
 `pdeformer train --distributed` (which joins the others itself). The last line of stdout is
-one JSON object of what the test checks.
+one JSON object of what the test checks, on the line that starts with `MARK`.
 Test configuration as in `parallel_worker.py`: strict dtype promotion, beartype on the
 package's annotations, XLA's optimisations off (compiling dominates).
 """
@@ -24,6 +24,8 @@ import jax
 
 process_id, num_processes, port, out_dir = sys.argv[1:5]
 process_id, num_processes = int(process_id), int(num_processes)
+# The result line's prefix: gloo writes lines of its own to stdout, at any time.
+MARK = "multihost-result: "
 # `cli`: the same run through `pdeformer train --distributed`, which initialises itself.
 through_cli = sys.argv[5:] == ["cli"]
 
@@ -63,7 +65,7 @@ if through_cli:  # before anything below touches a device
     stdout, sys.stdout = sys.stdout, sys.stderr  # the CLI's own output is not the result
     rc = cli_main(args)
     sys.stdout = stdout
-    print(json.dumps({"rc": rc, "process_count": jax.process_count()}))
+    print(MARK + json.dumps({"rc": rc, "process_count": jax.process_count()}), flush=True)
     sys.exit(0)
 
 TINY = ListOpsConfig(max_depth=3, min_length=5, max_length=20, num_train=24, num_val=8, num_test=8)
@@ -117,4 +119,4 @@ leaves = jax.tree.leaves(eqx.filter(trained, eqx.is_inexact_array))
 result["params"] = [np.ravel(to_host(p)).tolist() for p in leaves]
 result["eval_logits"] = np.asarray(ev.logits).tolist()
 result["eval_nfe"] = ev.mean_nfe
-print(json.dumps(result))
+print(MARK + json.dumps(result), flush=True)

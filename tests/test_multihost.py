@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
+MARK = "multihost-result: "  # as in the worker
 
 
 def _free_port() -> int:
@@ -46,7 +47,9 @@ def _result(proc) -> dict:
         out, err = proc.communicate()
     if proc.returncode != 0:
         pytest.fail(f"{WORKER.name} failed (exit {proc.returncode}):\n{err[-6000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    # gloo writes lines of its own to stdout; the worker marks its result.
+    (line,) = [s for s in out.splitlines() if s.startswith(MARK)]
+    return json.loads(line[len(MARK) :])
 
 
 def _results(procs) -> list[dict]:
