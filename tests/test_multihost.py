@@ -111,6 +111,7 @@ def test_process_zero_writes_the_shared_directory(runs):
     assert (out / "checkpoint.json").is_file() and list(out.glob("ckpt-*.eqx"))
 
 
+@pytest.mark.slow  # about 20 s more of the suite; the same paths as `runs`, through the CLI
 def test_command_line_distributed(tmp_path):
     # `pdeformer train --distributed --coordinator-address ... --process-id I` on each
     # "host": both join, train over the four devices, and process 0 writes the run.
