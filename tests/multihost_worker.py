@@ -91,20 +91,21 @@ else:
     config = dataclasses.replace(CONFIG, checkpoint_every=1)
     early = []
 
+    class Stop(Exception):
+        pass
+
     def stop_after_two(step, record):
         early.append(record["loss"])
         if step == 1:
-            raise KeyboardInterrupt
+            raise Stop
 
     try:
         train(model, task, DEPTH, config, out_dir, parallel=parallel, callback=stop_after_two)
-    except KeyboardInterrupt:
+    except Stop:
         multihost_utils.sync_global_devices("checkpoint of step 2 written")
     trained, history = train(model, task, DEPTH, config, out_dir, resume=True, parallel=parallel)
     result["early_loss"] = early
     ev = evaluate(trained, task.val, EVAL_DEPTH, 8, parallel=parallel)
-    arrays = jax.tree.leaves(eqx.filter(trained, eqx.is_inexact_array))
-    result["param_replicated"] = all(p.sharding.is_fully_replicated for p in arrays)
     # A batch assembled from process-local rows: process i passes rows [4i, 4i + 4).
     batch = next(iterate_batches(task.train, 8, pad_to=task.train.tokens.shape[1]))
     rows = slice(4 * process_id, 4 * process_id + 4)
@@ -116,6 +117,7 @@ else:
 
 result["loss"] = [r["loss"] for r in history]
 leaves = jax.tree.leaves(eqx.filter(trained, eqx.is_inexact_array))
+result["param_replicated"] = all(p.sharding.is_fully_replicated for p in leaves)
 result["params"] = [np.ravel(to_host(p)).tolist() for p in leaves]
 result["eval_logits"] = np.asarray(ev.logits).tolist()
 result["eval_nfe"] = ev.mean_nfe

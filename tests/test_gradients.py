@@ -60,7 +60,7 @@ def test_default_adjoint_recomputes_exactly(getkey):
         depth = pf.Continuous(diffrax.Tsit5(), ctrl, max_steps=256)
         assert depth.adjoint == diffrax.RecursiveCheckpointAdjoint(checkpoints=16)
         steps = int(depth(field, x, mask).stats.num_steps)
-        assert steps > 2 * pf.depth.DEFAULT_CHECKPOINTS
+        assert steps > pf.depth.DEFAULT_CHECKPOINTS  # so the backward pass recomputes
         every = pf.Continuous(
             diffrax.Tsit5(),
             ctrl,

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import tree_allclose
 from pdeformer import Classifier, Continuous, Discrete
+from pdeformer.cli import ADJOINTS, _build_parser, _depth
 from pdeformer.cli import main as cli_main
 from pdeformer.data import ListOpsConfig, batch_order, iterate_batches, load_task
 from pdeformer.training import (
@@ -163,3 +164,16 @@ def test_cli_help_train_and_evaluate(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint_step"] == 2 and result["mean_nfe"] == 2.0
     assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_cli_adjoint_names():
+    # "recursive" is the library's default adjoint, sized by --max-steps.
+    def adjoint(name, max_steps):
+        argv = ["train", "--depth", "continuous", "--adjoint", name, "--out", "x"]
+        return _depth(_build_parser().parse_args([*argv, "--max-steps", str(max_steps)])).adjoint
+
+    assert sorted(ADJOINTS) == ["backsolve", "direct", "recursive"]
+    assert adjoint("recursive", 4096) == diffrax.RecursiveCheckpointAdjoint(checkpoints=16)
+    assert adjoint("recursive", 8) == diffrax.RecursiveCheckpointAdjoint(checkpoints=8)
+    assert isinstance(adjoint("direct", 64), diffrax.DirectAdjoint)
+    assert isinstance(adjoint("backsolve", 64), diffrax.BacksolveAdjoint)

@@ -11,7 +11,7 @@ import argparse
 import functools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import jax
 import jax.random as jr
 
 from .data import TASK_NAMES, load_task
-from .depth import AbstractDepth, Continuous, Discrete
+from .depth import AbstractDepth, Continuous, Discrete, default_adjoint
 from .models import Classifier, DualClassifier
 from .operators import AdaptiveDiffusionLayer, DiffusionLayer
 from .placement import INSERTION_POINTS
@@ -45,12 +45,15 @@ SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
 }
 """Command-line solver names."""
 
-ADJOINTS: dict[str, type[diffrax.AbstractAdjoint]] = {
-    "recursive": diffrax.RecursiveCheckpointAdjoint,
-    "direct": diffrax.DirectAdjoint,
-    "backsolve": diffrax.BacksolveAdjoint,
+ADJOINTS: dict[str, Callable[[int], diffrax.AbstractAdjoint]] = {
+    "recursive": default_adjoint,
+    "direct": lambda max_steps: diffrax.DirectAdjoint(),
+    "backsolve": lambda max_steps: diffrax.BacksolveAdjoint(),
 }
-"""Command-line adjoint names (how gradients flow through a continuous solve)."""
+"""Command-line adjoint names (how gradients flow through a continuous solve), each mapped
+to a function of the step budget `max_steps` returning the adjoint. `"recursive"` is the
+library's default, `pdeformer.depth.default_adjoint` (diffrax's
+`RecursiveCheckpointAdjoint` keeping `min(16, max_steps)` steps)."""
 
 RUN_NAME = "run.json"
 """The file in a run directory recording how the CLI built the task and the model."""
@@ -83,8 +86,7 @@ def _depth(args: argparse.Namespace) -> AbstractDepth:
     if args.depth == "discrete":
         return Discrete()
     solver = SOLVERS[args.solver]()
-    # "recursive" is the library's default (`pdeformer.depth.default_adjoint`).
-    adjoint = None if args.adjoint == "recursive" else ADJOINTS[args.adjoint]()
+    adjoint = ADJOINTS[args.adjoint](args.max_steps)
     if args.step_size is not None:
         controller = diffrax.ConstantStepSize()
         return Continuous(solver, controller, adjoint, dt0=args.step_size, max_steps=args.max_steps)
