@@ -2,14 +2,23 @@
 
 Runtime type checking of the library's jaxtyping annotations with beartype is switched on
 by `--jaxtyping-packages=pdeformer,beartype.beartype` in pyproject.toml's pytest options.
+
+XLA compiles the tests' programs with its backend optimisations off
+(`JAX_DISABLE_MOST_OPTIMIZATIONS=1`, unless the environment already sets it): most of the
+suite's time is compiling, and the tests check what a program computes, not how fast.
+`JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest` runs them fully optimised.
 """
 
 import os
 import random
 
-import jax
-import numpy as np
-import pytest
+# Before JAX is imported, and in the environment so that the subprocesses some tests start
+# (several devices, several processes, experiment scripts) inherit it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
