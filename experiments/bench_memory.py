@@ -17,10 +17,15 @@ cost in time. Three sweeps:
   solver's step budget, which sizes the checkpointing adjoint's buffers), for the library's
   default (16 checkpoints), diffrax's `RecursiveCheckpointAdjoint()` (about
   `sqrt(2 max_steps)` checkpoints, 90 at 4096), `RecursiveCheckpointAdjoint(checkpoints=
-  max_steps)` (every step stored) and `BacksolveAdjoint` (no stored steps; a backward solve);
+  max_steps)` (every step stored), `BacksolveAdjoint` (no stored steps; a backward solve)
+  and, up to `DIRECT_MAX_STEPS`, `DirectAdjoint` (reverse mode through equinox's bounded
+  loop: the budget rounded up to a power of 16, nested scans of 16 steps; the innermost
+  scan keeps its steps' residuals, each level above it is under `jax.checkpoint` and
+  recomputed, so at a budget of 16 nothing is recomputed);
 - **steps taken**: the same solve at `max_steps=4096` forced to take more steps by a largest
   step `dtmax`, for the two checkpoint counts: what 16 checkpoints cost once the steps
-  outnumber them and the backward pass recomputes some.
+  outnumber them and the backward pass recomputes some; beside them `DirectAdjoint` at a
+  budget of twice the steps the solve needs (`2 * ceil(layers / min(dtmax, 1/2))`).
 
 XLA's analysis is exact for the compiled program and the same on every backend that
 reports it (CPU and GPU); it is not a measured resident set size.
@@ -38,6 +43,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import statistics
 import sys
 import time
@@ -89,6 +95,11 @@ class Config:
     variants: tuple[str, ...] | None = None
 
 
+# `DirectAdjoint`'s bounded loop is compiled as nested scans over the whole budget: the
+# `max_steps` sweep runs it up to this budget only.
+DIRECT_MAX_STEPS = 256
+
+
 SMOKE = Config(
     batch=1,
     seq=8,
@@ -102,6 +113,7 @@ SMOKE = Config(
         "Discrete",
         "Euler 1/2, RecursiveCheckpoint",
         "RecursiveCheckpoint (16, default)",
+        "Direct (bounded loop)",
     ),
     dtmax=(0.25,),
 )
@@ -183,24 +195,35 @@ def step_variants(config: Config) -> dict[str, Callable[[int], pf.AbstractDepth]
             config, rc(checkpoints=n), n
         ),
         "Backsolve": lambda n: _adaptive(config, bs(), n),
+        "Direct (bounded loop)": lambda n: (
+            _adaptive(config, diffrax.DirectAdjoint(), n) if n <= DIRECT_MAX_STEPS else None
+        ),
     }
 
 
 def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDepth]]:
     """Adaptive Tsit5 at `max_steps=4096` made to take more steps by a largest step `dtmax`:
-    where 16 checkpoints no longer hold every step and the backward pass recomputes."""
+    where 16 checkpoints no longer hold every step and the backward pass recomputes.
+    `DirectAdjoint` gets twice the steps the solve needs (at least two per layer, one per
+    smooth half-layer, and `layers / dtmax`) as its budget, which sizes what it stores
+    (rounded up to a power of 16 by its loop)."""
     rc = diffrax.RecursiveCheckpointAdjoint
 
-    def make(adjoint, dtmax):
+    def make(adjoint, dtmax, max_steps=4096):
         return pf.Continuous(
             diffrax.Tsit5(),
             diffrax.PIDController(rtol=config.rtol, atol=config.atol, dtmax=dtmax),
             adjoint,
+            max_steps=max_steps,
         )
+
+    def direct_budget(dtmax: float) -> int:
+        return 2 * math.ceil(config.fixed_layers / min(dtmax, 0.5))
 
     return {
         "RecursiveCheckpoint (16, default)": lambda d: make(None, d),
         "RecursiveCheckpoint (diffrax default)": lambda d: make(rc(), d),
+        "Direct (bounded loop)": lambda d: make(diffrax.DirectAdjoint(), d, direct_budget(d)),
     }
 
 
@@ -233,7 +256,10 @@ def main(
     fixed = field(config.fixed_layers)
     for name, make in chosen(step_variants(config)).items():
         for n in config.max_steps:
-            row = {"variant": name, "max_steps": n, **_measure(config, fixed, u0, make(n))}
+            depth = make(n)
+            if depth is None:  # not run at this budget
+                continue
+            row = {"variant": name, "max_steps": n, **_measure(config, fixed, u0, depth)}
             log(f"{name:45s} max_steps={n:5d} temp {row['temp_mib']:9.1f} MiB "
                 f"{row['time_ms']:8.1f} ms")  # fmt: skip
             step_rows.append(row)
@@ -257,6 +283,7 @@ def main(
             row = {
                 "variant": name,
                 "dtmax": d,
+                "max_steps": depth.max_steps,
                 "steps": int(steps),
                 **m,
                 "time_ms": 1e3 * statistics.median(samples[name]),
@@ -323,7 +350,8 @@ def _cli(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     config = SMOKE if args.smoke else Config()
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
+    # Progress goes to stderr either way; stdout is the JSON object alone.
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     result = main(config, log, " ".join(["python", "experiments/bench_memory.py", *argv]))
     if not args.json:
         print(markdown(result), file=sys.stderr)

@@ -18,10 +18,23 @@ def test_bench_memory_smoke(monkeypatch, capsys):
         # Two sub-steps per layer, one evaluation each: the same count in both modes.
         assert r["nfe"] == 2 * r["layers"]
         assert r["temp_mib"] > 0 and r["time_ms"] > 0 and r["compile_s"] > 0
-    (step,) = result["max_steps_sweep"]
-    assert step["max_steps"] == 16 and step["nfe"] > 0 and step["temp_mib"] > 0
-    (taken,) = result["steps_taken_sweep"]
-    # One layer, steps no longer than 1/4: at least four of them.
-    assert taken["dtmax"] == 0.25 and taken["steps"] >= 4 and taken["temp_mib"] > 0
+    steps = {r["variant"]: r for r in result["max_steps_sweep"]}
+    assert set(steps) == {"RecursiveCheckpoint (16, default)", "Direct (bounded loop)"}
+    for step in steps.values():
+        assert step["max_steps"] == 16 and step["nfe"] > 0 and step["temp_mib"] > 0
+    # The same solve however it is differentiated.
+    assert len({step["nfe"] for step in steps.values()}) == 1
+    taken = {r["variant"]: r for r in result["steps_taken_sweep"]}
+    assert set(taken) == set(steps)
+    for row in taken.values():
+        # One layer, steps no longer than 1/4: at least four of them.
+        assert row["dtmax"] == 0.25 and row["steps"] >= 4 and row["temp_mib"] > 0
+    assert taken["RecursiveCheckpoint (16, default)"]["max_steps"] == 4096
+    # DirectAdjoint's budget: twice the four steps a layer needs at dtmax 1/4.
+    direct = taken["Direct (bounded loop)"]
+    assert (
+        direct["max_steps"] == 8
+        and direct["steps"] == taken["RecursiveCheckpoint (16, default)"]["steps"]
+    )
     assert result["growth"] and result["machine"]["cpu"]
     assert result["command"] == "python experiments/bench_memory.py --smoke --json"
