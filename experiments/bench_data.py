@@ -1,6 +1,11 @@
 """Data-pipeline throughput: generation + batching, and batching alone from cached arrays.
 
-Usage: `python experiments/bench_data.py --json` prints one JSON object.
+Set against the examples per second a small training step consumes (`train_steps_per_second`):
+data must never be the bottleneck.
+
+Usage: `python experiments/bench_data.py --json` prints one JSON object (the figures, plus
+`meta`: command, date, machine, settings); without `--json`, a readable summary.
+Settings are flags (`--listops-examples 100`, see `--help`).
 """
 
 from __future__ import annotations
@@ -8,10 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
+import sys
 import time
 
 import numpy as np
 
+import _common
 from _flags import add_config_flags, config_from_args
 from pdeformer.data import (
     ListOpsConfig,
@@ -33,6 +41,7 @@ class BenchConfig:
     - `listops_min_length`, `listops_max_length`: ListOps bounds (LRA: 500, 2000).
     - `batch_size`: batch size for batching (LRA: 32 ListOps, 512 Pathfinder; one size here).
     - `batching_repeats`: epochs over the cached arrays for the batching-only figure.
+    - `train_length`: sequence length of the training step's batches (LRA Pathfinder: 1024).
     - `seed`: generation seed.
     """
 
@@ -42,6 +51,7 @@ class BenchConfig:
     listops_max_length: int = 2000
     batch_size: int = 32
     batching_repeats: int = 5
+    train_length: int = 1024
     seed: int = 0
 
 
@@ -56,8 +66,10 @@ def _drain(split: Split, batch_size: int, epochs: int, pad_to: int | None) -> in
 def train_steps_per_second(config: BenchConfig) -> float:
     """Training steps per second of a small classifier on Pathfinder-shaped batches.
 
-    A forward+backward pass and an AdamW update of a 2-layer, 64-wide discrete-mode model
-    on `(batch_size, 1024)` token batches (LRA Pathfinder's length), jitted and warmed up.
+    The library's `pdeformer.training.train_step` (forward+backward and an AdamW update, the
+    step `train` runs) of a 2-layer, 64-wide discrete-mode model on `(batch_size,
+    train_length)` token batches (default 1024, LRA Pathfinder's length), jitted and warmed
+    up.
 
     **Arguments:**
 
@@ -65,41 +77,34 @@ def train_steps_per_second(config: BenchConfig) -> float:
 
     **Returns:**
 
-    Steps per second (median over repeats).
+    Steps per second (median over 5 timed steps).
     """
     import equinox as eqx
     import jax
-    import jax.numpy as jnp
     import jax.random as jr
-    import optax
 
     import pdeformer as pf
+    from pdeformer.data import Batch
+    from pdeformer.training import TrainConfig, make_optimizer, train_step
 
     model = pf.Classifier(256, 64, 4, 2, 2, key=jr.PRNGKey(config.seed))
-    optimizer = optax.adamw(1e-3)
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
-
-    @eqx.filter_jit
-    def step(model, opt_state, tokens, mask, labels):
-        def loss(m):
-            logits, _ = m(tokens, mask)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-        value, grads = eqx.filter_value_and_grad(loss)(model)
-        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-        return eqx.apply_updates(model, updates), opt_state, value
-
+    optimizer = make_optimizer(TrainConfig(batch_size=config.batch_size))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    depth = pf.Discrete()
     rng = np.random.default_rng(config.seed)
-    tokens = jnp.asarray(rng.integers(0, 256, (config.batch_size, 1024)), jnp.int32)
-    mask = jnp.ones(tokens.shape, bool)
-    labels = jnp.asarray(rng.integers(0, 2, (config.batch_size,)), jnp.int32)
-    model, opt_state, value = step(model, opt_state, tokens, mask, labels)
-    jax.block_until_ready(value)
+    shape = (config.batch_size, config.train_length)
+    batch = Batch(
+        rng.integers(0, 256, shape).astype(np.int32),
+        np.ones(shape, bool),
+        rng.integers(0, 2, (config.batch_size,)).astype(np.int32),
+    )
+    model, opt_state, metrics = train_step(model, opt_state, batch, depth, optimizer)
+    jax.block_until_ready(metrics)
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        model, opt_state, value = step(model, opt_state, tokens, mask, labels)
-        jax.block_until_ready(value)
+        model, opt_state, metrics = train_step(model, opt_state, batch, depth, optimizer)
+        jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return 1.0 / float(np.median(times))
 
@@ -154,19 +159,28 @@ def main(config: BenchConfig) -> dict[str, float]:
     return out
 
 
-def _parse() -> tuple[BenchConfig, bool]:
-    p = argparse.ArgumentParser(description=__doc__)
+def _cli(argv: list[str] | None = None) -> dict[str, object]:
+    """Parse `argv`, run, print; returns the printed result."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_flags(p, BenchConfig)
-    args = p.parse_args()
-    return config_from_args(args, BenchConfig), args.json
+    args = p.parse_args(argv)
+    config = config_from_args(args, BenchConfig)
+    command = shlex.join(["python", "experiments/bench_data.py", *argv])
+    meta = _common.meta(command, config)
+    start = time.perf_counter()
+    result: dict[str, object] = dict(main(config))
+    meta["wall_s"] = time.perf_counter() - start
+    result["meta"] = meta
+    if args.json:
+        print(json.dumps(_common.json_safe(result)))
+    else:
+        for key, value in result.items():
+            if key != "meta":
+                print(f"{key}: {value if value is None else round(value, 1)}")
+    return result
 
 
 if __name__ == "__main__":
-    cfg, as_json = _parse()
-    result = main(cfg)
-    if as_json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value if value is None else round(value, 1)}")
+    _cli()
