@@ -7,21 +7,24 @@ Prints one JSON object:
   (`value_and_grad` of the sum of squares w.r.t. the module), jitted, warmed, median.
   Target <= 0.05.
 - `scaling_exponent`: fitted `p` in `time ~ seq^p` for the layer over seq 1k..16k.
-  Target <= 1.15.
+  Target <= 1.15. `scaling_minor_faults_per_call` gives the page faults of each length's
+  calls: a CPU call whose working memory glibc maps afresh pays the kernel for zeroing it.
 - `nfe_explicit_vs_stiff_path_at_high_D`: NFE of explicit Tsit5 (`Continuous`) over NFE of
   the exponential path (`ExponentialContinuous(ExpRK3())`) at the same tolerance
   (`PIDController(rtol=stiff_rtol, atol=stiff_atol)`), for the field with the largest `D` of
   `stiff_ds`. Target >= 5. The `stiff` entry has, for every `D`, both solvers' NFE, steps,
   rejected steps, wall time and max error against a tight Tsit5 reference (rtol 1e-10).
 
-Run: `python experiments/bench_diffusion.py --json [--quick]`.
+Run: `python experiments/bench_diffusion.py --json [--quick | --smoke]` (`--smoke`: tiny
+sizes, seconds, for the tests; its figures mean nothing).
 """
 
 import argparse
 import dataclasses
 import datetime
 import json
-import platform
+import resource
+import shlex
 import statistics
 import sys
 import time
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+import _common
 import pdeformer as pf
 from pdeformer.operators.diffusion_layer import DiffusionLayer
 
@@ -57,20 +61,23 @@ class Config:
 # Quick mode compares at seq 2048 (attention fwd+bwd at 4096 alone takes ~8 s on 2 CPU cores);
 # the ratio key keeps its name, and `config.seq_compare` says which length was used.
 QUICK = Config(seq_compare=2048, seqs=(1024, 2048, 4096), repeats=2, stiff_seq=8, stiff_dim=8)
+SMOKE = Config(
+    dim=8,
+    heads=2,
+    seq_compare=64,
+    seqs=(64, 128),
+    repeats=1,
+    stiff_ds=(12.5,),
+    stiff_seq=8,
+    stiff_dim=8,
+    stiff_layers=1,
+)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def _time_fwd_bwd(module, u, repeats: int) -> tuple[float, float]:
+    """Median seconds of a jitted forward+backward, and the minor page faults per timed call
+    (the kernel zero-filling freshly mapped working memory; see `docs/howto/devices.md`)."""
 
-
-def _time_fwd_bwd(module, u, repeats: int) -> float:
     @eqx.filter_jit
     def run(m, u):
         return eqx.filter_value_and_grad(lambda m: jnp.sum(m(u) ** 2))(m)
@@ -78,11 +85,13 @@ def _time_fwd_bwd(module, u, repeats: int) -> float:
     jax.block_until_ready(run(module, u))  # compile and warm
     jax.block_until_ready(run(module, u))
     times = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(run(module, u))
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    return statistics.median(times), faults / repeats
 
 
 def _time(fn, repeats: int) -> float:
@@ -144,17 +153,19 @@ def _stiff(config: Config) -> dict:
         )
 
 
-def main(config: Config) -> dict:
+def main(config: Config, command: str = "python experiments/bench_diffusion.py") -> dict:
     key = jr.PRNGKey(config.seed)
     ka, ku = jr.split(key)
     layer = DiffusionLayer(config.dim, dilations=config.dilations)
     attention = pf.MultiHeadAttention(config.dim, config.heads, key=ka)
     u = jr.normal(ku, (config.seq_compare, config.dim))
-    t_layer = _time_fwd_bwd(layer, u, config.repeats)
-    t_attn = _time_fwd_bwd(attention, u, config.repeats)
-    times = []
+    t_layer, _ = _time_fwd_bwd(layer, u, config.repeats)
+    t_attn, _ = _time_fwd_bwd(attention, u, config.repeats)
+    times, faults = [], []
     for seq in config.seqs:
-        times.append(_time_fwd_bwd(layer, jr.normal(ku, (seq, config.dim)), config.repeats))
+        t, f = _time_fwd_bwd(layer, jr.normal(ku, (seq, config.dim)), config.repeats)
+        times.append(t)
+        faults.append(f)
     p = float(np.polyfit(np.log(config.seqs), np.log(times), 1)[0])
     stiff = _stiff(config)
     high = next(r for r in stiff["by_D"] if r["D"] == stiff["high_D"])
@@ -172,26 +183,29 @@ def main(config: Config) -> dict:
         "scaling_exponent": p,
         "scaling_seqs": list(config.seqs),
         "scaling_times_s": times,
+        "scaling_minor_faults_per_call": faults,
         "nfe_explicit_vs_stiff_path_at_high_D": ratio_nfe,
         "stiff": stiff,
         "passed_targets": all(targets.values()),
         "targets": targets,
         "config": dataclasses.asdict(config),
-        "machine": _cpu_model(),
-        "devices": [str(d) for d in jax.devices()],
-        "jax": jax.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": _common.machine(),
+        "date": datetime.datetime.now(datetime.UTC).strftime(_common.DATE_FORMAT),
+        "command": command,
     }
 
 
-def _cli() -> None:
+def _cli(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object (default)")
-    parser.add_argument("--quick", action="store_true", help="smaller sweep, about a minute")
-    args = parser.parse_args()
-    config = QUICK if args.quick else Config()
-    print(json.dumps(main(config), indent=None if args.json else 2))
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="smaller sweep, about a minute")
+    sizes.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the tests)")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else SMOKE if args.smoke else Config()
+    command = shlex.join(["python", "experiments/bench_diffusion.py", *argv])
+    print(json.dumps(main(config, command), indent=None if args.json else 2))
 
 
 if __name__ == "__main__":

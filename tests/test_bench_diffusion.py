@@ -1,0 +1,31 @@
+"""`experiments/bench_diffusion.py` runs end to end on tiny sizes and reports sane figures."""
+
+import importlib
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_diffusion_smoke(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    module = importlib.import_module("bench_diffusion")
+    module._cli(["--smoke", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["diffusion_vs_attention_at_4096"] > 0
+    assert result["config"]["seq_compare"] == 64  # the length the ratio was taken at
+    assert len(result["scaling_times_s"]) == len(result["scaling_seqs"]) == 2
+    assert len(result["scaling_minor_faults_per_call"]) == 2
+    (row,) = result["stiff"]["by_D"]
+    assert row["D"] == 12.5 and row["nfe_ratio"] == row["tsit5"]["nfe"] / row["exponential"]["nfe"]
+    # Both solutions within a few tolerances of the tight reference (rtol 1e-4, atol 1e-6).
+    for name in ("tsit5", "exponential"):
+        assert row[name]["nfe"] > 0 and row[name]["max_abs_error"] < 1e-3
+    assert result["nfe_explicit_vs_stiff_path_at_high_D"] == row["nfe_ratio"]
+    assert set(result["targets"]) == {
+        "diffusion_vs_attention_at_4096<=0.05",
+        "scaling_exponent<=1.15",
+        "nfe_explicit_vs_stiff_path_at_high_D>=5",
+    }
+    assert result["machine"]["cpu"] and result["date"].endswith("UTC")
+    assert result["command"] == "python experiments/bench_diffusion.py --smoke --json"
