@@ -8,7 +8,8 @@ Prints one JSON object:
   Target <= 0.05.
 - `scaling_exponent`: fitted `p` in `time ~ seq^p` for the layer over seq 1k..16k.
   Target <= 1.15. `scaling_minor_faults_per_call` gives the page faults of each length's
-  calls: a CPU call whose working memory glibc maps afresh pays the kernel for zeroing it.
+  calls (a CPU call whose working memory glibc maps afresh pays the kernel for zeroing it),
+  `scaling_temp_mib` that working memory (XLA's memory analysis of the compiled program).
 - `nfe_explicit_vs_stiff_path_at_high_D`: NFE of explicit Tsit5 (`Continuous`) over NFE of
   the exponential path (`ExponentialContinuous(ExpRK3())`) at the same tolerance
   (`PIDController(rtol=stiff_rtol, atol=stiff_atol)`), for the field with the largest `D` of
@@ -74,24 +75,29 @@ SMOKE = Config(
 )
 
 
-def _time_fwd_bwd(module, u, repeats: int) -> tuple[float, float]:
-    """Median seconds of a jitted forward+backward, and the minor page faults per timed call
-    (the kernel zero-filling freshly mapped working memory; see `docs/howto/devices.md`)."""
+def _time_fwd_bwd(module, u, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of a jitted forward+backward (gradient with respect to the module's
+    floating-point arrays), the minor page faults per timed call (the kernel zero-filling
+    freshly mapped working memory; see `docs/howto/devices.md`), and the compiled program's
+    working memory in MiB (XLA's memory analysis, `temp`)."""
+    params, static = eqx.partition(module, eqx.is_inexact_array)
 
-    @eqx.filter_jit
-    def run(m, u):
-        return eqx.filter_value_and_grad(lambda m: jnp.sum(m(u) ** 2))(m)
+    @jax.jit
+    def run(p, u):
+        return jax.value_and_grad(lambda p: jnp.sum(eqx.combine(p, static)(u) ** 2))(p)
 
-    jax.block_until_ready(run(module, u))  # compile and warm
-    jax.block_until_ready(run(module, u))
+    compiled = run.lower(params, u).compile()
+    temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    jax.block_until_ready(compiled(params, u))  # warm
+    jax.block_until_ready(compiled(params, u))
     times = []
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(run(module, u))
+        jax.block_until_ready(compiled(params, u))
         times.append(time.perf_counter() - t)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-    return statistics.median(times), faults / repeats
+    return statistics.median(times), faults / repeats, temp_mib
 
 
 def _time(fn, repeats: int) -> float:
@@ -159,13 +165,14 @@ def main(config: Config, command: str = "python experiments/bench_diffusion.py")
     layer = DiffusionLayer(config.dim, dilations=config.dilations)
     attention = pf.MultiHeadAttention(config.dim, config.heads, key=ka)
     u = jr.normal(ku, (config.seq_compare, config.dim))
-    t_layer, _ = _time_fwd_bwd(layer, u, config.repeats)
-    t_attn, _ = _time_fwd_bwd(attention, u, config.repeats)
-    times, faults = [], []
+    t_layer, _, _ = _time_fwd_bwd(layer, u, config.repeats)
+    t_attn, _, _ = _time_fwd_bwd(attention, u, config.repeats)
+    times, faults, temps = [], [], []
     for seq in config.seqs:
-        t, f = _time_fwd_bwd(layer, jr.normal(ku, (seq, config.dim)), config.repeats)
+        t, f, m = _time_fwd_bwd(layer, jr.normal(ku, (seq, config.dim)), config.repeats)
         times.append(t)
         faults.append(f)
+        temps.append(m)
     p = float(np.polyfit(np.log(config.seqs), np.log(times), 1)[0])
     stiff = _stiff(config)
     high = next(r for r in stiff["by_D"] if r["D"] == stiff["high_D"])
@@ -184,6 +191,7 @@ def main(config: Config, command: str = "python experiments/bench_diffusion.py")
         "scaling_seqs": list(config.seqs),
         "scaling_times_s": times,
         "scaling_minor_faults_per_call": faults,
+        "scaling_temp_mib": temps,
         "nfe_explicit_vs_stiff_path_at_high_D": ratio_nfe,
         "stiff": stiff,
         "passed_targets": all(targets.values()),

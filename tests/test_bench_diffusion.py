@@ -4,6 +4,8 @@ import importlib
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,9 @@ def test_bench_diffusion_smoke(monkeypatch, capsys):
     assert result["config"]["seq_compare"] == 64  # the length the ratio was taken at
     assert len(result["scaling_times_s"]) == len(result["scaling_seqs"]) == 2
     assert len(result["scaling_minor_faults_per_call"]) == 2
+    # Twice the length, twice the working memory (a stencil, no seq x seq array).
+    small, large = result["scaling_temp_mib"]
+    assert 0 < small and large == pytest.approx(2 * small, rel=0.25)
     (row,) = result["stiff"]["by_D"]
     assert row["D"] == 12.5 and row["nfe_ratio"] == row["tsit5"]["nfe"] / row["exponential"]["nfe"]
     # Both solutions within a few tolerances of the tight reference (rtol 1e-4, atol 1e-6).
