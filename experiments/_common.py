@@ -120,6 +120,21 @@ def logger(name: str) -> Callable[[str], None]:
 # ---------------------------------------------------------------------------------------
 
 
+def _l3_cache() -> str | None:
+    """The L3 cache line of `lscpu` (e.g. "32 MiB (1 instance)"), or None."""
+    if shutil.which("lscpu"):
+        try:
+            text = subprocess.run(
+                ["lscpu"], capture_output=True, text=True, check=False, timeout=10
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        for line in text.splitlines():
+            if line.strip().startswith("L3 cache:"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def _cpu_model() -> str:
     if shutil.which("lscpu"):
         try:
@@ -142,8 +157,9 @@ def _cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model (from `lscpu`), CPU count, platform, Python and jax versions, devices, load,
-    and the allocator's environment variables (`GLIBC_TUNABLES`, `MALLOC_*`) where set."""
+    """CPU model and L3 cache (from `lscpu`), CPU count, platform, Python and jax versions,
+    devices, load, and the allocator's environment variables (`GLIBC_TUNABLES`, `MALLOC_*`)
+    where set."""
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -151,6 +167,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "l3_cache": _l3_cache(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax": jax.__version__,

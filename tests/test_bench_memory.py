@@ -38,3 +38,29 @@ def test_bench_memory_smoke(monkeypatch, capsys):
     )
     assert result["growth"] and result["machine"]["cpu"]
     assert result["command"] == "python experiments/bench_memory.py --smoke --json"
+
+
+def test_direct_adjoint_is_not_run_above_its_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    module = importlib.import_module("bench_memory")
+    make = module.step_variants(module.SMOKE)["Direct (bounded loop)"]
+    assert make(module.DIRECT_MAX_STEPS).max_steps == module.DIRECT_MAX_STEPS
+    assert make(2 * module.DIRECT_MAX_STEPS) is None
+    table = module.markdown(
+        {
+            "layers_sweep": [],
+            "max_steps_sweep": [],
+            "steps_taken_sweep": [
+                {
+                    "variant": "Direct (bounded loop)",
+                    "dtmax": 0.5,
+                    "max_steps": 16,
+                    "steps": 8,
+                    "temp_mib": 487.5,
+                    "time_ms": 538.0,
+                    "time_ms_min": 459.0,
+                }
+            ],
+        }
+    )
+    assert "| Direct (bounded loop) | 0.5 | 16 | 8 | 487.5 | 538 (min 459) |" in table
