@@ -25,10 +25,8 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -200,27 +198,15 @@ def _max_abs(a, b) -> float:
     return float(max(leaves))
 
 
-def _machine() -> dict[str, str]:
+def _machine() -> dict[str, Any]:
+    """`_common.machine()` (CPU model, load, allocator settings, ...) plus the device kind and
+    backend of the first device. Imported here: JAX's platform is set in `main` first."""
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        for line in out.splitlines():
-            if line.strip().lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except (OSError, subprocess.SubprocessError):
-        pass
+    import _common
+
     dev = jax.devices()[0]
-    return {
-        "cpu": cpu,
-        "cpu_count": str(os.cpu_count()),
-        "device_kind": dev.device_kind,
-        "platform": dev.platform,
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-    }
+    return {**_common.machine(), "device_kind": dev.device_kind, "backend": dev.platform}
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,4 +35,5 @@ def test_bench_overhead_smoke(monkeypatch):
         agreement = result["agreement_with_reference"][name]
         assert agreement["loss_abs_diff"] <= 1e-5 and agreement["grad_max_abs_diff"] <= 1e-5
     assert set(result["compile_s"]) == {"1_layers", "2_layers"}
-    assert result["machine"]["cpu"] and result["config"]["layers"] == 2
+    assert result["machine"]["cpu"] and result["machine"]["backend"] == "cpu"
+    assert result["config"]["layers"] == 2
