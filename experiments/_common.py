@@ -120,32 +120,27 @@ def logger(name: str) -> Callable[[str], None]:
 # ---------------------------------------------------------------------------------------
 
 
-def _l3_cache() -> str | None:
-    """The L3 cache line of `lscpu` (e.g. "32 MiB (1 instance)"), or None."""
-    if shutil.which("lscpu"):
-        try:
-            text = subprocess.run(
-                ["lscpu"], capture_output=True, text=True, check=False, timeout=10
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        for line in text.splitlines():
-            if line.strip().startswith("L3 cache:"):
-                return line.split(":", 1)[1].strip()
-    return None
+def _lscpu() -> dict[str, str]:
+    """`lscpu`'s "Field: value" lines as a dict (empty where `lscpu` is missing or fails)."""
+    if not shutil.which("lscpu"):
+        return {}
+    try:
+        text = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, check=False, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
-def _cpu_model() -> str:
-    if shutil.which("lscpu"):
-        try:
-            text = subprocess.run(
-                ["lscpu"], capture_output=True, text=True, check=False, timeout=10
-            ).stdout
-            for line in text.splitlines():
-                if line.startswith("Model name:"):
-                    return line.split(":", 1)[1].strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
+def _cpu_model(lscpu: dict[str, str]) -> str:
+    if "Model name" in lscpu:
+        return lscpu["Model name"]
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -160,14 +155,15 @@ def machine() -> dict[str, Any]:
     """CPU model and L3 cache (from `lscpu`), CPU count, platform, Python and jax versions,
     devices, load, and the allocator's environment variables (`GLIBC_TUNABLES`, `MALLOC_*`)
     where set."""
+    lscpu = _lscpu()
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
     return {
-        "cpu": _cpu_model(),
+        "cpu": _cpu_model(lscpu),
         "cpu_count": os.cpu_count(),
-        "l3_cache": _l3_cache(),
+        "l3_cache": lscpu.get("L3 cache"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax": jax.__version__,

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import resource
 import shlex
 import statistics
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 
 import _common
 import pdeformer as pf
+from _timing import interleaved
 from pdeformer.operators.diffusion_layer import DiffusionLayer
 
 
@@ -90,14 +90,16 @@ def _time_fwd_bwd(module, u, repeats: int) -> tuple[float, float, float]:
     temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
     jax.block_until_ready(compiled(params, u))  # warm
     jax.block_until_ready(compiled(params, u))
-    times = []
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(params, u))
-        times.append(time.perf_counter() - t)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-    return statistics.median(times), faults / repeats, temp_mib
+    counters: dict[str, dict[str, list[float]]] = {}
+    samples = interleaved(
+        {"call": lambda: jax.block_until_ready(compiled(params, u))},
+        repeats,
+        "",
+        lambda msg: None,
+        counters,
+    )
+    faults = statistics.mean(counters["call"]["minor_faults"])
+    return statistics.median(samples["call"]), faults, temp_mib
 
 
 def _time(fn, repeats: int) -> float:

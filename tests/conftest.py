@@ -9,8 +9,10 @@ suite's time is compiling, and the tests check what a program computes, not how 
 `JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest` runs them fully optimised.
 """
 
+import importlib
 import os
 import random
+from pathlib import Path
 
 # Before JAX is imported, and in the environment so that the subprocesses some tests start
 # (several devices, several processes, experiment scripts) inherit it.
@@ -52,3 +54,10 @@ def getkey():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(SEED)
+
+
+@pytest.fixture
+def experiments(monkeypatch):
+    """Import a script of `experiments/` by name (they import `_common` as a sibling)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    return importlib.import_module

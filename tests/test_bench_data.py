@@ -1,12 +1,8 @@
 """`experiments/bench_data.py` runs end to end on tiny sizes and reports consistent figures."""
 
-import importlib
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 ARGS = [
     "--listops-examples", "8",
@@ -19,9 +15,8 @@ ARGS = [
 ]  # fmt: skip
 
 
-def test_bench_data_smoke(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    module = importlib.import_module("bench_data")
+def test_bench_data_smoke(experiments, capsys):
+    module = experiments("bench_data")
     module._cli(["--json", *ARGS])
     result = json.loads(capsys.readouterr().out)
     rates = [
@@ -47,9 +42,8 @@ def test_bench_data_smoke(monkeypatch, capsys):
     assert meta["wall_s"] > 0
 
 
-def test_bench_data_readable_summary(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    module = importlib.import_module("bench_data")
+def test_bench_data_readable_summary(experiments, capsys):
+    module = experiments("bench_data")
     result = module._cli(ARGS)
     out = capsys.readouterr().out
     assert "train_steps_per_second:" in out and "meta" not in out

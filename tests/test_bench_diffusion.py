@@ -1,17 +1,12 @@
 """`experiments/bench_diffusion.py` runs end to end on tiny sizes and reports sane figures."""
 
-import importlib
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def test_bench_diffusion_smoke(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    module = importlib.import_module("bench_diffusion")
+def test_bench_diffusion_smoke(experiments, capsys):
+    module = experiments("bench_diffusion")
     module._cli(["--smoke", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["diffusion_vs_attention_at_4096"] > 0

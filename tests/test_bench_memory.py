@@ -1,15 +1,10 @@
 """`experiments/bench_memory.py` runs end to end on tiny sizes and reports sane figures."""
 
-import importlib
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_memory_smoke(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    module = importlib.import_module("bench_memory")
+def test_bench_memory_smoke(experiments, capsys):
+    module = experiments("bench_memory")
     module._cli(["--smoke", "--json"])
     result = json.loads(capsys.readouterr().out)
     rows = result["layers_sweep"]
@@ -40,9 +35,8 @@ def test_bench_memory_smoke(monkeypatch, capsys):
     assert result["command"] == "python experiments/bench_memory.py --smoke --json"
 
 
-def test_direct_adjoint_is_not_run_above_its_budget(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    module = importlib.import_module("bench_memory")
+def test_direct_adjoint_is_not_run_above_its_budget(experiments):
+    module = experiments("bench_memory")
     make = module.step_variants(module.SMOKE)["Direct (bounded loop)"]
     assert make(module.DIRECT_MAX_STEPS).max_steps == module.DIRECT_MAX_STEPS
     assert make(2 * module.DIRECT_MAX_STEPS) is None

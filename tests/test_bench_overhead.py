@@ -1,11 +1,6 @@
 """`experiments/bench_overhead.py` runs end to end on tiny sizes: the library's discrete and
 Euler paths compute the plain JAX reference's loss and gradients, and the figures are sane."""
 
-import importlib
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
 TINY = [
     "--quick",
     "--batch", "2",
@@ -21,9 +16,8 @@ TINY = [
 ]  # fmt: skip
 
 
-def test_bench_overhead_smoke(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-    module = importlib.import_module("bench_overhead")
+def test_bench_overhead_smoke(experiments):
+    module = experiments("bench_overhead")
     config, as_json = module._parse(TINY)
     assert not as_json and config.seq == 16 and config.compile_repeats == 1  # --quick's value
     result = module.main(config)

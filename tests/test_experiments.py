@@ -4,7 +4,6 @@ The scripts run in this process, one after another, with the same tiny ListOps s
 the jitted training and evaluation steps they share compile once.
 """
 
-import importlib
 import json
 import math
 import re
@@ -14,17 +13,6 @@ import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def experiments(monkeypatch):
-    """Import a script of `experiments/` by name (they import `_common` as a sibling)."""
-    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
-
-    def load(name: str):
-        return importlib.import_module(name)
-
-    return load
 
 
 def _finite(x) -> bool:
