@@ -153,8 +153,9 @@ def _cpu_model(lscpu: dict[str, str]) -> str:
 
 def machine() -> dict[str, Any]:
     """CPU model and L3 cache (from `lscpu`), CPU count, platform, Python and jax versions,
-    devices, load, and the allocator's environment variables (`GLIBC_TUNABLES`, `MALLOC_*`)
-    where set."""
+    devices (and the first one's kind and backend), load, and the allocator's environment
+    variables (`GLIBC_TUNABLES`, `MALLOC_*`) where set. Call it after choosing JAX's
+    platform."""
     lscpu = _lscpu()
     try:
         load = [round(x, 2) for x in os.getloadavg()]
@@ -168,6 +169,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "backend": jax.devices()[0].platform,
         "load_average": load,
         # Allocator settings change CPU timings (XLA allocates its working memory on every
         # call; see docs/howto/devices.md, "On a CPU"): recorded where set.

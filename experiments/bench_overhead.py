@@ -198,17 +198,6 @@ def _max_abs(a, b) -> float:
     return float(max(leaves))
 
 
-def _machine() -> dict[str, Any]:
-    """`_common.machine()` (CPU model, load, allocator settings, ...) plus the device kind and
-    backend of the first device. Imported here: JAX's platform is set in `main` first."""
-    import jax
-
-    import _common
-
-    dev = jax.devices()[0]
-    return {**_common.machine(), "device_kind": dev.device_kind, "backend": dev.platform}
-
-
 # ---------------------------------------------------------------------------------------
 # Main.
 # ---------------------------------------------------------------------------------------
@@ -233,6 +222,7 @@ def main(config: BenchConfig) -> dict[str, Any]:
         jax.config.update("jax_enable_x64", True)
     import diffrax
 
+    import _common  # after the platform is chosen: it imports jax and the library
     import pdeformer as pf
 
     field = _field(config, config.layers)
@@ -314,7 +304,7 @@ def main(config: BenchConfig) -> dict[str, Any]:
         "compile_s": compile_s,
         "agreement_with_reference": agreement,
         "config": dataclasses.asdict(config),
-        "machine": _machine(),
+        "machine": _common.machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
     }

@@ -17,9 +17,11 @@ Two measurements in one run, on whatever device JAX uses (`--platform`):
      plus the head), times 3 for forward + backward. Rematerialisation and elementwise
      work are not counted, as is usual for MFU; the count is checked against XLA's cost
      analysis of the compiled forward in `tests/test_bench_throughput.py`.
-   - *MFU against the measured matmul rate*: the FLOP rate of one square `peak_n x peak_n`
-     matmul in the compute dtype, timed in the same run on the same device (what this
-     device's matmul achieves, not a vendor figure).
+   - *MFU against the measured matmul rate*: the FLOP rate of square `peak_n x peak_n`
+     matmuls in the compute dtype, timed in the same run on the same device (what this
+     device's matmul achieves, not a vendor figure). On NVIDIA GPUs from Ampere on,
+     `float32` matmuls under JAX's default precision (which `Discrete()` keeps) run in
+     TF32, in the training step and in this measurement alike.
    - *MFU against the nominal peak*: the vendor's dense (no sparsity) 16-bit tensor-core
      figure, for the NVIDIA devices listed in `NOMINAL_PEAK_FLOPS` and 16-bit dtypes only;
      `null` elsewhere.
@@ -30,8 +32,10 @@ Two measurements in one run, on whatever device JAX uses (`--platform`):
    Ampere on round matmul inputs to TF32; `"default"` is JAX's default). Reported: steps,
    rejected steps, NFE, time, and the max-abs error of the final state against a reference
    solve at `"highest"` precision with tolerances `reference_factor` (default 1/100) times
-   tighter; each solve's `success` (within `MAX_STEPS`). On a
-   CPU the precisions do not differ (XLA's CPU backend has no TF32).
+   tighter; each solve's `success` (within `MAX_STEPS`). The first step is the field's
+   discrete step, the length of one smooth piece, so an exact solve takes one step per
+   piece: the fewest NFE there can be, which TF32 can only raise by rejected or shorter
+   steps. On a CPU the precisions do not differ (XLA's CPU backend has no TF32).
 
 Usage:
 
@@ -60,10 +64,12 @@ from _flags import add_config_flags, config_from_args
 from _timing import interleaved
 
 # Vendor dense (no sparsity) peaks of the 16-bit tensor cores, FLOP/s, by a substring of
-# `jax.Device.device_kind`; the first match wins (H100 PCIe before the SXM H100). Sources:
-# NVIDIA's H100/H200 and A100 datasheets (BF16/FP16 Tensor Core, dense).
+# `jax.Device.device_kind`; the first match wins (the NVL and PCIe parts before the SXM ones).
+# Sources: NVIDIA's H100/H200 and A100 datasheets (BF16/FP16 Tensor Core, dense).
 NOMINAL_PEAK_FLOPS = (
-    ("H200", 989.4e12),
+    ("H200 NVL", 835.5e12),
+    ("H200", 989.4e12),  # also GH200
+    ("H100 NVL", 835.5e12),
     ("H100 PCIe", 756.0e12),
     ("H100", 989.4e12),
     ("A100", 312.0e12),
@@ -72,6 +78,9 @@ _SIXTEEN_BIT = ("bfloat16", "float16")
 # Step budget of the TF32 solves; a solve that runs out is reported (`success: false`), not
 # raised: float32 roundoff can keep a tight reference from converging.
 MAX_STEPS = 20_000
+# Matmuls chained in one compiled call when measuring the matmul rate, so that the dispatch
+# of a call (comparable to one matmul on a GPU) does not count as matmul time.
+MATMUL_CHAIN = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +130,13 @@ class BenchConfig:
 
 
 # The GPU run the performance issue asks for: a discrete-mode training step at seq 4096,
-# dim 512 in bfloat16 (float32 beside it), and the TF32 solve at a size where matmuls
-# dominate.
+# dim 512 in bfloat16 (float32 after it: its XLA attention keeps every layer's
+# (batch, heads, seq, seq) float32 weights for the backward pass, 2 GiB per layer and per
+# array kept at batch 4, so a batch of 8 may not fit an 80 GB card), and the TF32 solve at
+# a size where matmuls dominate.
 GPU = {
-    "batch": 8,
+    "batch": 4,
+    "compute_dtypes": "bfloat16,float32",
     "seq": 4096,
     "dim": 512,
     "heads": 8,
@@ -166,9 +178,27 @@ def _log(msg: str) -> None:
 
 def _names(text: str, what: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
-    if not names:
-        raise ValueError(f"{what} must name at least one value; got {text!r}.")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{what} must name one or more distinct values; got {text!r}.")
     return names
+
+
+def _check(config: BenchConfig) -> None:
+    """Refuse settings the run cannot use, before anything is compiled."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, int) and value < (0 if f.name in ("warmup", "seed") else 1):
+            raise ValueError(f"{f.name} must be >= 1 (warmup, seed >= 0); got {value}.")
+    for name in _names(config.compute_dtypes, "compute_dtypes"):
+        if name not in ("float32", *_SIXTEEN_BIT):
+            raise ValueError(f"compute dtypes are float32, bfloat16 or float16; got {name!r}.")
+    if config.dim % config.heads or config.tf32_dim % config.tf32_heads:
+        raise ValueError(
+            f"dim must be a multiple of heads and tf32_dim of tf32_heads; got {config.dim}, "
+            f"{config.heads}, {config.tf32_dim}, {config.tf32_heads}."
+        )
+    if not (config.rtol > 0 and config.atol > 0 and 0 < config.reference_factor < 1):
+        raise ValueError("rtol and atol must be > 0 and reference_factor in (0, 1).")
 
 
 def model_flops(
@@ -203,22 +233,24 @@ def nominal_peak(device_kind: str, dtype: str) -> float | None:
 
 
 def _matmul_rate(n: int, dtype: str, repeats: int) -> float:
-    """FLOP/s of an `n x n` by `n x n` matmul in `dtype` (median of `repeats` calls)."""
+    """FLOP/s of `n x n` by `n x n` matmuls in `dtype`: `MATMUL_CHAIN` dependent products
+    in one compiled call, median of `repeats` calls."""
     import jax
     import jax.numpy as jnp
     import jax.random as jr
 
     ka, kb = jr.split(jr.PRNGKey(0))
     a = jr.normal(ka, (n, n), jnp.float32).astype(dtype)
-    b = jr.normal(kb, (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    # Scaled so that repeated products keep the entries' size (no overflow, no denormals).
+    b = (jr.normal(kb, (n, n), jnp.float32) / n**0.5).astype(dtype)
+    f = jax.jit(lambda x, y: jax.lax.fori_loop(0, MATMUL_CHAIN, lambda _, z: z @ y, x))
     jax.block_until_ready(f(a, b))
     times = []
-    for _ in range(max(repeats, 1)):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(f(a, b))
         times.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / statistics.median(times)
+    return 2.0 * n**3 * MATMUL_CHAIN / statistics.median(times)
 
 
 def _training_steps(config: BenchConfig, dtypes: list[str]) -> dict[str, Any]:
@@ -231,7 +263,9 @@ def _training_steps(config: BenchConfig, dtypes: list[str]) -> dict[str, Any]:
 
     import pdeformer as pf
     from pdeformer.data import Batch
-    from pdeformer.operators.attention import choose_implementation
+
+    # The platform as the attention operator itself reads it (ROCm is told apart).
+    from pdeformer.operators.attention import _current_platform, choose_implementation
     from pdeformer.training import TrainConfig, make_optimizer, train_step
 
     rng = np.random.default_rng(config.seed)
@@ -260,7 +294,7 @@ def _training_steps(config: BenchConfig, dtypes: list[str]) -> dict[str, Any]:
             compute_dtype=compute,
         )
         attention[name] = choose_implementation(
-            jax.default_backend(),
+            _current_platform(),
             compute or jnp.float32,
             config.seq,
             config.dim // config.heads,
@@ -328,6 +362,12 @@ def _tf32_solves(config: BenchConfig, precisions: list[str]) -> dict[str, Any]:
     reference = jax.block_until_ready(
         solver(config.rtol * f, config.atol * f, "highest")(field, u0)
     )
+    if not bool(reference.stats.success):
+        _log(
+            f"warning: the reference solve did not finish within {MAX_STEPS} steps (float32 "
+            "roundoff at its tolerance?); the errors are against where it stopped. Pass a "
+            "larger --reference-factor."
+        )
     rows: dict[str, dict[str, Any]] = {}
     fns = {}
     for p in precisions:
@@ -360,16 +400,6 @@ def _tf32_solves(config: BenchConfig, precisions: list[str]) -> dict[str, Any]:
     }
 
 
-def _machine() -> dict[str, Any]:
-    """`_common.machine()` plus the device kind and backend of the first device."""
-    import jax
-
-    import _common
-
-    dev = jax.devices()[0]
-    return {**_common.machine(), "device_kind": dev.device_kind, "backend": dev.platform}
-
-
 def main(config: BenchConfig) -> dict[str, Any]:
     """Run the benchmark.
 
@@ -384,16 +414,17 @@ def main(config: BenchConfig) -> dict[str, Any]:
     (measured, per dtype), `model_flops`, `tf32` (per precision: NFE, steps, rejected
     steps, error against the reference, time), `machine`, `date`, `config`, `command`.
     """
-    import jax
-
+    _check(config)
     dtypes = _names(config.compute_dtypes, "compute_dtypes")
     precisions = _names(config.precisions, "precisions")
-    for name in dtypes:
-        if name not in ("float32", *_SIXTEEN_BIT):
-            raise ValueError(f"compute dtypes are float32, bfloat16 or float16; got {name!r}.")
-    if config.dim % config.heads or config.tf32_dim % config.tf32_heads:
-        raise ValueError("dim must be a multiple of heads (and tf32_dim of tf32_heads).")
+    import jax
+
     jax.config.update("jax_platforms", config.platform)
+    import _common  # after the platform is chosen: it imports jax and the library
+    import pdeformer as pf
+
+    for p in precisions:  # refused here, not after the training steps have run
+        pf.Continuous(matmul_precision=p)
     t_start = time.perf_counter()
     device_kind = jax.devices()[0].device_kind
     _log(f"device: {device_kind}")
@@ -431,7 +462,7 @@ def main(config: BenchConfig) -> dict[str, Any]:
         "model_flops": flops,
         "tf32": tf32,
         "config": dataclasses.asdict(config),
-        "machine": _machine(),
+        "machine": _common.machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
         "wall_s": time.perf_counter() - t_start,
