@@ -45,6 +45,7 @@ from .stiff import ExponentialContinuous as ExponentialContinuous
 from .stiff import ExpRK2 as ExpRK2
 from .stiff import ExpRK3 as ExpRK3
 from .stiff import exact_diffusion as exact_diffusion
+from .unrolled import Unrolled as Unrolled
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .field import Field
+from .unrolled import Unrolled
 
 DEFAULT_CHECKPOINTS = 16
 """How many steps `Continuous`'s default adjoint keeps for its backward pass.
@@ -278,6 +279,8 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, bool]:
     """
     if isinstance(solver, diffrax.Euler):
         return 1, False
+    if isinstance(solver, Unrolled):  # the same method
+        solver = solver.solver
     tableau = getattr(solver, "tableau", None)
     if isinstance(tableau, diffrax.ButcherTableau) and isinstance(solver, diffrax.AbstractERK):
         if tableau.fsal:
