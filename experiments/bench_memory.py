@@ -117,6 +117,7 @@ SMOKE = Config(
         "Euler 1/2, RecursiveCheckpoint",
         "RecursiveCheckpoint (16, default)",
         "Direct (bounded loop)",
+        "Unrolled stages, RecursiveCheckpoint (16, default)",
     ),
     dtmax=(0.25,),
 )
@@ -207,14 +208,16 @@ def step_variants(config: Config) -> dict[str, Callable[[int], pf.AbstractDepth]
 def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDepth]]:
     """Adaptive Tsit5 at `max_steps=4096` made to take more steps by a largest step `dtmax`:
     where 16 checkpoints no longer hold every step and the backward pass recomputes.
+    `pf.Unrolled(Tsit5())` is the same method with its stages unrolled (each stage's
+    intermediates kept for the step being differentiated, not recomputed).
     `DirectAdjoint` gets twice the steps the solve needs (at least two per layer, one per
     smooth half-layer, and `layers / dtmax`) as its budget, which sizes what it stores
     (rounded up to a power of 16 by its loop)."""
     rc = diffrax.RecursiveCheckpointAdjoint
 
-    def make(adjoint, dtmax, max_steps=4096):
+    def make(adjoint, dtmax, max_steps=4096, solver=None):
         return pf.Continuous(
-            diffrax.Tsit5(),
+            diffrax.Tsit5() if solver is None else solver,
             diffrax.PIDController(rtol=config.rtol, atol=config.atol, dtmax=dtmax),
             adjoint,
             max_steps=max_steps,
@@ -230,6 +233,9 @@ def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDep
         "RecursiveCheckpoint (16, default)": lambda d: make(None, d),
         "RecursiveCheckpoint (diffrax default)": lambda d: make(rc(), d),
         "Direct (bounded loop)": lambda d: make(diffrax.DirectAdjoint(), d, direct_budget(d)),
+        "Unrolled stages, RecursiveCheckpoint (16, default)": lambda d: make(
+            None, d, solver=pf.Unrolled(diffrax.Tsit5())
+        ),
     }
 
 
@@ -355,9 +361,22 @@ def _cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print only one JSON object")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        help="run only this variant (repeatable; the names of layer_variants, step_variants "
+        "and taken_variants)",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     config = SMOKE if args.smoke else Config()
+    if args.variant:
+        known = set(layer_variants(config)) | set(step_variants(config))
+        known |= set(taken_variants(config))
+        unknown = [v for v in args.variant if v not in known]
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; choose from {sorted(known)}")
+        config = dataclasses.replace(config, variants=tuple(args.variant))
     # Progress goes to stderr either way; stdout is the JSON object alone.
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     result = main(config, log, shlex.join(["python", "experiments/bench_memory.py", *argv]))

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 def test_bench_memory_smoke(experiments, capsys):
     module = experiments("bench_memory")
@@ -20,7 +22,11 @@ def test_bench_memory_smoke(experiments, capsys):
     # The same solve however it is differentiated.
     assert len({step["nfe"] for step in steps.values()}) == 1
     taken = {r["variant"]: r for r in result["steps_taken_sweep"]}
-    assert set(taken) == set(steps)
+    unrolled = "Unrolled stages, RecursiveCheckpoint (16, default)"
+    assert set(taken) == set(steps) | {unrolled}
+    # Unrolled stages: the same method, the same steps and evaluations.
+    default = taken["RecursiveCheckpoint (16, default)"]
+    assert (taken[unrolled]["steps"], taken[unrolled]["nfe"]) == (default["steps"], default["nfe"])
     for row in taken.values():
         # One layer, steps no longer than 1/4: at least four of them.
         assert row["dtmax"] == 0.25 and row["steps"] >= 4 and row["temp_mib"] > 0
@@ -58,3 +64,10 @@ def test_direct_adjoint_is_not_run_above_its_budget(experiments):
         }
     )
     assert "| Direct (bounded loop) | 0.5 | 16 | 8 | 487.5 | 538 (min 459) |" in table
+
+
+def test_variant_flag(experiments, capsys):
+    module = experiments("bench_memory")
+    with pytest.raises(SystemExit) as exit:
+        module._cli(["--smoke", "--variant", "no such variant"])
+    assert exit.value.code == 2 and "unknown variant" in capsys.readouterr().err
