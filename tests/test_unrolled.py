@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import pytest
 
 import pdeformer as pf
@@ -46,7 +47,8 @@ def _check_same(s0, s1):
     assert jnp.allclose(s1.us, s0.us, rtol=0, atol=1e-12)  # the dense output
 
 
-@pytest.mark.parametrize("name", ["Heun", "Dopri5"])
+# Heun in the slow run only: its step is also checked one step at a time below.
+@pytest.mark.parametrize("name", [pytest.param("Heun", marks=pytest.mark.slow), "Dopri5"])
 def test_same_solution_as_the_wrapped_solver(name, seed):
     # Tight tolerances from a first step of one piece (dt0 = 1/2): steps are rejected, so
     # Dopri5's first-same-as-last state is also checked across rejections.
@@ -106,18 +108,83 @@ def test_same_method_with_dense_output_gradients(name, rtol, seed):
 
 @pytest.mark.slow
 def test_backsolve_adjoint(seed):
+    # The continuous adjoint integrates backwards with the same solver: unrolled or not,
+    # the same gradients.
     with jax.enable_x64(True):
         field, u0, mask = _problem(seed)
         controller = diffrax.PIDController(rtol=1e-6, atol=1e-8)
-        base = pf.Continuous(diffrax.Tsit5(), controller)
-        (_, s0), g0 = _solve_and_grad(base, field, u0, mask)
-        backsolve = pf.Continuous(
-            pf.Unrolled(diffrax.Tsit5()), controller, diffrax.BacksolveAdjoint()
-        )
-        (_, s1), g1 = _solve_and_grad(backsolve, field, u0, mask)
-        # The continuous adjoint is a different gradient: equal to the tolerance only.
-        assert jnp.allclose(s1.u, s0.u, atol=1e-12)
-        assert _max_diff(g1, g0) <= 1e-4
+        results = [
+            _solve_and_grad(
+                pf.Continuous(solver, controller, diffrax.BacksolveAdjoint()), field, u0, mask
+            )
+            for solver in (diffrax.Tsit5(), pf.Unrolled(diffrax.Tsit5()))
+        ]
+        ((l0, s0), g0), ((l1, s1), g1) = results
+        assert jnp.allclose(s1.u, s0.u, rtol=0, atol=1e-12)
+        assert abs(float(l1) - float(l0)) <= 1e-10 * abs(float(l0))
+        assert _max_diff(g1, g0) <= 1e-9
+
+
+ERK = ["Heun", "Midpoint", "Ralston", "Bosh3", "Tsit5", "Dopri5", "Dopri8"]
+
+
+def _rate(t, y, args):
+    # Switches at t = 1, as a layer boundary of the field does: a stage evaluated at the
+    # jump instead of just before it takes the wrong branch.
+    scale = jnp.where(t >= 1, 100.0, -1.0)
+    return jax.tree.map(lambda x: scale * jnp.sin(x) + t, y)
+
+
+class _Expensive(diffrax.ODETerm):
+    def is_vf_expensive(self, t0, t1, y, args):
+        return True
+
+
+def _just_before_one(dtype):
+    """A start in (0, 1/2) from which a step to the float just below 1 has `t0 + dt == 1`."""
+    t1 = np.nextafter(dtype(1), dtype(0))
+    for t0 in np.linspace(0.01, 0.49, 97, dtype=dtype):
+        if t0 + (t1 - t0) == 1:
+            return t0, t1
+    raise AssertionError("no such start")
+
+
+@pytest.mark.parametrize(
+    "name, x64",
+    [(name, True) for name in ERK]
+    # float32 for the peer benchmark's solver by default, for the rest in the slow run.
+    + [
+        (name, False) if name == "Dopri5" else pytest.param(name, False, marks=pytest.mark.slow)
+        for name in ERK
+    ],
+)
+def test_one_step_equals_the_wrapped_solvers(name, x64):
+    with jax.enable_x64(x64):
+        dtype = np.float64 if x64 else np.float32
+        t0, t1 = _just_before_one(dtype)
+        t0, t1 = jnp.asarray(t0), jnp.asarray(t1)
+        y0 = (jnp.linspace(-1, 1, 5, dtype=dtype), {"b": jnp.full(3, 0.5, dtype)})
+        solver = getattr(diffrax, name)()
+        unrolled = pf.Unrolled(solver)
+        tol = dict(rtol=1e-12 if x64 else 1e-5, atol=1e-12 if x64 else 1e-5)
+        for term in (diffrax.ODETerm(_rate), _Expensive(_rate)):
+            state = solver.init(term, t0, t1, y0, None)
+            assert jax.tree.structure(unrolled.init(term, t0, t1, y0, None)) == (
+                jax.tree.structure(state)
+            )
+            states = [state]
+            if state is not None:  # FSAL: also a later step reusing the last stage
+                states.append((jnp.array(False), term.vf(t0, y0, None)))
+            for solver_state in states:
+                for made_jump in (False, True):
+                    args = (term, t0, t1, y0, None, solver_state, jnp.array(made_jump))
+                    want = solver.step(*args)[:4]
+                    got = unrolled.step(*args)[:4]
+                    assert jax.tree.structure(got) == jax.tree.structure(want)
+                    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                        g, w = np.asarray(g), np.asarray(w)
+                        assert g.dtype == w.dtype and g.shape == w.shape
+                        assert np.allclose(g, w, **tol), (name, made_jump)
 
 
 def test_counts_and_refusals():
