@@ -26,6 +26,7 @@ Usage:
     python experiments/profile_solve.py            # readable summary
     python experiments/profile_solve.py --json     # one JSON object on stdout
     python experiments/profile_solve.py --quick    # smoke test (tiny sizes)
+    python experiments/profile_solve.py --unrolled # the same with Unrolled(Dopri5())
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class ProfileConfig:
     - `calls`: profiled calls (after a compile and a warm-up call).
     - `top`: how many instructions to list.
     - `seed`: PRNG seed of weights and inputs.
+    - `unrolled`: profile `pf.Unrolled(diffrax.Dopri5())` (the same method with its stages
+      unrolled) instead of `diffrax.Dopri5()`.
     """
 
     batch: int = 8
@@ -77,6 +80,7 @@ class ProfileConfig:
     calls: int = 3
     top: int = 20
     seed: int = 0
+    unrolled: bool = False
 
 
 QUICK = dict(batch=2, seq=16, dim=16, heads=2, layers=2, hidden=32, calls=1, top=5)
@@ -148,7 +152,8 @@ def run(c: ProfileConfig) -> dict[str, Any]:
     field = pf.Field(c.dim, c.heads, c.layers, hidden=c.hidden, key=key_field)
     params, static = eqx.partition(field, eqx.is_inexact_array)
     u0 = jr.normal(key_u, (c.batch, c.seq, c.dim), jnp.float32)
-    depth = pf.Continuous(diffrax.Dopri5(), diffrax.PIDController(rtol=c.rtol, atol=c.atol))
+    solver = pf.Unrolled(diffrax.Dopri5()) if c.unrolled else diffrax.Dopri5()
+    depth = pf.Continuous(solver, diffrax.PIDController(rtol=c.rtol, atol=c.atol))
 
     def loss(p, u):
         sol = depth(eqx.combine(p, static), u)
@@ -224,7 +229,8 @@ def run(c: ProfileConfig) -> dict[str, Any]:
 
 def _table(r: dict[str, Any]) -> str:
     lines = [
-        f"Continuous Dopri5 forward+backward, sizes {r['sizes']}, {r['nfe']} NFE: "
+        f"Continuous {'Unrolled(Dopri5())' if r['config']['unrolled'] else 'Dopri5()'} "
+        f"forward+backward, sizes {r['sizes']}, {r['nfe']} NFE: "
         f"{r['wall_ms_per_call']:.1f} ms per call (under the profiler)",
         "self time per call:",
     ]

@@ -349,6 +349,8 @@ def test_profile_solve_smoke(experiments):
     assert all(v >= 0 for v in result["self_ms"].values())
     assert len(result["top"]) == 5 and result["instructions_profiled"] >= 5
     assert {row["pass"] for row in result["top"]} <= {"forward", "backward"}
+    unrolled = module.main(["--quick", "--json", "--unrolled"])
+    assert unrolled["config"]["unrolled"] and unrolled["nfe"] == result["nfe"]
 
 
 def test_bench_parallel_smoke():
