@@ -125,7 +125,7 @@ def test_mixed_precision_adaptive_solve_keeps_a_float32_state(getkey):
 
 def test_mixed_precision_trains_with_float32_gradients(getkey):
     model = pf.Classifier(12, 16, 2, 2, 3, key=getkey(), compute_dtype=jnp.bfloat16)
-    config = training.TrainConfig(lr=1e-2, warmup_steps=0, total_steps=5, batch_size=4)
+    config = training.TrainConfig(lr=1e-2, warmup_steps=0, total_steps=20, batch_size=4)
     optimizer = training.make_optimizer(config)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     tokens = jr.randint(getkey(), (4, 10), 0, 12)
@@ -135,14 +135,16 @@ def test_mixed_precision_trains_with_float32_gradients(getkey):
         labels=np.array([0, 1, 2, 0], np.int32),
     )
     losses = []
-    for _ in range(5):
+    # Fitting one batch of four: 5 steps were too few to lower the loss for every seed
+    # (one started at 1.047 and read 1.050 after 5); 20 steps halve it for the seeds tried.
+    for _ in range(20):
         model, opt_state, metrics = training.train_step(
             model, opt_state, batch, pf.Discrete(), optimizer
         )
         losses.append(float(metrics["loss"]))
     leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
     assert all(x.dtype == jnp.float32 for x in leaves)
-    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
 
 
 @pytest.mark.parametrize("norm", [pf.LayerNorm, pf.RMSNorm])
