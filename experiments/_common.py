@@ -157,6 +157,7 @@ def machine() -> dict[str, Any]:
     variables (`GLIBC_TUNABLES`, `MALLOC_*`) where set. Call it after choosing JAX's
     platform."""
     lscpu = _lscpu()
+    devices = jax.devices()
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -168,9 +169,9 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax": jax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-        "device_kind": jax.devices()[0].device_kind,
-        "backend": jax.devices()[0].platform,
+        "devices": [str(d) for d in devices],
+        "device_kind": devices[0].device_kind,
+        "backend": devices[0].platform,
         "load_average": load,
         # Allocator settings change CPU timings (XLA allocates its working memory on every
         # call; see docs/howto/devices.md, "On a CPU"): recorded where set.

@@ -266,6 +266,16 @@ def _interleaved(
     return interleaved(fns, repeats, label, _log, counters)
 
 
+def _max_rel_diff(pairs) -> float:
+    """The largest `max |a - b| / max |b|` over `(a, b)` pairs of arrays."""
+    import numpy as np
+
+    return max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / (np.max(np.abs(b)) + 1e-30))
+        for a, b in pairs
+    )
+
+
 def _median_ms(samples: list[float]) -> float:
     return 1e3 * statistics.median(samples)
 
@@ -466,10 +476,7 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
         u_jax = np.asarray(sol.u)
         u_torch = out_torch.numpy()
         jax_grads = _grads_as_torch_names(grads)
-        grad_rel = max(
-            float(np.max(np.abs(jax_grads[n] - tgrads[n])) / (np.max(np.abs(tgrads[n])) + 1e-30))
-            for n in tgrads
-        )
+        grad_rel = _max_rel_diff((jax_grads[n], tgrads[n]) for n in tgrads)
         names = ("pdeformer", "pdeformer_unrolled", "torchdiffeq")
         times = {f"{n}_fwd_bwd_ms": _median_ms(samples[n]) for n in names}
         times.update({f"{n}_fwd_ms": _median_ms(fwd_samples[n]) for n in names})
@@ -500,9 +507,8 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
                 "steps": int(sol_u.stats.num_steps),
                 "state_max_abs_diff_vs_dopri5": float(np.max(np.abs(np.asarray(sol_u.u) - u_jax))),
                 "loss": float(value_u),
-                "grad_max_rel_diff_vs_dopri5": max(
-                    float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
-                    for a, b in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads), strict=True)
+                "grad_max_rel_diff_vs_dopri5": _max_rel_diff(
+                    zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads), strict=True)
                 ),
                 "compile_s": compile_unrolled_s,
             },
