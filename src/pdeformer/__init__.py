@@ -19,6 +19,8 @@ from .field import ParallelBlock as ParallelBlock
 from .field import PerLayer as PerLayer
 from .field import SequentialBlock as SequentialBlock
 from .field import Shared as Shared
+from .host import cpu_allocator_tuned as cpu_allocator_tuned
+from .host import tune_cpu_allocator as tune_cpu_allocator
 from .models import AbstractPooling as AbstractPooling
 from .models import AbstractPositions as AbstractPositions
 from .models import Classifier as Classifier
