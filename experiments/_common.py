@@ -35,7 +35,7 @@ import jax
 import jax.random as jr
 import numpy as np
 
-from pdeformer import AbstractDepth, Classifier, Continuous, Discrete
+from pdeformer import AbstractDepth, Classifier, Continuous, Discrete, cpu_allocator_tuned
 from pdeformer.data import ListOpsConfig, TaskData, load_task
 from pdeformer.training import Evaluation, TrainConfig, train
 
@@ -154,8 +154,8 @@ def _cpu_model(lscpu: dict[str, str]) -> str:
 def machine() -> dict[str, Any]:
     """CPU model and L3 cache (from `lscpu`), CPU count, platform, Python and jax versions,
     devices (and the first one's kind and backend), load, and the allocator's environment
-    variables (`GLIBC_TUNABLES`, `MALLOC_*`) where set. Call it after choosing JAX's
-    platform."""
+    variables (`GLIBC_TUNABLES`, `MALLOC_*`) where set, and whether
+    `pf.tune_cpu_allocator()` is in force. Call it after choosing JAX's platform."""
     lscpu = _lscpu()
     devices = jax.devices()
     try:
@@ -178,6 +178,7 @@ def machine() -> dict[str, Any]:
         "malloc_env": {
             k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")
         },
+        "cpu_allocator_tuned": cpu_allocator_tuned(),
     }
 
 

@@ -38,6 +38,7 @@ Usage:
     python experiments/bench_peers.py            # readable summary
     python experiments/bench_peers.py --json     # one JSON object on stdout
     python experiments/bench_peers.py --smoke    # tiny sizes, seconds (the test)
+    python experiments/bench_peers.py --tune-allocator   # with pf.tune_cpu_allocator()
 
 Needs the `peers` extra: `pip install -e ".[peers]"` (torch and torchdiffeq).
 """
@@ -84,6 +85,9 @@ class BenchConfig:
       times one).
     - `torch_threads`: PyTorch intra-op threads (`None`: the CPU count, as XLA uses).
     - `seed`: PRNG seed for weights and inputs.
+    - `tune_allocator`: call `pf.tune_cpu_allocator()` before JAX starts (glibc's
+      allocator keeps XLA's working memory between calls; it holds for PyTorch too, in the
+      same process). Recorded in `machine` as `cpu_allocator_tuned`.
     """
 
     ode_batch: int = 8
@@ -107,6 +111,7 @@ class BenchConfig:
     adjoint_repeats: int = 0
     torch_threads: int | None = None
     seed: int = 0
+    tune_allocator: bool = False
 
 
 SMOKE = {
@@ -783,6 +788,10 @@ def main(config: BenchConfig) -> dict[str, Any]:
     the breakdown), `discrete_vs_pytorch`, `machine`, `date`, `command`, `config`.
     """
     torch, torchdiffeq = _import_peers()
+    if config.tune_allocator:
+        import pdeformer as pf
+
+        pf.tune_cpu_allocator()  # before JAX's CPU backend starts its threads
     import jax
 
     threads = config.torch_threads or os.cpu_count() or 1

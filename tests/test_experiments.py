@@ -289,6 +289,7 @@ def test_bench_peers_smoke(experiments):
         for f in faults.values():
             assert f["minor_faults_per_call"] >= 0 and f["system_cpu_ms_per_call"] >= 0
     assert isinstance(result["machine"]["malloc_env"], dict)
+    assert result["machine"]["cpu_allocator_tuned"] is False  # not asked for, not set
 
 
 def test_interleaved_counts_page_faults(experiments):
