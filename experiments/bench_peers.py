@@ -787,11 +787,12 @@ def main(config: BenchConfig) -> dict[str, Any]:
     `pdeformer_vs_torchdiffeq` (times, NFE, steps, errors against the float64 reference,
     the breakdown), `discrete_vs_pytorch`, `machine`, `date`, `command`, `config`.
     """
-    torch, torchdiffeq = _import_peers()
-    if config.tune_allocator:
+    if config.tune_allocator:  # first: before torch's and JAX's threads allocate
         import pdeformer as pf
 
-        pf.tune_cpu_allocator()  # before JAX's CPU backend starts its threads
+        if not pf.tune_cpu_allocator():
+            _log("--tune-allocator: not glibc's malloc here; nothing changed")
+    torch, torchdiffeq = _import_peers()
     import jax
 
     threads = config.torch_threads or os.cpu_count() or 1

@@ -1,6 +1,7 @@
 """`pf.tune_cpu_allocator`: XLA's CPU working memory kept between calls (glibc only)."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -40,10 +41,16 @@ print(tuned, pf.cpu_allocator_tuned(), statistics.median(faults))
 def _faults(mode: str) -> tuple[bool, bool, float]:
     # Compiled as a user's program is: the suite's unoptimised compiles (conftest.py) keep
     # more and differently sized buffers, which the heap does not settle on within 11 calls.
-    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
-    out = subprocess.run(
-        [sys.executable, "-c", _PROGRAM, mode], capture_output=True, text=True, check=True, env=env
-    ).stdout.split()
+    # Allocator variables of the environment would change both arms: dropped.
+    env = {
+        k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")
+    }
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
+    run = subprocess.run(
+        [sys.executable, "-c", _PROGRAM, mode], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.split()
     return out[0] == "True", out[1] == "True", float(out[2])
 
 
@@ -59,10 +66,18 @@ def test_tuned_allocator_stops_page_faults_of_large_working_memory():
     assert tuned < untuned / 8, (tuned, untuned)
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="not Linux with glibc",
+)
+def test_finds_glibc_on_glibc_linux():
+    assert host._glibc() is not None
+
+
 def test_refuses_after_jax_has_started(monkeypatch):
     monkeypatch.setattr(host, "_tuned", False)
     jnp.zeros(1).block_until_ready()
-    with pytest.raises(RuntimeError, match="before the first JAX computation"):
+    with pytest.raises(RuntimeError, match="before JAX starts a backend"):
         pf.tune_cpu_allocator()
     assert not pf.cpu_allocator_tuned()
 

@@ -11,6 +11,7 @@ next call.
 
 import ctypes
 import sys
+import warnings
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -23,15 +24,22 @@ _TRIM_THRESHOLD = 2**31 - 1
 _tuned = False
 
 
+def _address(function) -> int | None:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
 def _glibc():
-    """The process's C library where it is glibc (Linux), else `None`."""
+    """The process's C library where it is glibc (Linux) and its `malloc` is the one in use,
+    else `None` (another C library, or an allocator such as jemalloc preloaded over it)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(None)
+        process, libc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
+    if not all(hasattr(process, n) for n in ("gnu_get_libc_version", "mallopt", "malloc")):
+        return None
+    if _address(process.malloc) != _address(libc.malloc):
         return None
     return libc
 
@@ -39,13 +47,20 @@ def _glibc():
 def _backends_started() -> bool:
     try:
         from jax._src.xla_bridge import backends_are_initialized
-    except ImportError:  # a JAX without this private function: assume not started
+    except ImportError:  # a JAX without this private function: cannot tell
+        warnings.warn(
+            "tune_cpu_allocator cannot tell whether a JAX backend has started (this JAX has no "
+            "jax._src.xla_bridge.backends_are_initialized); it applies its settings, which "
+            "reach only threads that have not allocated yet.",
+            stacklevel=3,
+        )
         return False
     return bool(backends_are_initialized())
 
 
 def cpu_allocator_tuned() -> bool:
-    """Whether `tune_cpu_allocator` has applied its settings in this process."""
+    """Whether `tune_cpu_allocator` has applied its settings in this process (applied, which
+    does not prove that every thread follows them; see its notes)."""
     return _tuned
 
 
@@ -62,9 +77,13 @@ def tune_cpu_allocator() -> bool:
     in `docs/results/performance/results.md`). It saves kernel CPU time; whether that saves
     wall time depends on the machine.
 
-    Call it once, at the start of a program, **before the first JAX computation**: the
-    settings reach only the threads that have not yet allocated, and XLA's worker threads
-    start with the CPU backend. Importing `jax` and `pdeformer` first is fine.
+    Call it once, at the very start of a program, **before JAX starts a backend** (any
+    computation, `jax.devices()`, `jax.device_put`): XLA's worker threads start with the CPU
+    backend, and a thread that has already allocated keeps its arena. Threads of other
+    libraries (a PyTorch pool, data-loader threads) that allocated before the call can also
+    leave arenas that later threads reuse, which makes the settings partly or wholly
+    ineffective; the environment variable below, read before any thread exists, does not
+    have that weakness. Importing `jax` and `pdeformer` first is fine.
 
     The settings hold for the whole process, not only for JAX:
 
@@ -78,8 +97,10 @@ def tune_cpu_allocator() -> bool:
 
     **Returns:**
 
-    `True` when the settings are in force (also on a second call), `False` where the C
-    library is not glibc (macOS, Windows, musl), where nothing is changed.
+    `True` when the settings were applied (also on a second call). `False` where the C
+    library is not glibc (macOS, Windows, musl) or another `malloc` is preloaded over it,
+    where nothing is changed, and where glibc refused a setting (then the others may be
+    applied).
 
     **Raises:**
 
@@ -90,13 +111,14 @@ def tune_cpu_allocator() -> bool:
         return True
     if _backends_started():
         raise RuntimeError(
-            "tune_cpu_allocator must be called before the first JAX computation (XLA's CPU "
-            "threads keep the allocator arenas they started with); call it at the start of "
-            "the program."
+            "tune_cpu_allocator must be called before JAX starts a backend (the first "
+            "computation, jax.devices(), jax.device_put): XLA's CPU threads keep the "
+            "allocator arenas they started with. Call it at the start of the program."
         )
     libc = _glibc()
     if libc is None:
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
-    _tuned = all(libc.mallopt(param, value) == 1 for param, value in settings)
+    accepted = [libc.mallopt(param, value) == 1 for param, value in settings]
+    _tuned = all(accepted)
     return _tuned
