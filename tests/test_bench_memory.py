@@ -5,6 +5,9 @@ import json
 import pytest
 
 
+# The longest test of the suite (90 to 115 s on the 2-core Intel machine: it compiles five
+# forward-and-backward solves): slow, so the default suite stays near ten minutes.
+@pytest.mark.slow
 def test_bench_memory_smoke(experiments, capsys):
     module = experiments("bench_memory")
     module._cli(["--smoke", "--json"])
