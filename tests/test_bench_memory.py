@@ -5,8 +5,8 @@ import json
 import pytest
 
 
-# The longest test of the suite (90 to 115 s on the 2-core Intel machine: it compiles five
-# forward-and-backward solves): slow, so the default suite stays near ten minutes.
+# The longest test of the default suite (90 to 115 s on the 2-core Intel machine: it compiles
+# five forward-and-backward solves): slow, to shorten the default run.
 @pytest.mark.slow
 def test_bench_memory_smoke(experiments, capsys):
     module = experiments("bench_memory")
