@@ -47,14 +47,25 @@ def _check_same(s0, s1):
     assert jnp.allclose(s1.us, s0.us, rtol=0, atol=1e-12)  # the dense output
 
 
+# Tolerances at which every seed tried rejects steps (the fewest rejections over 41 seeds,
+# `_problem(seed)` and `PDEFORMER_TEST_SEED=45451868` among them): Heun 1e-5: 11, Bosh3
+# 1e-6: 5, Tsit5 1e-10: 3, Dopri5 1e-10: 3. At rtol 1e-6 Dopri5 rejected none for 5 of
+# the 41, and at 1e-7 Dopri5 and Tsit5 rejected as few as one.
+RTOL = {"Heun": 1e-5, "Bosh3": 1e-6, "Tsit5": 1e-10, "Dopri5": 1e-10}
+
+
+def _controller(name):
+    return diffrax.PIDController(rtol=RTOL[name], atol=RTOL[name] / 100)
+
+
 # Heun in the slow run only: its step is also checked one step at a time below.
 @pytest.mark.parametrize("name", [pytest.param("Heun", marks=pytest.mark.slow), "Dopri5"])
 def test_same_solution_as_the_wrapped_solver(name, seed):
-    # Tight tolerances from a first step of one piece (dt0 = 1/2): steps are rejected, so
-    # Dopri5's first-same-as-last state is also checked across rejections.
+    # Tight tolerances from a first step of one piece: steps are rejected, so Dopri5's
+    # first-same-as-last state is also checked across rejections.
     with jax.enable_x64(True):
         field, u0, mask = _problem(seed)
-        controller = diffrax.PIDController(rtol=1e-6, atol=1e-8)
+        controller = _controller(name)
         solver = getattr(diffrax, name)()
         s0 = _forward(pf.Continuous(solver, controller), field, u0, mask)
         unrolled = pf.Continuous(pf.Unrolled(solver), controller)
@@ -88,13 +99,11 @@ def test_same_gradient_as_the_wrapped_solver(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name, rtol", [("Heun", 1e-5), ("Bosh3", 1e-6), ("Tsit5", 1e-7), ("Dopri5", 1e-7)]
-)
-def test_same_method_with_dense_output_gradients(name, rtol, seed):
+@pytest.mark.parametrize("name", ["Heun", "Bosh3", "Tsit5", "Dopri5"])
+def test_same_method_with_dense_output_gradients(name, seed):
     with jax.enable_x64(True):
         field, u0, mask = _problem(seed)
-        controller = diffrax.PIDController(rtol=rtol, atol=rtol / 100)
+        controller = _controller(name)
         solver = getattr(diffrax, name)()
         (l0, s0), g0 = _solve_and_grad(pf.Continuous(solver, controller), field, u0, mask)
         (l1, s1), g1 = _solve_and_grad(
