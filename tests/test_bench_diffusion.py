@@ -5,6 +5,8 @@ import json
 import pytest
 
 
+# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
+@pytest.mark.slow
 def test_bench_diffusion_smoke(experiments, capsys):
     module = experiments("bench_diffusion")
     module._cli(["--smoke", "--json"])

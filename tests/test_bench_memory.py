@@ -5,8 +5,7 @@ import json
 import pytest
 
 
-# The longest test of the default suite (90 to 115 s on the 2-core Intel machine: it compiles
-# five forward-and-backward solves): slow, to shorten the default run.
+# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
 @pytest.mark.slow
 def test_bench_memory_smoke(experiments, capsys):
     module = experiments("bench_memory")

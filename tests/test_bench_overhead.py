@@ -1,6 +1,8 @@
 """`experiments/bench_overhead.py` runs end to end on tiny sizes: the library's discrete and
 Euler paths compute the plain JAX reference's loss and gradients, and the figures are sane."""
 
+import pytest
+
 TINY = [
     "--quick",
     "--batch", "2",
@@ -16,6 +18,8 @@ TINY = [
 ]  # fmt: skip
 
 
+# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
+@pytest.mark.slow
 def test_bench_overhead_smoke(experiments):
     module = experiments("bench_overhead")
     config, as_json = module._parse(TINY)

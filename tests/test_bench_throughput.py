@@ -58,6 +58,8 @@ def test_nominal_peak(experiments):
     assert module.nominal_peak("cpu", "bfloat16") is None
 
 
+# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
+@pytest.mark.slow
 def test_bench_throughput_smoke(experiments):
     module = experiments("bench_throughput")
     config, as_json = module._parse(["--quick", "--precisions", "highest,default"])

@@ -32,7 +32,7 @@ def test_fixed_step_convergence_order(getkey, solver, order):
     with jax.enable_x64(True):
         field, x, mask = _small(getkey(), jnp.float64)
         ref = _tight(field, x, mask)
-        ks = np.arange(3, 8)
+        ks = np.array([3, 5, 7])  # each step size compiles a solve of its own
         errs = []
         for k in ks:
             depth = pf.Continuous(solver, diffrax.ConstantStepSize(), dt0=0.5**k)

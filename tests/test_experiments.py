@@ -254,6 +254,8 @@ def test_lra_placement_arms_share_the_baseline_weights(experiments):
         assert all(jnp.array_equal(a, b) for a, b in zip(rest, leaves(base), strict=True))
 
 
+# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
+@pytest.mark.slow
 def test_bench_peers_smoke(experiments):
     """pdeformer against torchdiffeq and torch.nn.TransformerEncoder at tiny sizes: the
     hand-written PyTorch field and the encoder agree with pdeformer, both solutions are
@@ -323,6 +325,8 @@ def test_bench_peers_names_the_extra_without_torch(experiments, monkeypatch):
         module._import_peers()
 
 
+# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
+@pytest.mark.slow
 def test_bench_layout_smoke(experiments):
     """The layout benchmark at tiny sizes: both variants and the default blocking timed,
     and the forced blockings restored afterwards."""
@@ -340,6 +344,8 @@ def test_bench_layout_smoke(experiments):
         assert all(_finite(t) for t in b["times_ms"].values())
 
 
+# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
+@pytest.mark.slow
 def test_profile_solve_smoke(experiments):
     """The profile at tiny sizes: trace events attributed to HLO instructions of both
     passes, the matmuls among them found."""
@@ -354,6 +360,8 @@ def test_profile_solve_smoke(experiments):
     assert unrolled["config"]["unrolled"] and unrolled["nfe"] == result["nfe"]
 
 
+# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
+@pytest.mark.slow
 def test_bench_parallel_smoke():
     """The data-parallel benchmark at tiny sizes, in a process of its own (it sets the
     virtual device count before JAX starts): both steps timed, equal gradients, and no
