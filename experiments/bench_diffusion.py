@@ -16,8 +16,11 @@ Prints one JSON object:
   `stiff_ds`. Target >= 5. The `stiff` entry has, for every `D`, both solvers' NFE, steps,
   rejected steps, wall time and max error against a tight Tsit5 reference (rtol 1e-10).
 
-Run: `python experiments/bench_diffusion.py --json [--quick | --smoke]` (`--smoke`: tiny
-sizes, seconds, for the tests; its figures mean nothing).
+Run: `python experiments/bench_diffusion.py --json [--quick | --smoke] [--tune-allocator]`
+(`--smoke`: tiny sizes, seconds, for the tests; its figures mean nothing;
+`--tune-allocator`: call `pf.tune_cpu_allocator()` first, so that the calls reuse their
+working memory instead of having the kernel zero-fill it afresh; recorded in
+`machine.cpu_allocator_tuned`).
 """
 
 import argparse
@@ -212,7 +215,14 @@ def _cli(argv: list[str] | None = None) -> None:
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--quick", action="store_true", help="smaller sweep, about a minute")
     sizes.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the tests)")
+    parser.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="call pf.tune_cpu_allocator() before JAX starts (glibc only)",
+    )
     args = parser.parse_args(argv)
+    if args.tune_allocator and not pf.tune_cpu_allocator():
+        print("--tune-allocator: not glibc's malloc here; nothing changed", file=sys.stderr)
     config = QUICK if args.quick else SMOKE if args.smoke else Config()
     command = shlex.join(["python", "experiments/bench_diffusion.py", *argv])
     print(json.dumps(main(config, command), indent=None if args.json else 2))

@@ -31,3 +31,26 @@ def test_bench_diffusion_smoke(experiments, capsys):
     }
     assert result["machine"]["cpu"] and result["date"].endswith("UTC")
     assert result["command"] == "python experiments/bench_diffusion.py --smoke --json"
+
+
+@pytest.mark.slow
+def test_bench_diffusion_tune_allocator():
+    """`--tune-allocator` applies `pf.tune_cpu_allocator()` before JAX starts, in a process
+    of its own (in this one a backend is already running), and records it."""
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_diffusion.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--json", "--tune-allocator"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert result["machine"]["cpu_allocator_tuned"] is glibc
+    assert result["command"].endswith("--tune-allocator")
