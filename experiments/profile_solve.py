@@ -34,13 +34,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import gzip
-import json
-import re
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import diffrax
@@ -52,6 +47,7 @@ import jax.random as jr
 import pdeformer as pf
 from _common import machine
 from _flags import json_or_table_main
+from _profile import profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,65 +81,9 @@ class ProfileConfig:
 
 QUICK = dict(batch=2, seq=16, dim=16, heads=2, layers=2, hidden=32, calls=1, top=5)
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\(", re.M)
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$", re.M)
-_CALLS = re.compile(r"calls=%([\w.\-]+)")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-
 
 def _log(msg: str) -> None:
     print(f"[profile_solve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _instructions(hlo: str) -> dict[str, dict[str, Any]]:
-    """Each HLO instruction's shape, opcode, JAX op name and whether it is a matmul."""
-    # The computations that contain a dot (fusions call them).
-    with_dot, name = set(), None
-    for line in hlo.splitlines():
-        m = _COMPUTATION.match(line)
-        if m:
-            name = m.group(1)
-        elif name is not None and re.search(r"= \S+ dot\(", line):
-            with_dot.add(name)
-    out = {}
-    for line in hlo.splitlines():
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        inst, shape, opcode = m.groups()
-        calls = _CALLS.search(line)
-        op = _OP_NAME.search(line)
-        matmul = opcode in ("dot", "convolution") or (
-            opcode == "fusion" and calls is not None and calls.group(1) in with_dot
-        )
-        out[inst] = {
-            "shape": shape,
-            "opcode": opcode,
-            "op_name": op.group(1) if op else "",
-            "matmul": matmul,
-        }
-    return out
-
-
-def _self_times(trace: dict[str, Any]) -> tuple[dict[str, float], dict[str, int]]:
-    """Summed self time (microseconds) and count of each event name in a Chrome trace."""
-    threads = collections.defaultdict(list)
-    for e in trace["traceEvents"]:
-        if e.get("ph") == "X" and "dur" in e:
-            threads[(e["pid"], e["tid"])].append(e)
-    self_us, count = collections.Counter(), collections.Counter()
-    for events in threads.values():
-        events.sort(key=lambda e: (e["ts"], -e["dur"]))
-        stack = []
-        for e in events:
-            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
-                stack.pop()
-            if stack:
-                self_us[stack[-1]["name"]] -= e["dur"]
-            self_us[e["name"]] += e["dur"]
-            count[e["name"]] += 1
-            stack.append(e)
-    return self_us, count
 
 
 def run(c: ProfileConfig) -> dict[str, Any]:
@@ -162,47 +102,29 @@ def run(c: ProfileConfig) -> dict[str, Any]:
     grad = jax.jit(jax.grad(loss, has_aux=True))
     _log("compiling")
     compiled = grad.lower(params, u0).compile()
-    instructions = _instructions(compiled.as_text())
-    _, nfe = jax.block_until_ready(compiled(params, u0))  # warm up
+    _, nfe = jax.block_until_ready(compiled(params, u0))
     _log(f"profiling {c.calls} calls ({int(nfe)} NFE each)")
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        with jax.profiler.trace(tmp):
-            for _ in range(c.calls):
-                jax.block_until_ready(compiled(params, u0))
-        wall_ms = 1e3 * (time.perf_counter() - start) / c.calls
-        traces = sorted(Path(tmp).rglob("*.trace.json.gz"))
-        if not traces:
-            raise RuntimeError("jax.profiler.trace wrote no trace file.")
-        with gzip.open(traces[0]) as f:
-            self_us, count = _self_times(json.load(f))
+    prof = profile(compiled, (params, u0), c.calls)
+    wall_ms = prof["wall_ms_per_call"]
 
     totals: collections.Counter = collections.Counter()
     rows = []
-    runtime: collections.Counter = collections.Counter()
-    for name, us in self_us.items():
-        ms = us / 1e3 / c.calls
-        info = instructions.get(name)
-        if info is None:
-            # Python frames (`$...`) are the host; the rest is the runtime, whose
-            # "wait" events span the work of other threads and so are not added up.
-            if not name.startswith("$"):
-                runtime[name] += ms
-            continue
+    for name, info in prof["instructions"].items():
         side = "backward" if "transpose(" in info["op_name"] else "forward"
         kind = "matmul" if info["matmul"] else "other"
-        totals[f"{side} {kind}"] += ms
+        totals[f"{side} {kind}"] += info["ms"]
         rows.append(
             {
                 "instruction": name,
-                "ms": ms,
-                "calls": count[name] // c.calls,
+                "ms": info["ms"],
+                "calls": info["calls"],
                 "pass": side,
                 "kind": kind,
                 "shape": info["shape"],
                 "op_name": info["op_name"].rsplit("/", 2)[-2:],
             }
         )
+    runtime = collections.Counter(prof["runtime_ms"])
     rows.sort(key=lambda r: -r["ms"])
     return {
         "sizes": {

@@ -1,0 +1,291 @@
+"""The attention operator alone, on the CPU, against PyTorch's fused kernel: where it loses.
+
+`bench_peers.py` finds that what separates pdeformer from PyTorch on some CPUs is the
+attention half of the field. This script isolates the operator itself,
+`pdeformer.operators.attention.attention` on queries, keys and values of shape
+`(batch, seq, heads, head_dim)` without a mask, and times, interleaved with each other:
+
+- each implementation XLA runs on the CPU: `"blockwise"` (the CPU default), `"xla"`
+  (`jax.nn.dot_product_attention`) and `"einsum"`;
+- when PyTorch is installed (`pip install -e ".[peers]"`),
+  `torch.nn.functional.scaled_dot_product_attention` on the same numbers, with as many
+  threads as XLA's CPU backend uses.
+
+Each is timed forward only and forward + backward (the gradient of `sum(out * g)` with
+respect to `q`, `k` and `v`, for a fixed random `g`); the outputs and gradients of every
+arm are checked against the `"einsum"` path before anything is timed. With a fixed `g` the
+backward pass does not wait for the forward's output, so a program without loops could
+overlap the two, which no layer inside a model can do; the blockwise path's loops keep
+them in order, and a variant that unrolls them should be timed inside a model too
+(`bench_peers.py`). The defaults are the
+sizes of `bench_peers.py`'s continuous comparison (batch 8, seq 256, 4 heads of width 16);
+`--seq 512 --head-dim 32` gives those of its discrete one.
+
+`--profile` adds a profile of the blockwise forward + backward (one XLA program) per HLO
+instruction, as `profile_solve.py` does, with each instruction's self time summed by kind:
+
+- `matmul_rows_by_keys`: matmuls whose output holds a `(rows, keys)` block (the logits,
+  and in the backward the logits again and `dO V^T`);
+- `matmul_head_width`: the other matmuls (`P V`, `dV`, `dK`, `dQ`, of width `head_dim`);
+- `exp`: fusions that take an exponential (the probabilities);
+- `reduce`: row maxima and sums;
+- `other`: the rest (elementwise passes, transposes, copies, control flow).
+
+Usage:
+
+    python experiments/bench_attention.py                 # readable table
+    python experiments/bench_attention.py --json          # one JSON object on stdout
+    python experiments/bench_attention.py --profile       # with the per-kind profile
+    python experiments/bench_attention.py --quick         # smoke test (tiny sizes)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from _common import machine
+from _flags import json_or_table_main
+from _profile import profile
+from _timing import interleaved
+from pdeformer.operators import attention as attention_module
+
+IMPLEMENTATIONS = ("blockwise", "xla", "einsum")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Benchmark settings.
+
+    **Arguments:**
+
+    - `batch`, `seq`, `heads`, `head_dim`: the shape of `q`, `k` and `v`.
+    - `repeats`: timed rounds (each arm once per round, interleaved).
+    - `inner`: calls per timed sample (the sample is their mean).
+    - `profile`: also profile the blockwise forward + backward per instruction.
+    - `profile_calls`: calls profiled.
+    - `torch_threads`: PyTorch's intra-op threads; 0 for `os.cpu_count()`.
+    - `seed`: seed of the random inputs.
+    """
+
+    batch: int = 8
+    seq: int = 256
+    heads: int = 4
+    head_dim: int = 16
+    repeats: int = 15
+    inner: int = 5
+    profile: bool = False
+    profile_calls: int = 10
+    torch_threads: int = 0
+    seed: int = 0
+
+
+QUICK = dict(batch=2, seq=32, heads=2, head_dim=8, repeats=2, inner=1, profile_calls=1)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_attention {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _jax_arms(inputs, g):
+    """Per implementation: jitted forward and forward+backward, compiled."""
+    arms = {}
+    for impl in IMPLEMENTATIONS:
+
+        def fwd(q, k, v, impl=impl):
+            return attention_module.attention(q, k, v, implementation=impl)
+
+        def loss(q, k, v, impl=impl):
+            return jnp.sum(fwd(q, k, v, impl) * g)
+
+        grad = jax.grad(loss, argnums=(0, 1, 2))
+        arms[impl] = (jax.jit(fwd).lower(*inputs).compile(), jax.jit(grad).lower(*inputs).compile())
+    return arms
+
+
+def _torch_arm(inputs, g, threads):
+    """PyTorch's `scaled_dot_product_attention` on the same numbers, or None."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    torch.set_num_threads(threads)
+    # PyTorch's layout is (batch, heads, seq, head_dim).
+    as_torch = lambda x: torch.tensor(np.asarray(x)).transpose(1, 2).contiguous()
+    q, k, v = (as_torch(x).requires_grad_() for x in inputs)
+    tg = as_torch(g)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fwd():
+        with torch.no_grad():
+            return sdpa(q, k, v).transpose(1, 2).numpy()
+
+    def grad():
+        for x in (q, k, v):
+            x.grad = None
+        (sdpa(q, k, v) * tg).sum().backward()
+        return tuple(x.grad.transpose(1, 2).numpy() for x in (q, k, v))
+
+    return fwd, grad, torch.__version__
+
+
+def _check(name, got, want, tol):
+    err = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(got, want, strict=True)
+    )
+    if not err <= tol:
+        raise RuntimeError(f"{name} disagrees with the einsum path: max abs diff {err:.3g}.")
+    return err
+
+
+def _kind(info: dict[str, Any], rows_by_keys: tuple[int, int]) -> str:
+    if info["matmul"]:
+        # The last two dimensions of a `(rows, keys)` block are `(block rows, seq)`.
+        dims = [int(d) for d in info["shape"].split("[", 1)[1].split("]", 1)[0].split(",") if d]
+        big = len(dims) >= 2 and dims[-1] == rows_by_keys[1] and dims[-2] == rows_by_keys[0]
+        return "matmul_rows_by_keys" if big else "matmul_head_width"
+    if "exponential" in info["ops"]:
+        return "exp"
+    if "reduce" in info["ops"]:
+        return "reduce"
+    return "other"
+
+
+def _profile_blockwise(compiled, inputs, c: AttentionConfig) -> dict[str, Any]:
+    prof = profile(compiled, inputs, c.profile_calls)
+    _, rows = attention_module._blocking(
+        c.batch * c.heads, c.seq, attention_module.DEFAULT_BLOCK_SIZE, 4, jax.device_count()
+    )
+    by_kind: collections.Counter = collections.Counter()
+    top = []
+    for name, info in prof["instructions"].items():
+        kind = _kind(info, (rows, c.seq))
+        by_kind[kind] += info["ms"]
+        top.append({"instruction": name, "ms": info["ms"], "kind": kind, "shape": info["shape"]})
+    top.sort(key=lambda r: -r["ms"])
+    return {
+        "self_ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "self_ms_total": sum(by_kind.values()),
+        "wall_ms_per_call": prof["wall_ms_per_call"],
+        "top": top[:12],
+    }
+
+
+def run(c: AttentionConfig) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(c.seed)
+    shape = (c.batch, c.seq, c.heads, c.head_dim)
+    q, k, v, g = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
+    inputs = (q, k, v)
+    _log(f"compiling {', '.join(IMPLEMENTATIONS)} at {shape}")
+    arms = _jax_arms(inputs, g)
+    want_out = arms["einsum"][0](*inputs)
+    want_grad = arms["einsum"][1](*inputs)
+    agreement = {}
+    fns = {}
+    for impl, (fwd, grad) in arms.items():
+        agreement[impl] = {
+            "out": _check(impl, [fwd(*inputs)], [want_out], 1e-4),
+            "grad": _check(impl, grad(*inputs), want_grad, 1e-3),
+        }
+        fns[f"{impl}_fwd"] = lambda f=fwd: jax.block_until_ready(f(*inputs))
+        fns[f"{impl}_fwd_bwd"] = lambda f=grad: jax.block_until_ready(f(*inputs))
+    threads = c.torch_threads or os.cpu_count() or 1
+    torch_arm = _torch_arm(inputs, g, threads)
+    torch_version = None
+    if torch_arm is not None:
+        t_fwd, t_grad, torch_version = torch_arm
+        agreement["torch"] = {
+            "out": _check("torch", [t_fwd()], [want_out], 1e-4),
+            "grad": _check("torch", t_grad(), want_grad, 1e-3),
+        }
+        fns["torch_fwd"] = t_fwd
+        fns["torch_fwd_bwd"] = t_grad
+    else:
+        _log("PyTorch is not installed: timing the JAX implementations only")
+    for fn in fns.values():  # warm-up
+        fn()
+
+    def sample(fn):
+        return lambda: [fn() for _ in range(c.inner)]
+
+    samples = interleaved({n: sample(f) for n, f in fns.items()}, c.repeats, "round", _log)
+    ms = {
+        n: {
+            "median": 1e3 * statistics.median(s) / c.inner,
+            "min": 1e3 * min(s) / c.inner,
+        }
+        for n, s in samples.items()
+    }
+    ratios = {}
+    if torch_arm is not None:
+        for part in ("fwd", "fwd_bwd"):
+            ratios[f"blockwise_vs_torch_{part}"] = (
+                ms[f"blockwise_{part}"]["median"] / ms[f"torch_{part}"]["median"]
+            )
+    result = {
+        "sizes": {"batch": c.batch, "seq": c.seq, "heads": c.heads, "head_dim": c.head_dim},
+        "ms": ms,
+        "ratios": ratios,
+        "agreement_max_abs_diff": agreement,
+        "torch": torch_version,
+        "torch_threads": threads if torch_arm is not None else None,
+    }
+    if c.profile:
+        _log(f"profiling the blockwise forward+backward ({c.profile_calls} calls)")
+        result["profile_blockwise_fwd_bwd"] = _profile_blockwise(arms["blockwise"][1], inputs, c)
+    result.update(
+        config=dataclasses.asdict(c),
+        machine=machine(),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        command="python experiments/bench_attention.py " + " ".join(sys.argv[1:]),
+        wall_s=time.perf_counter() - t_start,
+    )
+    return result
+
+
+def _table(r: dict[str, Any]) -> str:
+    s = r["sizes"]
+    lines = [
+        f"attention (batch {s['batch']}, seq {s['seq']}, {s['heads']} heads of {s['head_dim']})"
+        f", {r['machine']['cpu']}: median (fastest) ms per call",
+    ]
+    for name, t in r["ms"].items():
+        lines.append(f"  {name:>20}: {t['median']:8.2f} ({t['min']:.2f})")
+    for name, x in r["ratios"].items():
+        lines.append(f"  {name}: {x:.2f}")
+    p = r.get("profile_blockwise_fwd_bwd")
+    if p:
+        lines.append(
+            f"blockwise forward+backward under the profiler: {p['wall_ms_per_call']:.1f} ms "
+            "per call; self time by kind:"
+        )
+        for kind, v in p["self_ms_by_kind"].items():
+            lines.append(f"  {kind:>20}: {v:7.2f} ms")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return json_or_table_main(
+        argv,
+        description=__doc__.splitlines()[0],
+        config_cls=AttentionConfig,
+        quick=QUICK,
+        run=run,
+        table=_table,
+    )
+
+
+if __name__ == "__main__":
+    main()
