@@ -74,8 +74,10 @@ def tune_cpu_allocator() -> bool:
     step of batch 8, seq 512, dim 128, 4 layers went from about 49,000 page faults and 96 to
     116 ms of kernel time per call to none and under 3 ms; its wall time did not change
     beyond the machine's noise there (`experiments/bench_peers.py --tune-allocator`; figures
-    in `docs/results/performance/results.md`). It saves kernel CPU time; whether that saves
-    wall time depends on the machine.
+    in `docs/results/performance/results.md`), while the diffusion layer's forward +
+    backward on one sequence of 16384 tokens went from 20 to 25 ms to 12 to 14 ms per call
+    (`experiments/bench_diffusion.py --tune-allocator`). It saves kernel CPU time; whether
+    that saves wall time depends on the machine and the program.
 
     Call it once, at the very start of a program, **before JAX starts a backend** (any
     computation, `jax.devices()`, `jax.device_put`): XLA's worker threads start with the CPU
