@@ -17,7 +17,7 @@ from pdeformer import host
 # calls still grow the heap until its free blocks fit a whole call, and a later call may
 # grow it once more (per-call faults in one run here: 72k, 0, 0, 3, 0, 0, 35k, then 0).
 _PROGRAM = """
-import resource, statistics, sys
+import ctypes, resource, statistics, sys
 import pdeformer as pf
 tuned = pf.tune_cpu_allocator() if sys.argv[1] == "tune" else False
 import jax, jax.numpy as jnp
@@ -27,8 +27,20 @@ def f(x):
     return jnp.sum(jnp.cumsum(x, axis=0) * jnp.cumsum(x, axis=1))
 
 x = jnp.ones((4096, 4096), jnp.float32)
-for _ in range(4):
+# Warm up until the heap has settled: four calls in a row that leave the program break
+# where it was. How many calls the heap needs to grow to hold every call's buffers depends
+# on the order the runtime's threads allocate in, which load changes: with the setting,
+# on a busy 2-core machine, up to 8 calls each grew it by 200 MiB (and faulted its pages).
+libc = ctypes.CDLL(None)
+libc.sbrk.restype = ctypes.c_void_p
+libc.sbrk.argtypes = [ctypes.c_ssize_t]
+calm = 0
+for _ in range(40):
+    top = libc.sbrk(0)
     f(x).block_until_ready()
+    calm = calm + 1 if libc.sbrk(0) == top else 0
+    if calm == 4:
+        break
 faults = []
 for _ in range(7):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

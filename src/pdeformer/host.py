@@ -70,7 +70,10 @@ def tune_cpu_allocator() -> bool:
     Sets glibc's `malloc` to one arena (`M_ARENA_MAX=1`), no memory maps for large blocks
     (`M_MMAP_MAX=0`) and a 2 GiB trim threshold (`M_TRIM_THRESHOLD`). After a few calls have
     grown the heap, a jitted call reuses the pages the previous call freed instead of having
-    the kernel map and zero-fill them again. On a 2-core Intel Xeon, a `Discrete()` training
+    the kernel map and zero-fill them again. How many calls that takes depends on the order
+    XLA's threads allocate in, which a busy machine changes: in a test on a 2-core machine
+    under load, up to 8 calls of a 200 MiB program each grew the heap (and faulted) before
+    it settled. On a 2-core Intel Xeon, a `Discrete()` training
     step of batch 8, seq 512, dim 128, 4 layers went from about 49,000 page faults and 96 to
     116 ms of kernel time per call to none and under 3 ms; its wall time did not change
     beyond the machine's noise there (`experiments/bench_peers.py --tune-allocator`; figures
