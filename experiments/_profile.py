@@ -83,11 +83,11 @@ def profile(compiled: Any, args: tuple, calls: int) -> dict[str, Any]:
 
     `instructions` (as `instructions()`, each with `ms`, its self time per call, and
     `calls`, its events per call; only those that ran), `runtime_ms` (self time per call of
-    the runtime's own events, by name; its "wait" events span work done on other threads)
-    and `wall_ms_per_call` (under the profiler).
+    the runtime's own events, by name; its "wait" events span work done on other threads),
+    `wall_ms_per_call` (under the profiler) and `output` (the warm-up call's result).
     """
     info = instructions(compiled.as_text())
-    jax.block_until_ready(compiled(*args))
+    output = jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         with jax.profiler.trace(tmp):
@@ -106,4 +106,9 @@ def profile(compiled: Any, args: tuple, calls: int) -> dict[str, Any]:
             ran[name] = {**info[name], "ms": ms, "calls": count[name] // calls}
         elif not name.startswith("$"):  # `$...` events are Python frames: the host
             runtime[name] += ms
-    return {"instructions": ran, "runtime_ms": dict(runtime), "wall_ms_per_call": wall_ms}
+    return {
+        "instructions": ran,
+        "runtime_ms": dict(runtime),
+        "wall_ms_per_call": wall_ms,
+        "output": output,
+    }

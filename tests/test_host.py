@@ -13,9 +13,10 @@ from pdeformer import host
 
 # A jitted program with 128 MiB of working memory (two 64 MiB cumulative sums, which XLA
 # cannot fuse away), above the 64 MiB heap of a glibc thread arena. It prints the median of
-# the minor page faults of 7 calls after 4 warm-up calls. With the setting, the first few
-# calls still grow the heap until its free blocks fit a whole call, and a later call may
-# grow it once more (per-call faults in one run here: 72k, 0, 0, 3, 0, 0, 35k, then 0).
+# the minor page faults of 7 calls after a warm-up that lasts until the heap has settled.
+# With the setting, the first few calls still grow the heap until its free blocks fit a
+# whole call, and a later call may grow it once more (per-call faults in one run here: 72k,
+# 0, 0, 3, 0, 0, 35k, then 0).
 _PROGRAM = """
 import ctypes, resource, statistics, sys
 import pdeformer as pf
