@@ -4,6 +4,7 @@ One vector field (`Field`), many integrators: `Discrete()` is the standard Trans
 `Continuous(solver, controller, adjoint)` its exact flow under diffrax.
 """
 
+from .adjoint import KeepResidualsAdjoint as KeepResidualsAdjoint
 from .depth import AbstractDepth as AbstractDepth
 from .depth import Continuous as Continuous
 from .depth import DepthSolution as DepthSolution
