@@ -25,7 +25,9 @@ cost in time. Three sweeps:
 - **steps taken**: the same solve at `max_steps=4096` forced to take more steps by a largest
   step `dtmax`, for the two checkpoint counts: what 16 checkpoints cost once the steps
   outnumber them and the backward pass recomputes some; beside them `DirectAdjoint` at a
-  budget of twice the steps the solve needs (`2 * ceil(layers / min(dtmax, 1/2))`).
+  budget of twice the steps the solve needs (`2 * ceil(layers / min(dtmax, 1/2))`), and
+  `pf.KeepResidualsAdjoint` with that many slots (every step's residuals kept from the
+  forward pass, no step recomputed), with the standard and the unrolled method.
 
 XLA's analysis is exact for the compiled program and the same on every backend that
 reports it (CPU and GPU); it is not a measured resident set size.
@@ -118,6 +120,7 @@ SMOKE = Config(
         "RecursiveCheckpoint (16, default)",
         "Direct (bounded loop)",
         "Unrolled stages, RecursiveCheckpoint (16, default)",
+        "KeepResiduals (slots = 2x steps)",
     ),
     dtmax=(0.25,),
 )
@@ -212,7 +215,8 @@ def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDep
     intermediates kept for the step being differentiated, not recomputed).
     `DirectAdjoint` gets twice the steps the solve needs (at least two per layer, one per
     smooth half-layer, and `layers / dtmax`) as its budget, which sizes what it stores
-    (rounded up to a power of 16 by its loop)."""
+    (rounded up to a power of 16 by its loop); `pf.KeepResidualsAdjoint` gets as many
+    slots, each holding one loop iteration's residuals."""
     rc = diffrax.RecursiveCheckpointAdjoint
 
     def make(adjoint, dtmax, max_steps=4096, solver=None):
@@ -235,6 +239,12 @@ def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDep
         "Direct (bounded loop)": lambda d: make(diffrax.DirectAdjoint(), d, direct_budget(d)),
         "Unrolled stages, RecursiveCheckpoint (16, default)": lambda d: make(
             None, d, solver=pf.Unrolled(diffrax.Tsit5())
+        ),
+        "KeepResiduals (slots = 2x steps)": lambda d: make(
+            pf.KeepResidualsAdjoint(slots=direct_budget(d)), d
+        ),
+        "Unrolled stages, KeepResiduals (slots = 2x steps)": lambda d: make(
+            pf.KeepResidualsAdjoint(slots=direct_budget(d)), d, solver=pf.Unrolled(diffrax.Tsit5())
         ),
     }
 

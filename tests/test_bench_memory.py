@@ -25,10 +25,12 @@ def test_bench_memory_smoke(experiments, capsys):
     assert len({step["nfe"] for step in steps.values()}) == 1
     taken = {r["variant"]: r for r in result["steps_taken_sweep"]}
     unrolled = "Unrolled stages, RecursiveCheckpoint (16, default)"
-    assert set(taken) == set(steps) | {unrolled}
-    # Unrolled stages: the same method, the same steps and evaluations.
+    kept = "KeepResiduals (slots = 2x steps)"
+    assert set(taken) == set(steps) | {unrolled, kept}
+    # Unrolled stages, residuals kept: the same solve, the same steps and evaluations.
     default = taken["RecursiveCheckpoint (16, default)"]
-    assert (taken[unrolled]["steps"], taken[unrolled]["nfe"]) == (default["steps"], default["nfe"])
+    for other in (unrolled, kept):
+        assert (taken[other]["steps"], taken[other]["nfe"]) == (default["steps"], default["nfe"])
     for row in taken.values():
         # One layer, steps no longer than 1/4: at least four of them.
         assert row["dtmax"] == 0.25 and row["steps"] >= 4 and row["temp_mib"] > 0
