@@ -121,6 +121,7 @@ SMOKE = Config(
         "Direct (bounded loop)",
         "Unrolled stages, RecursiveCheckpoint (16, default)",
         "KeepResiduals (slots = 2x steps)",
+        "Unrolled stages, KeepResiduals (slots = 2x steps)",
     ),
     dtmax=(0.25,),
 )

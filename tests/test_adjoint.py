@@ -1,6 +1,10 @@
 """`pf.KeepResidualsAdjoint`: the gradient of keeping every step's residuals equals the
 gradient of recomputing them (`RecursiveCheckpointAdjoint`)."""
 
+import os
+import subprocess
+import sys
+
 import diffrax
 import equinox as eqx
 import jax
@@ -67,6 +71,67 @@ def test_too_few_slots_is_a_runtime_error():
         # Exactly as many slots as loop iterations is enough.
         grads, _ = _ode_grads(pf.KeepResidualsAdjoint(slots=slots + 1))
         assert jnp.linalg.norm(grads[0] - ref[0]) <= 1e-12 * jnp.linalg.norm(ref[0])
+
+
+_OVERFLOW_PROGRAM = """
+import jax, jax.numpy as jnp, diffrax
+import pdeformer as pf
+
+def loss(w):
+    term = diffrax.ODETerm(lambda t, y, a: jnp.tanh(a * y))
+    sol = diffrax.diffeqsolve(
+        term, diffrax.Tsit5(), 0.0, 1.0, 0.1, jnp.ones(3), args=w,
+        stepsize_controller=diffrax.ConstantStepSize(),
+        adjoint=pf.KeepResidualsAdjoint(slots=4), max_steps=64,
+    )
+    return jnp.sum(sol.ys)
+
+print(jax.jit(jax.grad(loss))(0.5))
+"""
+
+
+@pytest.mark.parametrize("mode", ["off", "nan"])
+def test_overflow_without_runtime_errors_gives_nan(mode):
+    # With equinox's runtime errors off, 10 steps in 4 slots must not return the gradient
+    # of a truncated tape.
+    env = {**os.environ, "EQX_ON_ERROR": mode, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(
+        [sys.executable, "-c", _OVERFLOW_PROGRAM], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "nan", run.stdout
+
+
+def test_weights_are_kept_once_not_per_slot():
+    # The loop's invariant inputs (here a 2 MiB matrix) are residuals of every iteration's
+    # pullback; the slots must not copy them.
+    with jax.enable_x64(True):
+        w = jnp.eye(512) * 0.5 + 0.01
+        slots = 64
+
+        def loss(w, adjoint):
+            term = diffrax.ODETerm(lambda t, y, a: jnp.tanh(a @ y))
+            sol = diffrax.diffeqsolve(
+                term,
+                diffrax.Euler(),
+                0.0,
+                1.0,
+                0.25,
+                jnp.linspace(-1.0, 1.0, 512),
+                args=w,
+                adjoint=adjoint,
+                max_steps=slots,
+            )
+            return jnp.sum(sol.ys**2)
+
+        kept = jax.jit(jax.grad(loss), static_argnums=1)
+        adjoint = pf.KeepResidualsAdjoint(slots=slots)
+        temp = kept.lower(w, adjoint).compile().memory_analysis().temp_size_in_bytes
+        assert temp < 8 * w.nbytes, (temp, w.nbytes)  # kept per slot it would be 64x
+        ref = jax.grad(loss)(w, diffrax.RecursiveCheckpointAdjoint())
+        g = kept(w, adjoint)
+        assert jnp.linalg.norm(ref) > 1e-3
+        assert jnp.linalg.norm(g - ref) <= 1e-12 * jnp.linalg.norm(ref)
 
 
 @pytest.mark.parametrize("slots", [0, -3])

@@ -26,10 +26,11 @@ def test_bench_memory_smoke(experiments, capsys):
     taken = {r["variant"]: r for r in result["steps_taken_sweep"]}
     unrolled = "Unrolled stages, RecursiveCheckpoint (16, default)"
     kept = "KeepResiduals (slots = 2x steps)"
-    assert set(taken) == set(steps) | {unrolled, kept}
+    both = "Unrolled stages, KeepResiduals (slots = 2x steps)"
+    assert set(taken) == set(steps) | {unrolled, kept, both}
     # Unrolled stages, residuals kept: the same solve, the same steps and evaluations.
     default = taken["RecursiveCheckpoint (16, default)"]
-    for other in (unrolled, kept):
+    for other in (unrolled, kept, both):
         assert (taken[other]["steps"], taken[other]["nfe"]) == (default["steps"], default["nfe"])
     for row in taken.values():
         # One layer, steps no longer than 1/4: at least four of them.

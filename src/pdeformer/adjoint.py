@@ -49,12 +49,16 @@ class KeepResidualsAdjoint(diffrax.AbstractAdjoint):
     or `diffrax.diffeqsolve(..., adjoint=pf.KeepResidualsAdjoint(slots=32))`.
 
     - `slots`: how many loop iterations (accepted plus rejected steps) the forward pass can
-      record. Memory is `slots` times one step's residuals, allocated whether used or not.
-      A differentiated solve that needs more iterations stops with a runtime error naming
-      the count; a solve that is not differentiated has no such limit.
+      record. Memory is `slots` (at most `max_steps`) times one step's residuals, allocated
+      whether used or not. A differentiated solve that needs more iterations stops with a
+      runtime error (`equinox.error_if`); where equinox's runtime errors are turned off
+      (`EQX_ON_ERROR=off` or `nan`) its gradients are NaN instead. A solve that is not
+      differentiated has no such limit.
 
     Against `RecursiveCheckpointAdjoint` it saves the recomputation of each step's forward
-    on the backward pass, at the cost of writing the residuals on the forward pass. What
+    on the backward pass, at the cost of writing the residuals on the forward pass. (With
+    diffrax's Runge-Kutta solvers each stage is still evaluated once more inside the step's
+    own backward pass; `pdeformer.Unrolled` removes that too, for larger slots.) What
     that buys on a given machine is measured by `experiments/bench_peers.py` and
     `experiments/bench_memory.py` (`docs/results/performance/results.md`).
 
@@ -96,7 +100,8 @@ class KeepResidualsAdjoint(diffrax.AbstractAdjoint):
         # Saving at several times runs a nested loop inside each step; it must be reverse
         # differentiable, as under `RecursiveCheckpointAdjoint`.
         inner_while_loop = ft.partial(eqxi.while_loop, kind="checkpointed")
-        outer_while_loop = ft.partial(residual_while_loop, slots=self.slots)
+        # The loop stops after `max_steps` iterations: no more slots can be filled.
+        outer_while_loop = ft.partial(residual_while_loop, slots=min(self.slots, max_steps))
         return self._loop(
             terms=terms,
             saveat=saveat,
@@ -184,6 +189,12 @@ def _residual_loop_fwd(perturbed, vjp_arg, cond_fun, slots):
     def body(carry):
         i, val, store = carry
         out, kept = record(val)
+        for buf, x in zip(store, kept, strict=True):
+            if (x.shape, x.dtype) != (buf.shape[1:], buf.dtype):
+                raise AssertionError(
+                    f"KeepResidualsAdjoint: a residual of shape {x.shape} ({x.dtype}) does "
+                    f"not fit its slot {buf.shape[1:]} ({buf.dtype}); please report this."
+                )
         store = [
             lax.dynamic_update_index_in_dim(buf, x, jnp.minimum(i, slots - 1), axis=0)
             for buf, x in zip(store, kept, strict=True)
@@ -193,8 +204,9 @@ def _residual_loop_fwd(perturbed, vjp_arg, cond_fun, slots):
     num, final_val, store = lax.while_loop(
         lambda c: cond_fun(c[1]), body, (jnp.array(0, jnp.int32), init_val, store)
     )
-    # Both traces of the iteration (shapes, loop) must keep the same leaves.
-    if len(tapes) != 2 or tapes[0].invariant != tapes[1].invariant:
+    # Every trace of the iteration (shapes, then the loop: once, or once per iteration under
+    # `jax.disable_jit`) must keep the same leaves.
+    if any(t.invariant != tapes[0].invariant for t in tapes):
         raise AssertionError("KeepResidualsAdjoint: the loop body traced differently twice.")
     num = eqx.error_if(
         num,
@@ -204,12 +216,13 @@ def _residual_loop_fwd(perturbed, vjp_arg, cond_fun, slots):
         "Pass more slots, a looser tolerance, or use the default "
         "RecursiveCheckpointAdjoint, which recomputes instead.",
     )
-    return final_val, (num, store, tapes[1])
+    return final_val, (num, store, tapes[-1])
 
 
 @_residual_loop.def_bwd
 def _residual_loop_bwd(residuals, grad_final_val, perturbed, vjp_arg, cond_fun, slots):
-    del cond_fun, slots
+    del cond_fun
+    len_slots = slots
     num, store, tape = residuals
     _, perturb_body = perturbed
     init_val, body_fun = vjp_arg
@@ -234,7 +247,15 @@ def _residual_loop_bwd(residuals, grad_final_val, perturbed, vjp_arg, cond_fun, 
         d_body, d_val = pullback(ct_val)
         return i, d_val, jtu.tree_map(jnp.add, ct_body, d_body)
 
-    _, ct_val, ct_body = lax.while_loop(lambda c: c[0] > 0, body, (num, ct_val, ct_body))
+    # `num > slots` has raised above unless equinox's runtime errors are off (or turned into
+    # NaN, which makes `num` the largest int): the tape is then incomplete, and the
+    # gradients are NaN rather than those of its last `slots` iterations.
+    overflow = num > len_slots
+    start = jnp.minimum(num, len_slots)
+    _, ct_val, ct_body = lax.while_loop(lambda c: c[0] > 0, body, (start, ct_val, ct_body))
+    ct_val, ct_body = jtu.tree_map(
+        lambda x: jnp.where(overflow, jnp.full_like(x, jnp.nan), x), (ct_val, ct_body)
+    )
     perturb_val, _ = perturbed
     ct_init = jtu.tree_map(
         lambda g, p: g if p else None,
