@@ -222,7 +222,6 @@ def _residual_loop_fwd(perturbed, vjp_arg, cond_fun, slots):
 @_residual_loop.def_bwd
 def _residual_loop_bwd(residuals, grad_final_val, perturbed, vjp_arg, cond_fun, slots):
     del cond_fun
-    len_slots = slots
     num, store, tape = residuals
     _, perturb_body = perturbed
     init_val, body_fun = vjp_arg
@@ -250,8 +249,8 @@ def _residual_loop_bwd(residuals, grad_final_val, perturbed, vjp_arg, cond_fun, 
     # `num > slots` has raised above unless equinox's runtime errors are off (or turned into
     # NaN, which makes `num` the largest int): the tape is then incomplete, and the
     # gradients are NaN rather than those of its last `slots` iterations.
-    overflow = num > len_slots
-    start = jnp.minimum(num, len_slots)
+    overflow = num > slots
+    start = jnp.minimum(num, slots)
     _, ct_val, ct_body = lax.while_loop(lambda c: c[0] > 0, body, (start, ct_val, ct_body))
     ct_val, ct_body = jtu.tree_map(
         lambda x: jnp.where(overflow, jnp.full_like(x, jnp.nan), x), (ct_val, ct_body)
