@@ -118,7 +118,7 @@ def residual_while_loop(cond_fun, body_fun, init_val, *, max_steps=None, buffers
     most `slots` iterations (see `KeepResidualsAdjoint`). `max_steps` bounds the
     iterations; `buffers` marks leaves of the carry written in place (as
     `equinox.internal.while_loop`)."""
-    init_val = jtu.tree_map(lambda x: jnp.asarray(x) if eqx.is_array_like(x) else x, init_val)
+    # `common_rewrite` turns the carry's leaves into arrays itself.
     cond_, body_, init_, _ = common_rewrite(
         cond_fun, body_fun, init_val, max_steps, buffers, makes_false_steps=False
     )
