@@ -21,6 +21,17 @@ them in order, and a variant that unrolls them should be timed inside a model to
 sizes of `bench_peers.py`'s continuous comparison (batch 8, seq 256, 4 heads of width 16);
 `--seq 512 --head-dim 32` gives those of its discrete one.
 
+`--products` adds the blockwise path's matrix products alone: its seven products per call
+come in three shapes (below, `g` pairs of one group, `b` query rows of one block, `s` keys,
+`h` the head width), each timed as one XLA batched matmul (the einsum the blockwise path
+writes) and as `torch.bmm` on the same contiguous operands, interleaved:
+
+- `rows_by_keys`, `(g, b, h) x (g, h, s)`: the logits, again in the backward, and `dO V^T`
+  (three per call);
+- `head_width`, `(g, b, s) x (g, s, h)`: `P V` and `dQ = dS K` (two per call);
+- `head_width_t`, `(g, h, b) x (g, b, s)`: `dV^T = dO^T P` and `dK^T = Q^T dS` (two per
+  call).
+
 `--profile` adds a profile of the blockwise forward + backward (one XLA program) per HLO
 instruction, as `profile_solve.py` does, with each instruction's self time summed by kind:
 
@@ -36,6 +47,7 @@ Usage:
     python experiments/bench_attention.py                 # readable table
     python experiments/bench_attention.py --json          # one JSON object on stdout
     python experiments/bench_attention.py --profile       # with the per-kind profile
+    python experiments/bench_attention.py --products      # with the products alone
     python experiments/bench_attention.py --quick         # smoke test (tiny sizes)
 """
 
@@ -75,6 +87,8 @@ class AttentionConfig:
     - `inner`: calls per timed sample (the sample is their mean).
     - `profile`: also profile the blockwise forward + backward per instruction.
     - `profile_calls`: calls profiled.
+    - `products`: also time the blockwise path's three product shapes alone, XLA against
+      `torch.bmm` (XLA alone without PyTorch).
     - `torch_threads`: PyTorch's intra-op threads; 0 for `os.cpu_count()`.
     - `seed`: seed of the random inputs.
     """
@@ -87,6 +101,7 @@ class AttentionConfig:
     inner: int = 5
     profile: bool = False
     profile_calls: int = 10
+    products: bool = False
     torch_threads: int = 0
     seed: int = 0
 
@@ -147,6 +162,82 @@ def _check(name, got, want, tol):
     if not err <= tol:
         raise RuntimeError(f"{name} disagrees with the einsum path: max abs diff {err:.3g}.")
     return err
+
+
+# The blockwise path's products: (einsum, operand shapes in units of (g, b, s, h), per call).
+PRODUCTS = {
+    "rows_by_keys": ("gbh,ghs->gbs", (("g", "b", "h"), ("g", "h", "s")), 3),
+    "head_width": ("gbs,gsh->gbh", (("g", "b", "s"), ("g", "s", "h")), 2),
+    "head_width_t": ("ghb,gbs->ghs", (("g", "h", "b"), ("g", "b", "s")), 2),
+}
+
+
+def _time_products(c: AttentionConfig, rng, threads: int) -> dict[str, Any]:
+    """Each product shape of the blockwise path alone: XLA's batched matmul against
+    `torch.bmm` (when installed), with GFLOP/s, and the seven products' sum per call."""
+    pairs = c.batch * c.heads
+    g, b = attention_module._blocking(
+        pairs, c.seq, attention_module.DEFAULT_BLOCK_SIZE, 4, jax.device_count()
+    )
+    dims = {"g": g, "b": b, "s": c.seq, "h": c.head_dim}
+    # Per attention call the path runs each product once per (group, query block).
+    per_call = (pairs // g) * -(-c.seq // b)
+    torch = None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    fns, flops = {}, {}
+    for name, (spec, shapes, _) in PRODUCTS.items():
+        x, y = (rng.standard_normal([dims[d] for d in sh]).astype(np.float32) for sh in shapes)
+        flops[name] = 2 * g * dims[spec[1]] * dims[spec[2]] * dims[spec[-1]]
+        jx, jy = jnp.asarray(x), jnp.asarray(y)
+        compiled = jax.jit(lambda a, bb, spec=spec: jnp.einsum(spec, a, bb)).lower(jx, jy).compile()
+        want = np.einsum(spec, x.astype(np.float64), y.astype(np.float64))
+        _check(f"xla {name}", [compiled(jx, jy)], [want], 1e-3)
+        fns[f"xla_{name}"] = lambda f=compiled, a=jx, bb=jy: jax.block_until_ready(f(a, bb))
+        if torch is not None:
+            tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+            _check(f"torch {name}", [torch.bmm(tx, ty).numpy()], [want], 1e-3)
+            fns[f"torch_{name}"] = lambda a=tx, bb=ty: torch.bmm(a, bb)
+    # A jitted call that does nothing: the dispatch each standalone XLA product pays and a
+    # product inside the blockwise program does not.
+    noop, one = jax.jit(lambda a: a).lower(jnp.zeros(1)).compile(), jnp.zeros(1)
+    fns["xla_noop"] = lambda: jax.block_until_ready(noop(one))
+    for fn in fns.values():  # warm-up
+        fn()
+    inner = max(1, c.inner * per_call)
+    samples = interleaved(
+        {n: (lambda f=f: [f() for _ in range(inner)]) for n, f in fns.items()},
+        c.repeats,
+        "products round",
+        _log,
+    )
+    out: dict[str, Any] = {
+        "group_pairs": g,
+        "block_rows": b,
+        "per_call": per_call,
+        "xla_noop_ms": 1e3 * statistics.median(samples["xla_noop"]) / inner,
+    }
+    libraries = ("xla", "torch") if torch is not None else ("xla",)
+    for name, (spec, _, count) in PRODUCTS.items():
+        row: dict[str, Any] = {
+            "einsum": spec,
+            "per_call": count * per_call,
+            "gflop": flops[name] / 1e9,
+        }
+        for lib in libraries:
+            s = samples[f"{lib}_{name}"]
+            med, fast = 1e3 * statistics.median(s) / inner, 1e3 * min(s) / inner
+            row[lib] = {"median_ms": med, "min_ms": fast, "gflops_at_min": flops[name] / fast / 1e6}
+        if torch is not None:
+            row["xla_vs_torch"] = row["xla"]["median_ms"] / row["torch"]["median_ms"]
+        out[name] = row
+    for lib in libraries:
+        out[f"{lib}_seven_products_ms_per_call"] = sum(
+            out[n]["per_call"] * out[n][lib]["median_ms"] for n in PRODUCTS
+        )
+    return out
 
 
 def _kind(info: dict[str, Any], rows_by_keys: tuple[int, int]) -> str:
@@ -242,6 +333,9 @@ def run(c: AttentionConfig) -> dict[str, Any]:
         "torch": torch_version,
         "torch_threads": threads if torch_arm is not None else None,
     }
+    if c.products:
+        _log("timing the blockwise path's products alone")
+        result["products"] = _time_products(c, rng, threads)
     if c.profile:
         _log(f"profiling the blockwise forward+backward ({c.profile_calls} calls)")
         result["profile_blockwise_fwd_bwd"] = _profile_blockwise(arms["blockwise"][1], inputs, c)
@@ -265,6 +359,28 @@ def _table(r: dict[str, Any]) -> str:
         lines.append(f"  {name:>20}: {t['median']:8.2f} ({t['min']:.2f})")
     for name, x in r["ratios"].items():
         lines.append(f"  {name}: {x:.2f}")
+    p = r.get("products")
+    if p:
+        lines.append(
+            f"the blockwise path's products alone ({p['group_pairs']} pairs, "
+            f"{p['block_rows']} query rows): median (fastest) ms, GFLOP/s at the fastest"
+        )
+        for name in PRODUCTS:
+            row = p[name]
+            cells = [
+                f"{lib} {row[lib]['median_ms']:.3f} ({row[lib]['min_ms']:.3f}) "
+                f"{row[lib]['gflops_at_min']:.0f} GFLOP/s"
+                for lib in ("xla", "torch")
+                if lib in row
+            ]
+            lines.append(f"  {name:>14} x{row['per_call']}: " + " | ".join(cells))
+        for lib in ("xla", "torch"):
+            if f"{lib}_seven_products_ms_per_call" in p:
+                lines.append(
+                    f"  {lib}: the seven products sum to "
+                    f"{p[f'{lib}_seven_products_ms_per_call']:.2f} ms per call"
+                )
+        lines.append(f"  a jitted call doing nothing: {p['xla_noop_ms']:.3f} ms")
     p = r.get("profile_blockwise_fwd_bwd")
     if p:
         lines.append(

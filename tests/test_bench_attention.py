@@ -3,6 +3,7 @@ einsum path, and the profile attributes the blockwise program's time to its kind
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 
@@ -10,7 +11,7 @@ import pytest
 @pytest.mark.slow
 def test_bench_attention_quick(experiments):
     module = experiments("bench_attention")
-    config = module.AttentionConfig(**{**module.QUICK, "profile": True})
+    config = module.AttentionConfig(**{**module.QUICK, "profile": True, "products": True})
     result = module.run(config)
     with_torch = importlib.util.find_spec("torch") is not None
     arms = set(module.IMPLEMENTATIONS) | ({"torch"} if with_torch else set())
@@ -28,6 +29,26 @@ def test_bench_attention_quick(experiments):
     assert {"matmul_rows_by_keys", "matmul_head_width", "exp"} <= set(profile["self_ms_by_kind"])
     assert profile["self_ms_total"] == pytest.approx(sum(profile["self_ms_by_kind"].values()))
     assert result["machine"]["backend"] == "cpu"
+    assert set(module.PRODUCTS) <= set(result["products"])
+
+
+def test_products_are_the_seven_of_one_call(experiments):
+    # The three shapes, times their counts per call, are the seven products of a forward and
+    # backward pass, each `2 pairs seq^2 head_dim` FLOP, and each library's sum per call
+    # weighs its timings by those counts.
+    module = experiments("bench_attention")
+    c = module.AttentionConfig(batch=2, seq=24, heads=3, head_dim=4, repeats=1, inner=1)
+    out = module._time_products(c, np.random.default_rng(0), 1)
+    pairs = c.batch * c.heads
+    assert out["per_call"] == pairs // out["group_pairs"] * -(-c.seq // out["block_rows"])
+    total = sum(out[n]["per_call"] * out[n]["gflop"] for n in module.PRODUCTS)
+    assert total == pytest.approx(7 * 2 * pairs * c.seq**2 * c.head_dim / 1e9)
+    libraries = ["xla"] + (["torch"] if importlib.util.find_spec("torch") else [])
+    for lib in libraries:
+        assert out[f"{lib}_seven_products_ms_per_call"] == pytest.approx(
+            sum(out[n]["per_call"] * out[n][lib]["median_ms"] for n in module.PRODUCTS)
+        )
+        assert all(out[n][lib]["min_ms"] > 0 for n in module.PRODUCTS)
 
 
 def test_kinds_of_instructions(experiments):
