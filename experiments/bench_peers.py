@@ -36,6 +36,13 @@ per NFE of the forward and of the backward, plus one evaluation of the field alo
 (forward, forward+backward). Repeats of the two libraries are interleaved and medians
 reported; PyTorch is given as many threads as XLA's CPU backend uses (`torch_threads`).
 
+Where JAX runs on an NVIDIA GPU, PyTorch runs on CUDA too (`--torch-device`, default
+`auto`), each timed call waiting for its GPU work to finish, and PyTorch's float32 matmuls
+follow each pdeformer arm's: full float32 in the continuous comparison (`Continuous` pins
+`"highest"`), TF32 in the discrete one (`Discrete()` keeps JAX's default). The GPU target
+(`pdeformer_vs_torchdiffeq <= 0.5`) applies only with both on the GPU, the CPU targets
+only with both on the CPU.
+
 Usage:
 
     python experiments/bench_peers.py            # readable summary
@@ -66,7 +73,9 @@ from _reference import field_weights
 from _timing import counter_medians, interleaved
 
 TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
+# On a GPU the issue sets a target for the continuous comparison only.
 TARGETS_GPU = {"pdeformer_vs_torchdiffeq": 0.5}
+TORCH_DEVICES = ("auto", "cpu", "cuda")
 # Slots of the `KeepResidualsAdjoint` arm: loop iterations (accepted and rejected steps) it
 # can differentiate. The comparison's solves take 8 steps at both of its tolerances.
 KEPT_SLOTS = 32
@@ -90,6 +99,10 @@ class BenchConfig:
       default at full size, where one call took minutes on a shared 2-core CPU; `--smoke`
       times one).
     - `torch_threads`: PyTorch intra-op threads (`None`: the CPU count, as XLA uses).
+    - `torch_device`: where PyTorch runs. `"auto"` puts it on CUDA when JAX's default
+      backend is a GPU and PyTorch sees CUDA, on the CPU otherwise; `"cpu"` and `"cuda"`
+      force it (`"cuda"` without CUDA in PyTorch is an error). The targets apply only when
+      both libraries run on the same kind of device.
     - `seed`: PRNG seed for weights and inputs.
     - `tune_allocator`: call `pf.tune_cpu_allocator()` before JAX starts (glibc's
       allocator keeps XLA's working memory between calls; it holds for PyTorch too, in the
@@ -116,6 +129,7 @@ class BenchConfig:
     warmup: int = 1
     adjoint_repeats: int = 0
     torch_threads: int | None = None
+    torch_device: str = "auto"
     seed: int = 0
     tune_allocator: bool = False
 
@@ -148,6 +162,47 @@ PEERS_MESSAGE = (
 
 def _log(msg: str) -> None:
     print(f"[bench_peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_torch_device(requested: str, jax_backend: str, cuda_available: bool) -> str:
+    """PyTorch's device, `"cpu"` or `"cuda"`, for `BenchConfig.torch_device`.
+
+    **Raises:**
+
+    `ValueError` for a device not in `TORCH_DEVICES`; `RuntimeError` for `"cuda"` when
+    PyTorch has no CUDA.
+    """
+    if requested not in TORCH_DEVICES:
+        raise ValueError(f"torch_device must be one of {TORCH_DEVICES}, not {requested!r}.")
+    if requested == "auto":
+        return "cuda" if jax_backend == "gpu" and cuda_available else "cpu"
+    if requested == "cuda" and not cuda_available:
+        raise RuntimeError(
+            "torch_device='cuda', but this PyTorch has no CUDA device (a CPU-only build, or "
+            "no GPU visible); install a CUDA build of torch or pass --torch-device cpu."
+        )
+    return requested
+
+
+def targets_for(jax_backend: str, torch_device: str) -> dict[str, float]:
+    """The targets that apply: the CPU ones when both libraries run on the CPU, the GPU
+    one when both run on a GPU, none when they run on different kinds of device."""
+    if jax_backend == "cpu" and torch_device == "cpu":
+        return dict(TARGETS)
+    if jax_backend == "gpu" and torch_device == "cuda":
+        return dict(TARGETS_GPU)
+    return {}
+
+
+class _Torch:
+    """PyTorch's device for this run, and the means to wait for it."""
+
+    def __init__(self, torch, device: str):
+        self.device = torch.device(device)
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def tensor(self, torch, a, **kwargs):
+        return torch.tensor(a, device=self.device, **kwargs)
 
 
 def _import_peers():
@@ -296,7 +351,7 @@ def _median_ms(samples: list[float]) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
+def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[str, Any]:
     import diffrax
     import equinox as eqx
     import jax
@@ -310,19 +365,19 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
     field = _field(c.ode_dim, c.ode_heads, c.ode_layers, c.ode_hidden, c.seed)
     weights = _numpy_weights(field)
     TorchField = _torch_field_class(torch)
-    tfield = TorchField(weights, c.ode_heads, torch.float32)
+    tfield = TorchField(weights, c.ode_heads, torch.float32).to(dev.device)
     jump_ts = list(field.jump_times())
     t1 = float(field.t1)
 
     u0 = jr.normal(jr.PRNGKey(c.seed + 1), (c.ode_batch, c.ode_seq, c.ode_dim), jnp.float32)
-    u0_torch = torch.tensor(np.asarray(u0))
+    u0_torch = dev.tensor(torch, np.asarray(u0))
 
     # The two fields agree (float32) on both halves of a layer before anything is timed.
     rate_check = {}
     for t in (0.0, 0.5, t1 - 0.25):
         r_jax = jax.vmap(lambda v, t=t: field(jnp.asarray(t, jnp.float32), v))(u0)
         with torch.no_grad():
-            r_torch = tfield(torch.tensor(t, dtype=torch.float64), u0_torch).numpy()
+            r_torch = tfield(torch.tensor(t, dtype=torch.float64), u0_torch).cpu().numpy()
         rate_check[f"t={t:g}"] = float(np.max(np.abs(np.asarray(r_jax) - r_torch)))
     scale = float(np.max(np.abs(np.asarray(jax.vmap(lambda v: field(jnp.float32(0), v))(u0)))))
     worst = max(rate_check.values())
@@ -331,23 +386,27 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
     _log(f"rates agree: max |diff| {worst:.1e} (rate scale {scale:.2f})")
 
     # The float64 reference: torchdiffeq's dopri8 at a tight tolerance, same jumps.
-    tfield64 = TorchField(weights, c.ode_heads, torch.float64)
-    t_span = torch.tensor([0.0, t1], dtype=torch.float64)
+    tfield64 = TorchField(weights, c.ode_heads, torch.float64).to(dev.device)
+    t_span = dev.tensor(torch, [0.0, t1], dtype=torch.float64)
     _log("float64 reference (dopri8, rtol 1e-10)")
     t0_ref = time.perf_counter()
     with torch.no_grad():
-        ref = torchdiffeq.odeint(
-            tfield64,
-            u0_torch.double(),
-            t_span,
-            method="dopri8",
-            rtol=1e-10,
-            atol=1e-12,
-            options=dict(
-                jump_t=torch.tensor(jump_ts, dtype=torch.float64),
-                step_t=torch.tensor([t1], dtype=torch.float64),
-            ),
-        )[-1].numpy()
+        ref = (
+            torchdiffeq.odeint(
+                tfield64,
+                u0_torch.double(),
+                t_span,
+                method="dopri8",
+                rtol=1e-10,
+                atol=1e-12,
+                options=dict(
+                    jump_t=dev.tensor(torch, jump_ts, dtype=torch.float64),
+                    step_t=dev.tensor(torch, [t1], dtype=torch.float64),
+                ),
+            )[-1]
+            .cpu()
+            .numpy()
+        )
     reference = {
         "method": "torchdiffeq dopri8, float64, rtol 1e-10, atol 1e-12, jump_t, step_t=[T]",
         "nfe": tfield64.nfe,
@@ -388,8 +447,8 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
         kept_adjoint = pf.KeepResidualsAdjoint(slots=KEPT_SLOTS)
         fwd_k, grad_k = jitted(diffrax.Dopri5(), rtol, atol, kept_adjoint)
         options = dict(
-            jump_t=torch.tensor(jump_ts, dtype=torch.float64),
-            step_t=torch.tensor([t1], dtype=torch.float64),
+            jump_t=dev.tensor(torch, jump_ts, dtype=torch.float64),
+            step_t=dev.tensor(torch, [t1], dtype=torch.float64),
         )
 
         def torch_solve(u):
@@ -403,12 +462,15 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
             tfield.reset()
             out = torch_solve(u0_torch)
             out.sum().backward()
+            dev.sync()
             return out
 
         def torch_fwd():
             tfield.reset()
             with torch.no_grad():
-                return torch_solve(u0_torch)
+                out = torch_solve(u0_torch)
+            dev.sync()
+            return out
 
         def torch_adjoint():
             for p in tparams:
@@ -426,6 +488,7 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
                 adjoint_params=tparams,
             )[-1]
             out.sum().backward()
+            dev.sync()
             return out
 
         _log(f"rtol {rtol:g}: compiling pdeformer")
@@ -460,7 +523,8 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
         out_torch_grad = torch_grad()
         torch_nfe_fwd_bwd = tfield.nfe
         tgrads = {
-            n: p.grad.numpy().copy() for n, p in zip(_torch_names(tfield), tparams, strict=True)
+            n: p.grad.cpu().numpy().copy()
+            for n, p in zip(_torch_names(tfield), tparams, strict=True)
         }
 
         counters: dict = {}
@@ -496,7 +560,7 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
             }
         st = sol.stats
         u_jax = np.asarray(sol.u)
-        u_torch = out_torch.numpy()
+        u_torch = out_torch.cpu().numpy()
         jax_grads = _grads_as_torch_names(grads)
         grad_rel = _max_rel_diff((jax_grads[n], tgrads[n]) for n in tgrads)
         names = ("pdeformer", "pdeformer_unrolled", "pdeformer_kept", "torchdiffeq")
@@ -588,10 +652,12 @@ def _continuous(config: BenchConfig, torch, torchdiffeq) -> dict[str, Any]:
         for p in tparams:
             p.grad = None
         tfield(t_q, u0_torch).sum().backward()
+        dev.sync()
 
     def torch_rate_fwd():
         with torch.no_grad():
             tfield(t_q, u0_torch)
+        dev.sync()
 
     n_inner = 5
     field_samples = _interleaved(
@@ -681,7 +747,7 @@ def _grads_as_torch_names(grads) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def _discrete(config: BenchConfig, torch) -> dict[str, Any]:
+def _discrete(config: BenchConfig, torch, dev: _Torch) -> dict[str, Any]:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -720,10 +786,10 @@ def _discrete(config: BenchConfig, torch) -> dict[str, Any]:
             mod.linear1.bias.copy_(t(w["b1"]))
             mod.linear2.weight.copy_(t(w["w2"].T))
             mod.linear2.bias.copy_(t(w["b2"]))
-    encoder.train()  # training mode: the autograd path (dropout is 0)
+    encoder.to(dev.device).train()  # training mode: the autograd path (dropout is 0)
 
     u0 = jr.normal(jr.PRNGKey(c.seed + 2), (c.disc_batch, c.disc_seq, c.disc_dim), jnp.float32)
-    u0_torch = torch.tensor(np.asarray(u0))
+    u0_torch = dev.tensor(torch, np.asarray(u0))
     params, static = eqx.partition(field, eqx.is_array)
     depth = pf.Discrete()
 
@@ -738,10 +804,11 @@ def _discrete(config: BenchConfig, torch) -> dict[str, Any]:
         for p in tparams:
             p.grad = None
         encoder(u0_torch).sum().backward()
+        dev.sync()
 
     out_jax = np.asarray(fwd(params, u0))
     with torch.no_grad():
-        out_torch = encoder(u0_torch).numpy()
+        out_torch = encoder(u0_torch).cpu().numpy()
     diff = float(np.max(np.abs(out_jax - out_torch)))
     out_scale = float(np.max(np.abs(out_torch)))
     if diff > 1e-4 * max(1.0, out_scale):
@@ -832,9 +899,21 @@ def main(config: BenchConfig) -> dict[str, Any]:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set in this process (e.g. the test suite's second run)
         pass
+    backend = jax.default_backend()
+    device = resolve_torch_device(config.torch_device, backend, torch.cuda.is_available())
+    if backend != ("gpu" if device == "cuda" else "cpu"):
+        _log(f"JAX runs on {backend}, PyTorch on {device}: no target applies to this run")
+    dev = _Torch(torch, device)
+    # Float32 matmuls as each pdeformer arm computes them: `Continuous` pins "highest" (no
+    # TF32), `Discrete()` keeps JAX's default, TF32 on an NVIDIA GPU; PyTorch follows. On a
+    # CPU both are full float32 and PyTorch's setting is left alone.
+    precision = {"continuous": "highest", "discrete": "high" if device == "cuda" else "highest"}
     t_start = time.perf_counter()
-    ode = _continuous(config, torch, torchdiffeq)
-    disc = _discrete(config, torch)
+    torch.set_float32_matmul_precision(precision["continuous"])
+    ode = _continuous(config, torch, torchdiffeq, dev)
+    torch.set_float32_matmul_precision(precision["discrete"])
+    disc = _discrete(config, torch, dev)
+    torch.set_float32_matmul_precision("highest")
     ratios = {
         "pdeformer_vs_torchdiffeq": ode["tolerances"][0]["ratio"],
         "pdeformer_unrolled_vs_torchdiffeq": ode["tolerances"][0]["ratio_unrolled"],
@@ -847,8 +926,7 @@ def main(config: BenchConfig) -> dict[str, Any]:
         "pdeformer_kept_vs_torchdiffeq": ode["tolerances"][0]["ratio_kept_of_min_times"],
         "discrete_vs_pytorch": disc["times_ms_min"]["pdeformer"] / disc["times_ms_min"]["pytorch"],
     }
-    on_gpu = jax.devices()[0].platform == "gpu"
-    targets = {**TARGETS, **(TARGETS_GPU if on_gpu else {})}
+    targets = targets_for(backend, device)
     return {
         "ratios": ratios,
         "targets": targets,
@@ -861,6 +939,8 @@ def main(config: BenchConfig) -> dict[str, Any]:
             "xla_cpu": os.cpu_count(),
             "note": "XLA's CPU backend uses every core; PyTorch is given as many threads",
         },
+        "devices": {"jax": backend, "torch": device},
+        "torch_float32_matmul_precision": precision,
         "config": dataclasses.asdict(config),
         "machine": _machine(torch, torchdiffeq),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -874,6 +954,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(f"machine: {m['cpu']} ({m['cpu_count']} cpus), jax {m['jax']}, torch {m['torch']}")
     print(f"date: {result['date']}   command: {result['command']}")
+    print(f"devices: JAX {result['devices']['jax']}, PyTorch {result['devices']['torch']}")
     for run in ode["tolerances"]:
         t, n, e = run["times_ms"], run["counts"], run["max_abs_error_vs_float64_reference"]
         print(
@@ -902,7 +983,7 @@ def _parse(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--smoke", action="store_true", help=f"tiny sizes: {SMOKE} unless given")
-    add_config_flags(p, BenchConfig)
+    add_config_flags(p, BenchConfig, choices={"torch_device": TORCH_DEVICES})
     args = p.parse_args(argv)
     return config_from_args(args, BenchConfig, SMOKE if args.smoke else None), args.json
 

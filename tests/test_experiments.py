@@ -254,6 +254,30 @@ def test_lra_placement_arms_share_the_baseline_weights(experiments):
         assert all(jnp.array_equal(a, b) for a, b in zip(rest, leaves(base), strict=True))
 
 
+def test_bench_peers_device_and_targets(experiments):
+    # PyTorch goes where JAX runs when it can; a forced CUDA without CUDA is refused; the
+    # targets hold only for a like-for-like pair of devices.
+    module = experiments("bench_peers")
+    resolve = module.resolve_torch_device
+    assert resolve("auto", "cpu", True) == "cpu"
+    assert resolve("auto", "gpu", True) == "cuda"
+    assert resolve("auto", "gpu", False) == "cpu"
+    assert resolve("cpu", "gpu", True) == "cpu"
+    assert resolve("cuda", "gpu", True) == "cuda"
+    with pytest.raises(RuntimeError, match="no CUDA"):
+        resolve("cuda", "cpu", False)
+    with pytest.raises(ValueError, match="torch_device"):
+        resolve("mps", "cpu", False)
+    assert module.targets_for("cpu", "cpu") == module.TARGETS
+    assert (
+        module.targets_for("gpu", "cuda") == module.TARGETS_GPU == {"pdeformer_vs_torchdiffeq": 0.5}
+    )
+    assert module.targets_for("gpu", "cpu") == {}
+    assert module.targets_for("cpu", "cuda") == {}
+    config, _ = module._parse(["--torch-device", "cpu"])
+    assert config.torch_device == "cpu"
+
+
 # A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
 @pytest.mark.slow
 def test_bench_peers_smoke(experiments):
@@ -289,6 +313,13 @@ def test_bench_peers_smoke(experiments):
     assert result["discrete_vs_pytorch"]["output_max_abs_diff"] < 1e-4
     assert all(_finite(v) for v in result["ratios"].values())
     assert result["threads"]["torch_intra_op"] >= 1
+    # On this CPU both libraries run on the CPU, in full float32, under the CPU targets.
+    assert result["devices"] == {"jax": "cpu", "torch": "cpu"}
+    assert result["torch_float32_matmul_precision"] == {
+        "continuous": "highest",
+        "discrete": "highest",
+    }
+    assert result["targets"] == module.TARGETS
     assert set(run["memory_faults_fwd_bwd"]) == {
         "pdeformer",
         "pdeformer_unrolled",
