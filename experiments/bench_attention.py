@@ -57,6 +57,7 @@ import collections
 import dataclasses
 import datetime
 import importlib.util
+import math
 import os
 import statistics
 import sys
@@ -155,50 +156,67 @@ def _torch_arm(inputs, g, threads):
     return fwd, grad, torch.__version__
 
 
-def _check(name, got, want, tol):
+def _check(name, got, want, tol, reference="the einsum path"):
     err = max(
         float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(got, want, strict=True)
     )
     if not err <= tol:
-        raise RuntimeError(f"{name} disagrees with the einsum path: max abs diff {err:.3g}.")
+        raise RuntimeError(f"{name} disagrees with {reference}: max abs diff {err:.3g}.")
     return err
 
 
-# The blockwise path's products: (einsum, operand shapes in units of (g, b, s, h), per call).
+# The blockwise path's products, per call: (einsum, how many). The letters: `g` pairs of
+# one group, `b` query rows of one block, `s` keys, `h` the head width.
 PRODUCTS = {
-    "rows_by_keys": ("gbh,ghs->gbs", (("g", "b", "h"), ("g", "h", "s")), 3),
-    "head_width": ("gbs,gsh->gbh", (("g", "b", "s"), ("g", "s", "h")), 2),
-    "head_width_t": ("ghb,gbs->ghs", (("g", "h", "b"), ("g", "b", "s")), 2),
+    "rows_by_keys": ("gbh,ghs->gbs", 3),
+    "head_width": ("gbs,gsh->gbh", 2),
+    "head_width_t": ("ghb,gbs->ghs", 2),
 }
 
 
-def _time_products(c: AttentionConfig, rng, threads: int) -> dict[str, Any]:
+def product_dims(
+    c: AttentionConfig, block_size: int = attention_module.DEFAULT_BLOCK_SIZE
+) -> dict[str, int]:
+    """The sizes `g`, `b`, `s`, `h` of the blockwise path's products at `c`'s shapes."""
+    g, b = attention_module._blocking(c.batch * c.heads, c.seq, block_size, 4, jax.device_count())
+    return {"g": g, "b": b, "s": c.seq, "h": c.head_dim}
+
+
+def product_operands(spec: str, dims: dict[str, int]) -> list[tuple[int, ...]]:
+    """The shapes of an einsum's two operands."""
+    return [tuple(dims[d] for d in part) for part in spec.split("->")[0].split(",")]
+
+
+def _time_products(
+    c: AttentionConfig,
+    rng,
+    threads: int,
+    block_size: int = attention_module.DEFAULT_BLOCK_SIZE,
+) -> dict[str, Any]:
     """Each product shape of the blockwise path alone: XLA's batched matmul against
     `torch.bmm` (when installed), with GFLOP/s, and the seven products' sum per call."""
-    pairs = c.batch * c.heads
-    g, b = attention_module._blocking(
-        pairs, c.seq, attention_module.DEFAULT_BLOCK_SIZE, 4, jax.device_count()
-    )
-    dims = {"g": g, "b": b, "s": c.seq, "h": c.head_dim}
+    dims = product_dims(c, block_size)
+    g, b = dims["g"], dims["b"]
     # Per attention call the path runs each product once per (group, query block).
-    per_call = (pairs // g) * -(-c.seq // b)
+    per_call = (c.batch * c.heads // g) * -(-c.seq // b)
     torch = None
     if importlib.util.find_spec("torch") is not None:
         import torch
 
         torch.set_num_threads(threads)
     fns, flops = {}, {}
-    for name, (spec, shapes, _) in PRODUCTS.items():
-        x, y = (rng.standard_normal([dims[d] for d in sh]).astype(np.float32) for sh in shapes)
-        flops[name] = 2 * g * dims[spec[1]] * dims[spec[2]] * dims[spec[-1]]
+    for name, (spec, _) in PRODUCTS.items():
+        x, y = (rng.standard_normal(sh).astype(np.float32) for sh in product_operands(spec, dims))
+        # A multiply and an add for every combination of the four letters.
+        flops[name] = 2 * math.prod(dims[d] for d in set(spec) - set(",->"))
         jx, jy = jnp.asarray(x), jnp.asarray(y)
         compiled = jax.jit(lambda a, bb, spec=spec: jnp.einsum(spec, a, bb)).lower(jx, jy).compile()
         want = np.einsum(spec, x.astype(np.float64), y.astype(np.float64))
-        _check(f"xla {name}", [compiled(jx, jy)], [want], 1e-3)
+        _check(f"xla {name}", [compiled(jx, jy)], [want], 1e-3, "numpy in float64")
         fns[f"xla_{name}"] = lambda f=compiled, a=jx, bb=jy: jax.block_until_ready(f(a, bb))
         if torch is not None:
             tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-            _check(f"torch {name}", [torch.bmm(tx, ty).numpy()], [want], 1e-3)
+            _check(f"torch {name}", [torch.bmm(tx, ty).numpy()], [want], 1e-3, "numpy in float64")
             fns[f"torch_{name}"] = lambda a=tx, bb=ty: torch.bmm(a, bb)
     # A jitted call that does nothing: the dispatch each standalone XLA product pays and a
     # product inside the blockwise program does not.
@@ -220,7 +238,7 @@ def _time_products(c: AttentionConfig, rng, threads: int) -> dict[str, Any]:
         "xla_noop_ms": 1e3 * statistics.median(samples["xla_noop"]) / inner,
     }
     libraries = ("xla", "torch") if torch is not None else ("xla",)
-    for name, (spec, _, count) in PRODUCTS.items():
+    for name, (spec, count) in PRODUCTS.items():
         row: dict[str, Any] = {
             "einsum": spec,
             "per_call": count * per_call,

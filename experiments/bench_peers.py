@@ -39,7 +39,8 @@ reported; PyTorch is given as many threads as XLA's CPU backend uses (`torch_thr
 Where JAX runs on an NVIDIA GPU, PyTorch runs on CUDA too (`--torch-device`, default
 `auto`), each timed call waiting for its GPU work to finish, and PyTorch's float32 matmuls
 follow each pdeformer arm's: full float32 in the continuous comparison (`Continuous` pins
-`"highest"`), TF32 in the discrete one (`Discrete()` keeps JAX's default). The GPU target
+`"highest"`), TF32 in the discrete one (`Discrete()` keeps JAX's default), whose outputs
+are compared in full float32 before timing. The GPU target
 (`pdeformer_vs_torchdiffeq <= 0.5`) applies only with both on the GPU, the CPU targets
 only with both on the CPU.
 
@@ -56,6 +57,7 @@ Needs the `peers` extra: `pip install -e ".[peers]"` (torch and torchdiffeq).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -73,7 +75,7 @@ from _reference import field_weights
 from _timing import counter_medians, interleaved
 
 TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
-# On a GPU the issue sets a target for the continuous comparison only.
+# On a GPU only the continuous comparison has a target.
 TARGETS_GPU = {"pdeformer_vs_torchdiffeq": 0.5}
 TORCH_DEVICES = ("auto", "cpu", "cuda")
 # Slots of the `KeepResidualsAdjoint` arm: loop iterations (accepted and rejected steps) it
@@ -194,15 +196,48 @@ def targets_for(jax_backend: str, torch_device: str) -> dict[str, float]:
     return {}
 
 
+def torch_matmul_precision(jax_precision: str | None, torch_device: str) -> str:
+    """PyTorch's float32 matmul precision (`torch.set_float32_matmul_precision`) that
+    matches JAX's `jax_precision` (`None`: JAX's default) on `torch_device`.
+
+    On a CPU both libraries multiply float32 exactly: `"highest"`, PyTorch's default. On
+    an NVIDIA GPU, JAX's default and its reduced precisions let float32 matmuls run in
+    TF32 (`"high"`); only `"highest"` (`"float32"`) keeps them full float32.
+    """
+    if torch_device == "cpu" or jax_precision in ("highest", "float32"):
+        return "highest"
+    return "high"
+
+
+@contextlib.contextmanager
+def _torch_precision(torch, precision: str):
+    """PyTorch's float32 matmul precision set to `precision`, restored on the way out."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _jax_precision(precision: str | None):
+    import jax
+
+    return (
+        contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+    )
+
+
 class _Torch:
     """PyTorch's device for this run, and the means to wait for it."""
 
     def __init__(self, torch, device: str):
+        self.torch = torch
         self.device = torch.device(device)
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def tensor(self, torch, a, **kwargs):
-        return torch.tensor(a, device=self.device, **kwargs)
+    def tensor(self, a, **kwargs):
+        return self.torch.tensor(a, device=self.device, **kwargs)
 
 
 def _import_peers():
@@ -370,16 +405,21 @@ def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[st
     t1 = float(field.t1)
 
     u0 = jr.normal(jr.PRNGKey(c.seed + 1), (c.ode_batch, c.ode_seq, c.ode_dim), jnp.float32)
-    u0_torch = dev.tensor(torch, np.asarray(u0))
+    u0_torch = dev.tensor(np.asarray(u0))
+
+    # The field's matmuls at `Continuous`'s precision (full float32 by default) in both
+    # libraries: in the solves, and in every evaluation of the field alone below.
+    precision = pf.Continuous(diffrax.Dopri5()).matmul_precision
 
     # The two fields agree (float32) on both halves of a layer before anything is timed.
     rate_check = {}
-    for t in (0.0, 0.5, t1 - 0.25):
-        r_jax = jax.vmap(lambda v, t=t: field(jnp.asarray(t, jnp.float32), v))(u0)
-        with torch.no_grad():
-            r_torch = tfield(torch.tensor(t, dtype=torch.float64), u0_torch).cpu().numpy()
-        rate_check[f"t={t:g}"] = float(np.max(np.abs(np.asarray(r_jax) - r_torch)))
-    scale = float(np.max(np.abs(np.asarray(jax.vmap(lambda v: field(jnp.float32(0), v))(u0)))))
+    with _jax_precision(precision):
+        for t in (0.0, 0.5, t1 - 0.25):
+            r_jax = jax.vmap(lambda v, t=t: field(jnp.asarray(t, jnp.float32), v))(u0)
+            with torch.no_grad():
+                r_torch = tfield(dev.tensor(t, dtype=torch.float64), u0_torch).cpu().numpy()
+            rate_check[f"t={t:g}"] = float(np.max(np.abs(np.asarray(r_jax) - r_torch)))
+        scale = float(np.max(np.abs(np.asarray(jax.vmap(lambda v: field(jnp.float32(0), v))(u0)))))
     worst = max(rate_check.values())
     if worst > 1e-4 * max(1.0, scale):
         raise RuntimeError(f"the PyTorch field differs from pdeformer's: {rate_check}")
@@ -387,7 +427,7 @@ def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[st
 
     # The float64 reference: torchdiffeq's dopri8 at a tight tolerance, same jumps.
     tfield64 = TorchField(weights, c.ode_heads, torch.float64).to(dev.device)
-    t_span = dev.tensor(torch, [0.0, t1], dtype=torch.float64)
+    t_span = dev.tensor([0.0, t1], dtype=torch.float64)
     _log("float64 reference (dopri8, rtol 1e-10)")
     t0_ref = time.perf_counter()
     with torch.no_grad():
@@ -400,8 +440,8 @@ def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[st
                 rtol=1e-10,
                 atol=1e-12,
                 options=dict(
-                    jump_t=dev.tensor(torch, jump_ts, dtype=torch.float64),
-                    step_t=dev.tensor(torch, [t1], dtype=torch.float64),
+                    jump_t=dev.tensor(jump_ts, dtype=torch.float64),
+                    step_t=dev.tensor([t1], dtype=torch.float64),
                 ),
             )[-1]
             .cpu()
@@ -447,8 +487,8 @@ def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[st
         kept_adjoint = pf.KeepResidualsAdjoint(slots=KEPT_SLOTS)
         fwd_k, grad_k = jitted(diffrax.Dopri5(), rtol, atol, kept_adjoint)
         options = dict(
-            jump_t=dev.tensor(torch, jump_ts, dtype=torch.float64),
-            step_t=dev.tensor(torch, [t1], dtype=torch.float64),
+            jump_t=dev.tensor(jump_ts, dtype=torch.float64),
+            step_t=dev.tensor([t1], dtype=torch.float64),
         )
 
         def torch_solve(u):
@@ -640,13 +680,16 @@ def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[st
     # One evaluation of the field alone: forward, and forward+backward (vjp of the sum).
     # As in the solver, the batch goes to the field itself (no vmap), and t is an argument:
     # the composition's branch is a traced lax.cond.
-    rate = lambda p, t, u: eqx.combine(p, static)(t, u)
+    def rate(p, t, u):
+        with _jax_precision(precision):
+            return eqx.combine(p, static)(t, u)
+
     rate_fwd = jax.jit(rate)
     rate_grad = jax.jit(jax.grad(lambda p, t, u: jnp.sum(rate(p, t, u))))
     t_attn = jnp.asarray(0.25, jnp.float32)
     jax.block_until_ready(rate_fwd(params, t_attn, u0))
     jax.block_until_ready(rate_grad(params, t_attn, u0))
-    t_q = torch.tensor(0.25, dtype=torch.float64)
+    t_q = dev.tensor(0.25, dtype=torch.float64)
 
     def torch_rate_grad():
         for p in tparams:
@@ -711,6 +754,10 @@ def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[st
         "torch_fwd_bwd": field_ms["torch_fwd_bwd"],
     }
     return {
+        "matmul_precision": {
+            "jax": precision,
+            "torch": torch.get_float32_matmul_precision(),
+        },
         "field": "pf.Field defaults: PerLayer weights, SequentialBlock (jumps at t = k/2, told "
         "to both solvers: ClipStepSizeController(jump_ts) / options=dict(jump_t=..., "
         "step_t=[T]))",
@@ -789,7 +836,7 @@ def _discrete(config: BenchConfig, torch, dev: _Torch) -> dict[str, Any]:
     encoder.to(dev.device).train()  # training mode: the autograd path (dropout is 0)
 
     u0 = jr.normal(jr.PRNGKey(c.seed + 2), (c.disc_batch, c.disc_seq, c.disc_dim), jnp.float32)
-    u0_torch = dev.tensor(torch, np.asarray(u0))
+    u0_torch = dev.tensor(np.asarray(u0))
     params, static = eqx.partition(field, eqx.is_array)
     depth = pf.Discrete()
 
@@ -797,7 +844,15 @@ def _discrete(config: BenchConfig, torch, dev: _Torch) -> dict[str, Any]:
         return jnp.sum(depth(eqx.combine(p, static), u).u)
 
     grad = jax.jit(jax.value_and_grad(loss))
-    fwd = jax.jit(lambda p, u: depth(eqx.combine(p, static), u).u)
+
+    # The outputs are compared in full float32 on both sides (an NVIDIA GPU would
+    # otherwise round both in TF32, perhaps differently); the timed steps keep JAX's
+    # default precision and PyTorch's match of it (set by the caller).
+    def full_float32_fwd(p, u):
+        with jax.default_matmul_precision("highest"):
+            return depth(eqx.combine(p, static), u).u
+
+    fwd = jax.jit(full_float32_fwd)
     tparams = list(encoder.parameters())
 
     def torch_grad():
@@ -807,7 +862,7 @@ def _discrete(config: BenchConfig, torch, dev: _Torch) -> dict[str, Any]:
         dev.sync()
 
     out_jax = np.asarray(fwd(params, u0))
-    with torch.no_grad():
+    with torch.no_grad(), _torch_precision(torch, "highest"):
         out_torch = encoder(u0_torch).cpu().numpy()
     diff = float(np.max(np.abs(out_jax - out_torch)))
     out_scale = float(np.max(np.abs(out_torch)))
@@ -843,6 +898,11 @@ def _discrete(config: BenchConfig, torch, dev: _Torch) -> dict[str, Any]:
         },
         "loss": "sum of the output",
         "output_max_abs_diff": diff,
+        "output_check": "both in full float32 (highest); the timed steps at matmul_precision",
+        "matmul_precision": {
+            "jax": jax.config.jax_default_matmul_precision,
+            "torch": torch.get_float32_matmul_precision(),
+        },
         "ratio": times["pdeformer"] / times["pytorch"],
         "times_ms": times,
         "times_ms_min": {k: 1e3 * min(v) for k, v in samples.items()},
@@ -867,6 +927,9 @@ def _machine(torch, torchdiffeq) -> dict[str, Any]:
             "torchdiffeq": getattr(torchdiffeq, "__version__", "unknown"),
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
+            "torch_cuda_device": (
+                torch.cuda.get_device_name() if torch.cuda.is_available() else None
+            ),
         }
     )
     return m
@@ -883,7 +946,9 @@ def main(config: BenchConfig) -> dict[str, Any]:
 
     A JSON-serialisable dict with `ratios`, `targets`, `passed_targets`,
     `pdeformer_vs_torchdiffeq` (times, NFE, steps, errors against the float64 reference,
-    the breakdown), `discrete_vs_pytorch`, `machine`, `date`, `command`, `config`.
+    the breakdown, `matmul_precision` of both libraries), `discrete_vs_pytorch` (the same
+    for the discrete comparison), `devices` (where JAX and PyTorch ran), `machine`,
+    `date`, `command`, `config`.
     """
     if config.tune_allocator:  # first: before torch's and JAX's threads allocate
         import pdeformer as pf
@@ -904,16 +969,19 @@ def main(config: BenchConfig) -> dict[str, Any]:
     if backend != ("gpu" if device == "cuda" else "cpu"):
         _log(f"JAX runs on {backend}, PyTorch on {device}: no target applies to this run")
     dev = _Torch(torch, device)
-    # Float32 matmuls as each pdeformer arm computes them: `Continuous` pins "highest" (no
-    # TF32), `Discrete()` keeps JAX's default, TF32 on an NVIDIA GPU; PyTorch follows. On a
-    # CPU both are full float32 and PyTorch's setting is left alone.
-    precision = {"continuous": "highest", "discrete": "high" if device == "cuda" else "highest"}
+    # PyTorch's float32 matmuls as each pdeformer arm's: `Continuous` pins "highest" (no
+    # TF32); `Discrete()` keeps JAX's default, TF32 on an NVIDIA GPU. Restored afterwards.
+    import diffrax
+
+    import pdeformer as pf
+
+    continuous_precision = pf.Continuous(diffrax.Dopri5()).matmul_precision
+    discrete_precision = jax.config.jax_default_matmul_precision
     t_start = time.perf_counter()
-    torch.set_float32_matmul_precision(precision["continuous"])
-    ode = _continuous(config, torch, torchdiffeq, dev)
-    torch.set_float32_matmul_precision(precision["discrete"])
-    disc = _discrete(config, torch, dev)
-    torch.set_float32_matmul_precision("highest")
+    with _torch_precision(torch, torch_matmul_precision(continuous_precision, device)):
+        ode = _continuous(config, torch, torchdiffeq, dev)
+    with _torch_precision(torch, torch_matmul_precision(discrete_precision, device)):
+        disc = _discrete(config, torch, dev)
     ratios = {
         "pdeformer_vs_torchdiffeq": ode["tolerances"][0]["ratio"],
         "pdeformer_unrolled_vs_torchdiffeq": ode["tolerances"][0]["ratio_unrolled"],
@@ -940,7 +1008,6 @@ def main(config: BenchConfig) -> dict[str, Any]:
             "note": "XLA's CPU backend uses every core; PyTorch is given as many threads",
         },
         "devices": {"jax": backend, "torch": device},
-        "torch_float32_matmul_precision": precision,
         "config": dataclasses.asdict(config),
         "machine": _machine(torch, torchdiffeq),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

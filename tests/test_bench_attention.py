@@ -1,10 +1,17 @@
 """`experiments/bench_attention.py` runs end to end on tiny sizes: every arm agrees with the
 einsum path, and the profile attributes the blockwise program's time to its kinds."""
 
+import collections
+import importlib
 import importlib.util
 
+import jax
+import jax.extend.core
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from pdeformer.operators.attention import attention
 
 
 # A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
@@ -32,33 +39,52 @@ def test_bench_attention_quick(experiments):
     assert set(module.PRODUCTS) <= set(result["products"])
 
 
-def test_products_are_the_seven_of_one_call(experiments):
-    # The three shapes, times their counts per call, are the seven products of a forward and
-    # backward pass, each `2 pairs seq^2 head_dim` FLOP, and each library's sum per call
-    # weighs its timings by those counts.
+def _dot_operand_shapes(jaxpr):
+    """The operand shapes of every `dot_general` in a jaxpr and the jaxprs inside it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield tuple(tuple(v.aval.shape) for v in eqn.invars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _dot_operand_shapes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _dot_operand_shapes(sub)
+
+
+def test_products_are_those_of_the_blockwise_path(experiments):
+    # The products timed alone are the matmuls of the blockwise forward and backward, shape
+    # for shape and count for count (each written once in the loop bodies), with query
+    # blocks shorter than the sequence so that `b` and `s` differ.
+    module = experiments("bench_attention")
+    c = module.AttentionConfig(batch=2, seq=24, heads=3, head_dim=4)
+    block_size = 8
+    q, k, v = (jnp.ones((c.batch, c.seq, c.heads, c.head_dim)) for _ in range(3))
+    attend = lambda q, k, v: attention(q, k, v, implementation="blockwise", block_size=block_size)
+    grad = jax.grad(lambda *x: jnp.sum(attend(*x)), argnums=(0, 1, 2))
+    found = collections.Counter(_dot_operand_shapes(jax.make_jaxpr(grad)(q, k, v).jaxpr))
+    dims = module.product_dims(c, block_size)
+    assert dims["b"] == block_size and dims["s"] == c.seq
+    want = collections.Counter()
+    for spec, count in module.PRODUCTS.values():
+        want[tuple(module.product_operands(spec, dims))] += count
+    assert found == want
+
+
+def test_products_timing_adds_up(experiments):
+    # Each product is `2 g b s h` FLOP, run once per (group, query block); the seven of a
+    # call are `7 x 2 pairs seq^2 head_dim`; each library's sum weighs its medians by count.
     module = experiments("bench_attention")
     c = module.AttentionConfig(batch=2, seq=24, heads=3, head_dim=4, repeats=1, inner=1)
-    out = module._time_products(c, np.random.default_rng(0), 1)
+    torch = importlib.util.find_spec("torch") and importlib.import_module("torch")
+    threads = torch.get_num_threads() if torch else 1
+    out = module._time_products(c, np.random.default_rng(0), threads, block_size=8)
     pairs = c.batch * c.heads
-    assert out["per_call"] == pairs // out["group_pairs"] * -(-c.seq // out["block_rows"])
+    assert out["block_rows"] == 8 and out["per_call"] == pairs // out["group_pairs"] * 3
     total = sum(out[n]["per_call"] * out[n]["gflop"] for n in module.PRODUCTS)
     assert total == pytest.approx(7 * 2 * pairs * c.seq**2 * c.head_dim / 1e9)
-    libraries = ["xla"] + (["torch"] if importlib.util.find_spec("torch") else [])
-    for lib in libraries:
+    for lib in ["xla"] + (["torch"] if torch else []):
         assert out[f"{lib}_seven_products_ms_per_call"] == pytest.approx(
             sum(out[n]["per_call"] * out[n][lib]["median_ms"] for n in module.PRODUCTS)
         )
         assert all(out[n][lib]["min_ms"] > 0 for n in module.PRODUCTS)
-
-
-def test_kinds_of_instructions(experiments):
-    module = experiments("bench_attention")
-    kind = lambda shape, ops, matmul: module._kind(
-        {"shape": shape, "ops": ops, "matmul": matmul}, (256, 256)
-    )
-    assert kind("f32[16,256,256]{2,1,0}", ["dot"], True) == "matmul_rows_by_keys"
-    assert kind("f32[16,16,256]{2,1,0}", ["dot"], True) == "matmul_head_width"
-    assert kind("f32[16,256,16]{2,1,0}", ["dot", "multiply"], True) == "matmul_head_width"
-    assert kind("f32[16,256,256]{2,1,0}", ["exponential", "subtract"], False) == "exp"
-    assert kind("f32[16,256]{1,0}", ["reduce"], False) == "reduce"
-    assert kind("f32[2,16,16,256]{3,2,0,1}", ["transpose"], False) == "other"

@@ -276,11 +276,31 @@ def test_bench_peers_device_and_targets(experiments):
     assert module.targets_for("cpu", "cuda") == {}
     config, _ = module._parse(["--torch-device", "cpu"])
     assert config.torch_device == "cpu"
+    # PyTorch's float32 matmuls as JAX's: TF32 on a GPU unless JAX asks for full float32.
+    match = module.torch_matmul_precision
+    assert match("highest", "cuda") == match("float32", "cuda") == "highest"
+    assert match(None, "cuda") == match("tensorfloat32", "cuda") == "high"
+    assert match(None, "cpu") == match("highest", "cpu") == "highest"
+
+
+def test_bench_peers_restores_torch_precision(experiments):
+    torch = pytest.importorskip("torch")
+    module = experiments("bench_peers")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with module._torch_precision(torch, "high"):
+                assert torch.get_float32_matmul_precision() == "high"
+                raise RuntimeError("inside")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
 @pytest.mark.slow
-def test_bench_peers_smoke(experiments):
+def test_bench_peers_smoke(experiments, monkeypatch):
     """pdeformer against torchdiffeq and torch.nn.TransformerEncoder at tiny sizes: the
     hand-written PyTorch field and the encoder agree with pdeformer, both solutions are
     accurate against the float64 reference, and the JSON carries targets and breakdown."""
@@ -289,6 +309,16 @@ def test_bench_peers_smoke(experiments):
     module = experiments("bench_peers")
     config, as_json = module._parse(["--smoke", "--json"])
     assert as_json and config.ode_seq == 16
+    # Count the waits for PyTorch's device (no-ops on a CPU): every timed call makes one.
+    syncs = []
+    init = module._Torch.__init__
+
+    def counting_init(self, torch, device):
+        init(self, torch, device)
+        wait = self.sync
+        self.sync = lambda: (syncs.append(1), wait())
+
+    monkeypatch.setattr(module._Torch, "__init__", counting_init)
     result = json.loads(json.dumps(module.main(config)))
     assert set(result["passed_targets"]) >= {"pdeformer_vs_torchdiffeq", "discrete_vs_pytorch"}
     ode = result["pdeformer_vs_torchdiffeq"]
@@ -315,10 +345,10 @@ def test_bench_peers_smoke(experiments):
     assert result["threads"]["torch_intra_op"] >= 1
     # On this CPU both libraries run on the CPU, in full float32, under the CPU targets.
     assert result["devices"] == {"jax": "cpu", "torch": "cpu"}
-    assert result["torch_float32_matmul_precision"] == {
-        "continuous": "highest",
-        "discrete": "highest",
-    }
+    assert ode["matmul_precision"] == {"jax": "highest", "torch": "highest"}
+    assert result["discrete_vs_pytorch"]["matmul_precision"]["torch"] == "highest"
+    # Timed PyTorch calls: forward + backward and forward per round, the field alone.
+    assert len(syncs) >= 2 * config.repeats + 2
     assert result["targets"] == module.TARGETS
     assert set(run["memory_faults_fwd_bwd"]) == {
         "pdeformer",
