@@ -40,7 +40,9 @@ Where JAX runs on an NVIDIA GPU, PyTorch runs on CUDA too (`--torch-device`, def
 `auto`), each timed call waiting for its GPU work to finish, and PyTorch's float32 matmuls
 follow each pdeformer arm's: full float32 in the continuous comparison (`Continuous` pins
 `"highest"`), TF32 in the discrete one (`Discrete()` keeps JAX's default), whose outputs
-are compared in full float32 before timing. The GPU target
+are compared in full float32 before timing. The hand-written PyTorch field reads `t` on
+the host to pick its layer, one device-to-host copy per evaluation on a GPU (torchdiffeq's
+own step control reads its step sizes back too). The GPU target
 (`pdeformer_vs_torchdiffeq <= 0.5`) applies only with both on the GPU, the CPU targets
 only with both on the CPU.
 
