@@ -1,5 +1,6 @@
 """`experiments/bench_attention.py` runs end to end on tiny sizes: every arm agrees with the
-einsum path, and the profile attributes the blockwise program's time to its kinds."""
+einsum path, the profile attributes the blockwise program's time to its kinds, and the
+products it times alone are those of the blockwise path."""
 
 import collections
 import importlib
@@ -88,3 +89,16 @@ def test_products_timing_adds_up(experiments):
             sum(out[n]["per_call"] * out[n][lib]["median_ms"] for n in module.PRODUCTS)
         )
         assert all(out[n][lib]["min_ms"] > 0 for n in module.PRODUCTS)
+
+
+def test_kinds_of_instructions(experiments):
+    module = experiments("bench_attention")
+    kind = lambda shape, ops, matmul: module._kind(
+        {"shape": shape, "ops": ops, "matmul": matmul}, (256, 256)
+    )
+    assert kind("f32[16,256,256]{2,1,0}", ["dot"], True) == "matmul_rows_by_keys"
+    assert kind("f32[16,16,256]{2,1,0}", ["dot"], True) == "matmul_head_width"
+    assert kind("f32[16,256,16]{2,1,0}", ["dot", "multiply"], True) == "matmul_head_width"
+    assert kind("f32[16,256,256]{2,1,0}", ["exponential", "subtract"], False) == "exp"
+    assert kind("f32[16,256]{1,0}", ["reduce"], False) == "reduce"
+    assert kind("f32[2,16,16,256]{3,2,0,1}", ["transpose"], False) == "other"
