@@ -273,9 +273,7 @@ def _kind(info: dict[str, Any], rows_by_keys: tuple[int, int]) -> str:
 
 def _profile_blockwise(compiled, inputs, c: AttentionConfig) -> dict[str, Any]:
     prof = profile(compiled, inputs, c.profile_calls)
-    _, rows = attention_module._blocking(
-        c.batch * c.heads, c.seq, attention_module.DEFAULT_BLOCK_SIZE, 4, jax.device_count()
-    )
+    rows = product_dims(c)["b"]
     by_kind: collections.Counter = collections.Counter()
     top = []
     for name, info in prof["instructions"].items():

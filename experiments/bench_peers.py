@@ -40,9 +40,15 @@ Where JAX runs on an NVIDIA GPU, PyTorch runs on CUDA too (`--torch-device`, def
 `auto`), each timed call waiting for its GPU work to finish, and PyTorch's float32 matmuls
 follow each pdeformer arm's: full float32 in the continuous comparison (`Continuous` pins
 `"highest"`), TF32 in the discrete one (`Discrete()` keeps JAX's default), whose outputs
-are compared in full float32 before timing. The hand-written PyTorch field reads `t` on
-the host to pick its layer, one device-to-host copy per evaluation on a GPU (torchdiffeq's
-own step control reads its step sizes back too). The GPU target
+are compared in full float32 before timing. That setting does not reach PyTorch's
+`scaled_dot_product_attention`, which picks its own kernel and arithmetic (in float32 on
+Ampere and newer GPUs, PyTorch's source has its memory-efficient kernel multiply in a
+three-pass TF32 mode, close to float32), so on a GPU the attention products of the two
+libraries are not pinned alike: in the continuous comparison this favours PyTorch
+(tensor cores against JAX's full float32). The hand-written PyTorch field reads `t` on
+the host to pick its layer, one device-to-host wait per evaluation on a GPU, more than
+torchdiffeq's own step control makes (it reads back once or twice a step): this slows
+PyTorch. The GPU target
 (`pdeformer_vs_torchdiffeq <= 0.5`) applies only with both on the GPU, the CPU targets
 only with both on the CPU.
 
@@ -198,15 +204,17 @@ def targets_for(jax_backend: str, torch_device: str) -> dict[str, float]:
     return {}
 
 
-def torch_matmul_precision(jax_precision: str | None, torch_device: str) -> str:
+def torch_matmul_precision(jax_precision: str | None, jax_backend: str, torch_device: str) -> str:
     """PyTorch's float32 matmul precision (`torch.set_float32_matmul_precision`) that
-    matches JAX's `jax_precision` (`None`: JAX's default) on `torch_device`.
+    matches JAX's `jax_precision` (`None`: JAX's default) on `jax_backend`.
 
-    On a CPU both libraries multiply float32 exactly: `"highest"`, PyTorch's default. On
-    an NVIDIA GPU, JAX's default and its reduced precisions let float32 matmuls run in
-    TF32 (`"high"`); only `"highest"` (`"float32"`) keeps them full float32.
+    On a CPU JAX multiplies float32 exactly, and so does PyTorch at `"highest"`, its
+    default. On an NVIDIA GPU, JAX's default and its reduced precisions let float32
+    matmuls run in TF32 (`"high"`); only `"highest"` (`"float32"`) keeps them full
+    float32. TF32 is chosen only when both libraries run on a GPU.
     """
-    if torch_device == "cpu" or jax_precision in ("highest", "float32"):
+    both_on_gpu = jax_backend == "gpu" and torch_device == "cuda"
+    if not both_on_gpu or jax_precision in ("highest", "float32"):
         return "highest"
     return "high"
 
@@ -228,6 +236,31 @@ def _jax_precision(precision: str | None):
     return (
         contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
     )
+
+
+def field_rate(static, precision: str | None):
+    """One evaluation of the field from its parameters, `(p, t, u) -> du/dt`, with its
+    matmuls at `precision` (`Continuous`'s, for the comparison's field-alone figures)."""
+    import equinox as eqx
+
+    def rate(p, t, u):
+        with _jax_precision(precision):
+            return eqx.combine(p, static)(t, u)
+
+    return rate
+
+
+def full_float32_output(depth, static):
+    """The discrete model's output `(p, u) -> u(L)` with every matmul in full float32:
+    the output check, whatever precision the timed steps use."""
+    import equinox as eqx
+    import jax
+
+    def forward(p, u):
+        with jax.default_matmul_precision("highest"):
+            return depth(eqx.combine(p, static), u).u
+
+    return forward
 
 
 class _Torch:
@@ -682,10 +715,7 @@ def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[st
     # One evaluation of the field alone: forward, and forward+backward (vjp of the sum).
     # As in the solver, the batch goes to the field itself (no vmap), and t is an argument:
     # the composition's branch is a traced lax.cond.
-    def rate(p, t, u):
-        with _jax_precision(precision):
-            return eqx.combine(p, static)(t, u)
-
+    rate = field_rate(static, precision)
     rate_fwd = jax.jit(rate)
     rate_grad = jax.jit(jax.grad(lambda p, t, u: jnp.sum(rate(p, t, u))))
     t_attn = jnp.asarray(0.25, jnp.float32)
@@ -850,11 +880,7 @@ def _discrete(config: BenchConfig, torch, dev: _Torch) -> dict[str, Any]:
     # The outputs are compared in full float32 on both sides (an NVIDIA GPU would
     # otherwise round both in TF32, perhaps differently); the timed steps keep JAX's
     # default precision and PyTorch's match of it (set by the caller).
-    def full_float32_fwd(p, u):
-        with jax.default_matmul_precision("highest"):
-            return depth(eqx.combine(p, static), u).u
-
-    fwd = jax.jit(full_float32_fwd)
+    fwd = jax.jit(full_float32_output(depth, static))
     tparams = list(encoder.parameters())
 
     def torch_grad():
@@ -918,7 +944,7 @@ def _discrete(config: BenchConfig, torch, dev: _Torch) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def _machine(torch, torchdiffeq) -> dict[str, Any]:
+def _machine(torch, torchdiffeq, torch_device: str) -> dict[str, Any]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import machine
 
@@ -929,9 +955,7 @@ def _machine(torch, torchdiffeq) -> dict[str, Any]:
             "torchdiffeq": getattr(torchdiffeq, "__version__", "unknown"),
             "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(),
-            "torch_cuda_device": (
-                torch.cuda.get_device_name() if torch.cuda.is_available() else None
-            ),
+            "torch_cuda_device": (torch.cuda.get_device_name() if torch_device == "cuda" else None),
         }
     )
     return m
@@ -980,9 +1004,9 @@ def main(config: BenchConfig) -> dict[str, Any]:
     continuous_precision = pf.Continuous(diffrax.Dopri5()).matmul_precision
     discrete_precision = jax.config.jax_default_matmul_precision
     t_start = time.perf_counter()
-    with _torch_precision(torch, torch_matmul_precision(continuous_precision, device)):
+    with _torch_precision(torch, torch_matmul_precision(continuous_precision, backend, device)):
         ode = _continuous(config, torch, torchdiffeq, dev)
-    with _torch_precision(torch, torch_matmul_precision(discrete_precision, device)):
+    with _torch_precision(torch, torch_matmul_precision(discrete_precision, backend, device)):
         disc = _discrete(config, torch, dev)
     ratios = {
         "pdeformer_vs_torchdiffeq": ode["tolerances"][0]["ratio"],
@@ -1011,7 +1035,7 @@ def main(config: BenchConfig) -> dict[str, Any]:
         },
         "devices": {"jax": backend, "torch": device},
         "config": dataclasses.asdict(config),
-        "machine": _machine(torch, torchdiffeq),
+        "machine": _machine(torch, torchdiffeq, device),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
         "wall_s": time.perf_counter() - t_start,

@@ -276,11 +276,42 @@ def test_bench_peers_device_and_targets(experiments):
     assert module.targets_for("cpu", "cuda") == {}
     config, _ = module._parse(["--torch-device", "cpu"])
     assert config.torch_device == "cpu"
-    # PyTorch's float32 matmuls as JAX's: TF32 on a GPU unless JAX asks for full float32.
+    # PyTorch's float32 matmuls as JAX's: TF32 only with both libraries on a GPU and JAX
+    # not asking for full float32.
     match = module.torch_matmul_precision
-    assert match("highest", "cuda") == match("float32", "cuda") == "highest"
-    assert match(None, "cuda") == match("tensorfloat32", "cuda") == "high"
-    assert match(None, "cpu") == match("highest", "cpu") == "highest"
+    assert match("highest", "gpu", "cuda") == match("float32", "gpu", "cuda") == "highest"
+    assert match(None, "gpu", "cuda") == match("tensorfloat32", "gpu", "cuda") == "high"
+    assert match(None, "cpu", "cpu") == match("highest", "cpu", "cpu") == "highest"
+    assert match(None, "cpu", "cuda") == match(None, "gpu", "cpu") == "highest"
+
+
+def _matmul_precisions(fn, *args) -> list[str]:
+    """The precision of every `dot_general` of `fn` and of its gradient, as lowered."""
+    grad = jax.grad(lambda *a: jax.numpy.sum(fn(*a)))
+    text = jax.jit(fn).lower(*args).as_text() + jax.jit(grad).lower(*args).as_text()
+    return re.findall(r"stablehlo\.dot_general.*?precision = \[(\w+), \w+\]", text)
+
+
+def test_bench_peers_pins_the_matmuls_it_says(experiments):
+    # The field-alone figures run at `Continuous`'s precision and the discrete output check
+    # in full float32, forward and backward, whatever JAX's default: on a GPU, TF32 would
+    # otherwise enter both (a CPU computes the same numbers either way, so the program is
+    # what is checked).
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    import pdeformer as pf
+
+    module = experiments("bench_peers")
+    field = module._field(16, 2, 1, 32, 0)
+    params, static = eqx.partition(field, eqx.is_array)
+    u = jnp.ones((2, 8, 16))
+    t = jnp.asarray(0.25, jnp.float32)
+    pinned = _matmul_precisions(module.field_rate(static, "highest"), params, t, u)
+    assert len(pinned) >= 4 and set(pinned) == {"HIGHEST"}
+    assert "DEFAULT" in _matmul_precisions(module.field_rate(static, None), params, t, u)
+    checked = _matmul_precisions(module.full_float32_output(pf.Discrete(), static), params, u)
+    assert len(checked) >= 4 and set(checked) == {"HIGHEST"}
 
 
 def test_bench_peers_restores_torch_precision(experiments):
@@ -309,7 +340,7 @@ def test_bench_peers_smoke(experiments, monkeypatch):
     module = experiments("bench_peers")
     config, as_json = module._parse(["--smoke", "--json"])
     assert as_json and config.ode_seq == 16
-    # Count the waits for PyTorch's device (no-ops on a CPU): every timed call makes one.
+    # Every timed PyTorch call waits for its device (a no-op on a CPU) at least once.
     syncs = []
     init = module._Torch.__init__
 
@@ -318,7 +349,24 @@ def test_bench_peers_smoke(experiments, monkeypatch):
         wait = self.sync
         self.sync = lambda: (syncs.append(1), wait())
 
+    timed = module.interleaved
+    unsynced = []
+
+    def checked(fns, *args, **kwargs):
+        def wrap(name, fn):
+            def call():
+                before = len(syncs)
+                out = fn()
+                if len(syncs) == before:
+                    unsynced.append(name)
+                return out
+
+            return call if "torch" in name else fn
+
+        return timed({n: wrap(n, f) for n, f in fns.items()}, *args, **kwargs)
+
     monkeypatch.setattr(module._Torch, "__init__", counting_init)
+    monkeypatch.setattr(module, "interleaved", checked)
     result = json.loads(json.dumps(module.main(config)))
     assert set(result["passed_targets"]) >= {"pdeformer_vs_torchdiffeq", "discrete_vs_pytorch"}
     ode = result["pdeformer_vs_torchdiffeq"]
@@ -347,8 +395,7 @@ def test_bench_peers_smoke(experiments, monkeypatch):
     assert result["devices"] == {"jax": "cpu", "torch": "cpu"}
     assert ode["matmul_precision"] == {"jax": "highest", "torch": "highest"}
     assert result["discrete_vs_pytorch"]["matmul_precision"]["torch"] == "highest"
-    # Timed PyTorch calls: forward + backward and forward per round, the field alone.
-    assert len(syncs) >= 2 * config.repeats + 2
+    assert syncs and not unsynced
     assert result["targets"] == module.TARGETS
     assert set(run["memory_faults_fwd_bwd"]) == {
         "pdeformer",
