@@ -421,7 +421,9 @@ def _median_ms(samples: list[float]) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[str, Any]:
+def _continuous(
+    config: BenchConfig, torch, torchdiffeq, dev: _Torch, precision: str | None
+) -> dict[str, Any]:
     import diffrax
     import equinox as eqx
     import jax
@@ -442,10 +444,8 @@ def _continuous(config: BenchConfig, torch, torchdiffeq, dev: _Torch) -> dict[st
     u0 = jr.normal(jr.PRNGKey(c.seed + 1), (c.ode_batch, c.ode_seq, c.ode_dim), jnp.float32)
     u0_torch = dev.tensor(np.asarray(u0))
 
-    # The field's matmuls at `Continuous`'s precision (full float32 by default) in both
+    # The field's matmuls at `Continuous`'s `precision` (full float32 by default) in both
     # libraries: in the solves, and in every evaluation of the field alone below.
-    precision = pf.Continuous(diffrax.Dopri5()).matmul_precision
-
     # The two fields agree (float32) on both halves of a layer before anything is timed.
     rate_check = {}
     with _jax_precision(precision):
@@ -1005,7 +1005,7 @@ def main(config: BenchConfig) -> dict[str, Any]:
     discrete_precision = jax.config.jax_default_matmul_precision
     t_start = time.perf_counter()
     with _torch_precision(torch, torch_matmul_precision(continuous_precision, backend, device)):
-        ode = _continuous(config, torch, torchdiffeq, dev)
+        ode = _continuous(config, torch, torchdiffeq, dev, continuous_precision)
     with _torch_precision(torch, torch_matmul_precision(discrete_precision, backend, device)):
         disc = _discrete(config, torch, dev)
     ratios = {

@@ -1,5 +1,7 @@
 """Shared test helpers: tolerances live here, chosen per dtype."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,3 +36,14 @@ def max_abs_diff(x, y) -> float:
 
 def prefix_mask(lengths, seq: int):
     return jnp.arange(seq)[None, :] < jnp.asarray(lengths)[:, None]
+
+
+def dot_precisions(text: str) -> list[str]:
+    """The precision of every contracting `dot_general` (a matmul) in a StableHLO module;
+    scalings by a scalar (`contracting_dims = [] x []`, from diffrax's adjoint) are not
+    matmuls and are left out."""
+    return re.findall(
+        r"stablehlo\.dot_general(?:(?!contracting_dims = \[\] x \[\]).)*?"
+        r"precision = \[(\w+), \w+\]",
+        text,
+    )

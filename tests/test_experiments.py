@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from helpers import dot_precisions
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -288,8 +290,7 @@ def test_bench_peers_device_and_targets(experiments):
 def _matmul_precisions(fn, *args) -> list[str]:
     """The precision of every `dot_general` of `fn` and of its gradient, as lowered."""
     grad = jax.grad(lambda *a: jax.numpy.sum(fn(*a)))
-    text = jax.jit(fn).lower(*args).as_text() + jax.jit(grad).lower(*args).as_text()
-    return re.findall(r"stablehlo\.dot_general.*?precision = \[(\w+), \w+\]", text)
+    return dot_precisions(jax.jit(fn).lower(*args).as_text() + jax.jit(grad).lower(*args).as_text())
 
 
 def test_bench_peers_pins_the_matmuls_it_says(experiments):

@@ -11,19 +11,8 @@ import numpy as np
 import pytest
 
 import pdeformer as pf
-from helpers import prefix_mask
+from helpers import dot_precisions, prefix_mask
 from pdeformer import training
-
-
-def _dot_precisions(text: str) -> list[str]:
-    """The precision of every contracting `dot_general` (a matmul) in a StableHLO module;
-    scalings by a scalar (`contracting_dims = [] x []`, from diffrax's adjoint) are not
-    matmuls and are left out."""
-    return re.findall(
-        r"stablehlo\.dot_general(?:(?!contracting_dims = \[\] x \[\]).)*?"
-        r"precision = \[(\w+), \w+\]",
-        text,
-    )
 
 
 def _field(key, **kwargs):
@@ -50,13 +39,13 @@ def test_adaptive_solve_pins_every_matmul_of_the_field(getkey, adjoint):
         fn = jax.jit(jax.grad(lambda f, u: loss(f, u, depth)))
         return fn.lower(field, u0).as_text()
 
-    pinned = _dot_precisions(lowered("highest"))
+    pinned = dot_precisions(lowered("highest"))
     # Forward stages and the backward pass (Backsolve traces its adjoint solve after the
     # forward, outside any context the caller could set around the call) alike.
     assert len(pinned) > 10 and set(pinned) == {"HIGHEST"}
     # Without the pin the field's matmuls take JAX's default (diffrax's own stage
     # combinations are HIGHEST either way).
-    assert "DEFAULT" in _dot_precisions(lowered(None))
+    assert "DEFAULT" in dot_precisions(lowered(None))
 
 
 def test_matmul_precision_is_validated():
