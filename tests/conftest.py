@@ -7,16 +7,44 @@ XLA compiles the tests' programs with its backend optimisations off
 (`JAX_DISABLE_MOST_OPTIMIZATIONS=1`, unless the environment already sets it): most of the
 suite's time is compiling, and the tests check what a program computes, not how fast.
 `JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest` runs them fully optimised.
+
+For the same reason XLA's CPU backend generates their code with its classic emitters
+(`--xla_cpu_use_fusion_emitters=false` is added to `XLA_FLAGS`): on the suite's small
+programs its newer fusion emitters took 1.5 to 2 times as long to compile (docs/architecture.md,
+*Test configuration*). Unoptimised, the classic emitters can round the same operations
+differently in two programs, so the tests that claim two programs agree bit for bit compile
+them with the default emitters (`helpers.default_codegen_jit`). A user's `XLA_FLAGS` that
+names the flag is left as it is, and a JAX whose XLA does not know the flag runs the tests
+without it.
 """
 
 import importlib
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 # Before JAX is imported, and in the environment so that the subprocesses some tests start
 # (several devices, several processes, experiment scripts) inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+CLASSIC_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flags: str) -> bool:
+    # XLA aborts the process on a flag it does not know, so ask a child process first.
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_cpu_use_fusion_emitters" not in _flags:
+    # pytest-xdist's workers inherit the result below and skip the probe.
+    _with = f"{_flags} {CLASSIC_EMITTERS}".strip()
+    if _xla_accepts(_with):
+        os.environ["XLA_FLAGS"] = _with
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,5 +1,6 @@
 """Shared test helpers: tolerances live here, chosen per dtype."""
 
+import os
 import re
 
 import jax
@@ -47,3 +48,27 @@ def dot_precisions(text: str) -> list[str]:
         r"precision = \[(\w+), \w+\]",
         text,
     )
+
+
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """The environment for a child process with `devices` virtual CPU devices.
+
+    It keeps the tests' own `XLA_FLAGS` (conftest.py's compile settings) and adds the
+    device count.
+    """
+    flag = f"--xla_force_host_platform_device_count={devices}"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
+def default_codegen_jit(fn):
+    """`jax.jit(fn)` compiled with XLA's default CPU code generation.
+
+    The suite compiles with XLA's classic CPU emitters (conftest.py) for speed. Under them,
+    unoptimised, the same operations can round differently in two different programs, so the
+    tests that claim two programs agree bit for bit (`Continuous(Euler, dt=1/2)` against
+    `Discrete()`) compile both as a user's JAX does.
+    """
+    classic = "--xla_cpu_use_fusion_emitters=false" in os.environ.get("XLA_FLAGS", "").split()
+    options = {"xla_cpu_use_fusion_emitters": True} if classic else None
+    return jax.jit(fn, compiler_options=options)

@@ -10,6 +10,7 @@ XLA's optimisations off, as for the docs examples, since compiling dominates.
 
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -236,7 +237,8 @@ def main() -> None:
     )
     stdout = sys.stdout
     sys.stdout = sys.stderr  # the CLI's own JSON lines are not the result
-    result, seconds = {"device_count": jax.device_count()}, {}
+    result = {"device_count": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    seconds = {}
     checks = {
         "batch": lambda: sharding_of_a_batch(task),
         "discrete": lambda: compare(task, pf.Discrete(), steps=3),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import pdeformer as pf
-from helpers import max_abs_diff, prefix_mask
+from helpers import default_codegen_jit, max_abs_diff, prefix_mask
 from pdeformer.placement import ENCODER_POINTS, FIELD_POINTS, INSERTION_POINTS
 
 
@@ -136,10 +136,14 @@ def test_points_follow_the_schedule(getkey, schedule):
     assert field.transitions.gate_weight.shape == (2, 8, 8)
     x = jr.normal(getkey(), (2, 7, 8))
     mask = prefix_mask([7, 4], 7)
-    a = pf.Discrete()(field, x, mask)
-    b = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)(field, x, mask)
-    np.testing.assert_array_equal(np.asarray(a.u), np.asarray(b.u))
-    np.testing.assert_array_equal(np.asarray(a.u[1, 4:]), np.asarray(x[1, 4:]))
+    euler = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)
+
+    def run(depth):
+        return default_codegen_jit(lambda f: depth(f, x, mask).u)(field)
+
+    a, b = run(pf.Discrete()), run(euler)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a[1, 4:]), np.asarray(x[1, 4:]))
 
 
 def test_roughness_at_points(getkey):

@@ -8,7 +8,6 @@ same model on one device without `DataParallel`. float64: the runs must agree to
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import cpu_devices_env
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 MARK = "multihost-result: "  # as in the worker
@@ -28,11 +29,7 @@ def _free_port() -> int:
 
 
 def _start(process_id: int, num_processes: int, port: int, out: Path, devices: int, *extra):
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-    )
+    env = cpu_devices_env(devices)
     args = [sys.executable, str(WORKER), str(process_id), str(num_processes), str(port), str(out)]
     args += list(extra)
     pipe = subprocess.PIPE

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import cpu_devices_env
 from pdeformer.cli import data_parallel
 from pdeformer.cli import main as cli_main
 from pdeformer.data import Batch
@@ -27,11 +28,7 @@ WORKER = Path(__file__).with_name("parallel_worker.py")
 
 @pytest.fixture(scope="module")
 def measured():
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
-    )
+    env = cpu_devices_env(4)
     proc = subprocess.run(
         [sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=600
     )
@@ -42,6 +39,8 @@ def measured():
 
 def test_batches_are_split_over_four_devices(measured):
     assert measured["device_count"] == 4
+    # The child keeps the tests' own compile settings (conftest.py) beside the device count.
+    assert set(os.environ.get("XLA_FLAGS", "").split()) < set(measured["xla_flags"].split())
     batch = measured["batch"]
     assert batch["mesh_axes"] == ["batch"]
     rows, length = batch["tokens_shape"]

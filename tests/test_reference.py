@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import pdeformer as pf
-from helpers import max_abs_diff, prefix_mask
+from helpers import default_codegen_jit, max_abs_diff, prefix_mask
 
 
 def _layer_norm(x, w, b, eps):
@@ -284,18 +284,24 @@ def test_insertion_points_euler_half_step_is_discrete(getkey):
     field, x = _with_diffusion(jnp.float32, getkey())
     mask = prefix_mask([12, 7, 3], 12)
     save = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
-    a = pf.Discrete()(field, x, mask, save_at=save)
-    b = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)(
-        field, x, mask, save_at=save
-    )
-    np.testing.assert_array_equal(np.asarray(a.u), np.asarray(b.u))
-    np.testing.assert_array_equal(np.asarray(a.us), np.asarray(b.us))
+    euler = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)
+
+    def run(depth):
+        def solve(f):
+            sol = depth(f, x, mask, save_at=save)
+            return sol.u, sol.us
+
+        return default_codegen_jit(solve)(field)
+
+    (a_u, a_us), (b_u, b_us) = run(pf.Discrete()), run(euler)
+    np.testing.assert_array_equal(np.asarray(a_u), np.asarray(b_u))
+    np.testing.assert_array_equal(np.asarray(a_us), np.asarray(b_us))
     # The state saved at t = 1 is D_0 applied to the state at the end of layer 0.
     end0 = pf.Discrete()(
         eqx.tree_at(lambda f: f.transitions, field, None), x, mask, save_at=[1.0]
     ).us[0]
     mapped = jax.vmap(field.transition, in_axes=(None, 0, 0))(0, end0, mask)
-    np.testing.assert_allclose(np.asarray(a.us[2]), np.asarray(mapped), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a_us[2]), np.asarray(mapped), rtol=1e-6, atol=1e-6)
 
 
 def test_insertion_points_adaptive_converges(getkey):
@@ -324,10 +330,18 @@ def test_discrete_is_euler_with_half_step(getkey):
 
     field, x = _case(jnp.float32, getkey())
     mask = prefix_mask([12, 7, 3], 12)
-    a = pf.Discrete()(field, x, mask)
-    b = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)(field, x, mask)
-    np.testing.assert_array_equal(np.asarray(a.u), np.asarray(b.u))
-    assert int(b.stats.nfe) == int(a.stats.nfe) == 6
+    euler = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)
+
+    def run(depth):
+        def solve(f):
+            sol = depth(f, x, mask)
+            return sol.u, sol.stats.nfe
+
+        return default_codegen_jit(solve)(field)
+
+    (a_u, a_nfe), (b_u, b_nfe) = run(pf.Discrete()), run(euler)
+    np.testing.assert_array_equal(np.asarray(a_u), np.asarray(b_u))
+    assert int(b_nfe) == int(a_nfe) == 6
 
 
 def test_parallel_block_is_euler_step_one(getkey):
