@@ -21,29 +21,19 @@ without it.
 import importlib
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 # Before JAX is imported, and in the environment so that the subprocesses some tests start
 # (several devices, several processes, experiment scripts) inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-CLASSIC_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
-
-
-def _xla_accepts(flags: str) -> bool:
-    # XLA aborts the process on a flag it does not know, so ask a child process first.
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    probe = [sys.executable, "-c", "import jax; jax.devices()"]
-    return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
-
+from helpers import CLASSIC_EMITTERS, xla_accepts  # noqa: E402
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_cpu_use_fusion_emitters" not in _flags:
     # pytest-xdist's workers inherit the result below and skip the probe.
     _with = f"{_flags} {CLASSIC_EMITTERS}".strip()
-    if _xla_accepts(_with):
+    if xla_accepts(_with):
         os.environ["XLA_FLAGS"] = _with
 
 import jax  # noqa: E402

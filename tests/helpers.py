@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,20 @@ def dot_precisions(text: str) -> list[str]:
     )
 
 
+CLASSIC_EMITTERS = "--xla_cpu_use_fusion_emitters=false"  # conftest.py adds it to XLA_FLAGS
+
+
+def xla_accepts(flags: str) -> bool:
+    """Whether XLA starts with `XLA_FLAGS=flags`: it aborts the process on a flag it does
+    not know, so a child process is asked."""
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    try:
+        return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def cpu_devices_env(devices: int) -> dict[str, str]:
     """The environment for a child process with `devices` virtual CPU devices.
 
@@ -69,6 +85,6 @@ def default_codegen_jit(fn):
     tests that claim two programs agree bit for bit (`Continuous(Euler, dt=1/2)` against
     `Discrete()`) compile both as a user's JAX does.
     """
-    classic = "--xla_cpu_use_fusion_emitters=false" in os.environ.get("XLA_FLAGS", "").split()
+    classic = CLASSIC_EMITTERS in os.environ.get("XLA_FLAGS", "").split()
     options = {"xla_cpu_use_fusion_emitters": True} if classic else None
     return jax.jit(fn, compiler_options=options)

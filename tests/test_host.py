@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import pdeformer as pf
+from helpers import CLASSIC_EMITTERS, xla_accepts
 from pdeformer import host
 
 # A jitted program with 128 MiB of working memory (two 64 MiB cumulative sums, which XLA
@@ -113,3 +114,9 @@ def test_no_glibc_changes_nothing(monkeypatch):
     monkeypatch.setattr(host, "_glibc", lambda: None)
     assert pf.tune_cpu_allocator() is False
     assert not pf.cpu_allocator_tuned()
+
+
+def test_xla_flag_probe_tells_known_from_unknown_flags():
+    # conftest.py adds the classic-emitter flag only where this probe accepts it.
+    assert xla_accepts(CLASSIC_EMITTERS)
+    assert not xla_accepts("--xla_cpu_no_such_flag_of_pdeformer=true")
