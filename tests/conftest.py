@@ -10,12 +10,12 @@ suite's time is compiling, and the tests check what a program computes, not how 
 
 For the same reason XLA's CPU backend generates their code with its classic emitters
 (`--xla_cpu_use_fusion_emitters=false` is added to `XLA_FLAGS`): on the suite's small
-programs its newer fusion emitters took 1.5 to 2 times as long to compile (docs/architecture.md,
-*Test configuration*). Unoptimised, the classic emitters can round the same operations
-differently in two programs, so the tests that claim two programs agree bit for bit compile
-them with the default emitters (`helpers.default_codegen_jit`). A user's `XLA_FLAGS` that
-names the flag is left as it is, and a JAX whose XLA does not know the flag runs the tests
-without it.
+programs its newer fusion emitters were slower to compile (one adaptive solve's gradient
+took 1.4 to 2.4 times as long; docs/architecture.md, *Test configuration*). Unoptimised, the
+classic emitters can round the same operations differently in two programs, so the tests
+that claim two programs agree bit for bit compile them with the default emitters
+(`helpers.default_codegen_jit`). A user's `XLA_FLAGS` that names the flag is left as it is,
+and a JAX whose XLA does not know the flag runs the tests without it.
 """
 
 import importlib
@@ -30,10 +30,12 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 from helpers import CLASSIC_EMITTERS, xla_accepts  # noqa: E402
 
 _flags = os.environ.get("XLA_FLAGS", "")
-if "xla_cpu_use_fusion_emitters" not in _flags:
-    # pytest-xdist's workers inherit the result below and skip the probe.
+if "xla_cpu_use_fusion_emitters" not in _flags and "PDEFORMER_TEST_XLA_PROBE" not in os.environ:
+    # pytest-xdist's workers inherit the outcome below and skip the probe.
     _with = f"{_flags} {CLASSIC_EMITTERS}".strip()
-    if xla_accepts(_with):
+    _accepted = xla_accepts(_with)
+    os.environ["PDEFORMER_TEST_XLA_PROBE"] = "accepted" if _accepted else "refused"
+    if _accepted:
         os.environ["XLA_FLAGS"] = _with
 
 import jax  # noqa: E402
@@ -49,7 +51,10 @@ os.environ["PDEFORMER_TEST_SEED"] = str(SEED)
 
 
 def pytest_report_header(config):
-    return f"pdeformer test seed: {SEED} (replay with PDEFORMER_TEST_SEED={SEED})"
+    return [
+        f"pdeformer test seed: {SEED} (replay with PDEFORMER_TEST_SEED={SEED})",
+        f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}",
+    ]
 
 
 @pytest.fixture

@@ -1,11 +1,12 @@
 """Runs the data-parallel measurements of `test_parallel.py` in a process of its own.
 
 JAX fixes its device count when it starts, and the pytest process has started with one
-device; this script is run with `XLA_FLAGS=--xla_force_host_platform_device_count=4` and
-`JAX_PLATFORMS=cpu` and prints one JSON object of measurements, which the tests check. It
-keeps the test configuration: strict dtype promotion, warnings as errors, and beartype on
-the package's jaxtyping annotations. Float64, so one device and four agree to rounding;
-XLA's optimisations off, as for the docs examples, since compiling dominates.
+device; this script is run with `--xla_force_host_platform_device_count=4` added to the
+tests' `XLA_FLAGS`, and `JAX_PLATFORMS=cpu`, and prints one JSON object of measurements,
+which the tests check. It keeps the test configuration: strict dtype promotion, warnings as
+errors, and beartype on the package's jaxtyping annotations. Float64, so one device and four
+agree to rounding; XLA's optimisations off, as for the docs examples, since compiling
+dominates.
 """
 
 import dataclasses
