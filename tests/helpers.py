@@ -52,7 +52,8 @@ def dot_precisions(text: str) -> list[str]:
     )
 
 
-CLASSIC_EMITTERS = "--xla_cpu_use_fusion_emitters=false"  # conftest.py adds it to XLA_FLAGS
+FUSION_EMITTERS = "xla_cpu_use_fusion_emitters"
+CLASSIC_EMITTERS = f"--{FUSION_EMITTERS}=false"  # conftest.py adds it to XLA_FLAGS
 
 
 def xla_accepts(flags: str) -> bool:
@@ -86,6 +87,6 @@ def default_codegen_jit(fn):
     `Discrete()`) compile both with XLA's default emitters. The option is passed only where
     `XLA_FLAGS` names the flag: an XLA that started with it knows it.
     """
-    named = "xla_cpu_use_fusion_emitters" in os.environ.get("XLA_FLAGS", "")
-    options = {"xla_cpu_use_fusion_emitters": True} if named else None
+    named = FUSION_EMITTERS in os.environ.get("XLA_FLAGS", "")
+    options = {FUSION_EMITTERS: True} if named else None
     return jax.jit(fn, compiler_options=options)

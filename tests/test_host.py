@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import pdeformer as pf
-from helpers import CLASSIC_EMITTERS, xla_accepts
+from helpers import CLASSIC_EMITTERS, FUSION_EMITTERS, xla_accepts
 from pdeformer import host
 
 # A jitted program with 128 MiB of working memory (two 64 MiB cumulative sums, which XLA
@@ -64,7 +64,7 @@ def _faults(mode: str) -> tuple[bool, bool, float]:
     }
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
     flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_cpu_use_fusion_emitters" not in f)
+    env["XLA_FLAGS"] = " ".join(f for f in flags if FUSION_EMITTERS not in f)
     run = subprocess.run(
         [sys.executable, "-c", _PROGRAM, mode], capture_output=True, text=True, env=env
     )

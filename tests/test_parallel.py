@@ -2,9 +2,9 @@
 
 The pytest process has already started JAX with one device, so the four-device runs happen in
 a child process whose `XLA_FLAGS` add `--xla_force_host_platform_device_count=4` to the
-tests' own (`helpers.cpu_devices_env`); it prints
-its measurements as JSON and the tests below check them. The runs are float64, so sharding
-changes results only by the order of floating-point sums.
+tests' own (`helpers.cpu_devices_env`); it prints its measurements as JSON and the tests
+below check them. The runs are float64, so sharding changes results only by the order of
+floating-point sums.
 """
 
 import json
