@@ -7,12 +7,13 @@ solvers across tolerances, reporting accuracy, mean NFE per batch, wall time per
 the largest logit difference from the discrete model. Finally a few continuous-mode training
 steps with each solver measure the training cost (time per step, forward NFE).
 
-    python experiments/compare_solvers.py            # --quick (default): minutes on a CPU
-    python experiments/compare_solvers.py --full     # larger, for a GPU
-    python experiments/compare_solvers.py --smoke    # seconds, for tests
+    python experiments/studies/compare_solvers.py                 # quick: minutes on a CPU
+    python experiments/studies/compare_solvers.py --preset full   # larger, for a GPU
+    python experiments/studies/compare_solvers.py --preset smoke  # seconds, for tests
 
-Writes `results.md`, `results.json` and `pareto.png` into `--out` (default
-`runs/compare_solvers`), prints the table to stdout and progress to stderr.
+Every field of `CompareConfig` is a flag too (`--help`). Writes `results.md`,
+`results.json` and `pareto.png` into `--out` (default `runs/compare_solvers`), prints the
+table to stdout and progress to stderr.
 """
 
 from __future__ import annotations
@@ -23,29 +24,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-import diffrax
-import equinox as eqx
-import jax
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-from _common import (
+import diffrax  # noqa: E402
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import _cli  # noqa: E402
+import report  # noqa: E402
+from _common import (  # noqa: E402
     ListOpsSetup,
     adaptive,
+    atol_for,
     data_summary,
     evaluation_row,
     fixed,
-    header,
-    logger,
-    meta,
-    pyplot,
-    save_figure,
     train_model,
-    write_results,
 )
-from _common import cli as _cli
-from pdeformer import Discrete
-from pdeformer.data import iterate_forever
-from pdeformer.training import evaluate, make_optimizer, train_step
+from pdeformer import Discrete  # noqa: E402
+from pdeformer.data import iterate_forever  # noqa: E402
+from pdeformer.training import evaluate, make_optimizer, train_step  # noqa: E402
 
 _FIXED = (diffrax.Euler(), diffrax.Heun(), diffrax.Midpoint(), diffrax.Bosh3())
 _ADAPTIVE = (diffrax.Bosh3(), diffrax.Tsit5(), diffrax.Dopri5(), diffrax.Dopri8())
@@ -73,15 +72,17 @@ class CompareConfig:
     - `eval_batch_size`: test examples per batch (one batch = one ODE solve).
     - `fixed_solvers`: solvers run with a constant step `fixed_step`.
     - `fixed_step`: the constant step (must divide the field's smooth pieces of width 1/2).
-    - `adaptive_solvers`: solvers run with `PIDController(rtol, atol=rtol * atol_ratio)`.
-    - `rtols`, `atol_ratio`: the tolerances swept.
+    - `adaptive_solvers`: solvers run with `PIDController(rtol, atol=rtol / 10)`.
+    - `rtols`: the tolerances swept.
     - `max_steps`: the most steps an adaptive solve may take (failures are reported).
     - `cost_solvers`: solvers whose continuous-mode training cost is measured; those with an
       error estimate are adaptive at `cost_rtol`, `diffrax.Euler` runs at `fixed_step`.
-    - `cost_fixed_solvers`: of those, the ones run at the constant step instead.
+    - `cost_fixed_solvers`: of those, the ones run at the constant step instead (by class
+      name).
     - `cost_rtol`: the tolerance of those training steps.
     - `cost_steps`: timed training steps per solver (after one compiling step).
     - `cost_batch_size`: batch size of those steps.
+    - `out`: the output directory.
     """
 
     name: str
@@ -91,13 +92,13 @@ class CompareConfig:
     fixed_step: float = 0.5
     adaptive_solvers: tuple[diffrax.AbstractSolver, ...] = _ADAPTIVE
     rtols: tuple[float, ...] = _RTOLS
-    atol_ratio: float = 0.1
     max_steps: int = 4096
     cost_solvers: tuple[diffrax.AbstractSolver, ...] = _COST
-    cost_fixed_solvers: tuple[type, ...] = (diffrax.Euler, diffrax.Heun, diffrax.Midpoint)
+    cost_fixed_solvers: tuple[str, ...] = ("Euler", "Heun", "Midpoint")
     cost_rtol: float = 1e-3
     cost_steps: int = 3
     cost_batch_size: int = 16
+    out: Path = Path("runs/compare_solvers")
 
     def __post_init__(self) -> None:
         if not self.rtols or min(self.rtols) <= 0:
@@ -150,7 +151,7 @@ class CompareConfig:
         )
 
 
-_log = logger("compare_solvers")
+_log = report.logger("compare_solvers")
 
 
 def _training_cost(model, task, config: CompareConfig, depth) -> dict[str, Any]:
@@ -185,7 +186,6 @@ def _markdown(results: dict[str, Any]) -> str:
     setup = results["meta"]["config"]["setup"]
     tr = results["training"]
     lines = [
-        *header("Integrators in depth on one trained model (ListOps)", results["meta"]),
         f"- data: {results['data']['description']}; "
         f"{results['data']['num_train']} train / {results['data']['num_test']} test examples",
         f"- model: dim {setup['dim']}, {setup['num_heads']} heads, "
@@ -227,7 +227,7 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    plt = pyplot(_log)
+    plt = report.pyplot(_log)
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -261,31 +261,21 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy vs vector-field evaluations (same weights)")
     ax.legend(fontsize=7, loc="best")
-    save_figure(fig, path, _log)
+    report.save_figure(fig, path, _log)
 
 
-def main(
-    config: CompareConfig,
-    out_dir: str | Path = "runs/compare_solvers",
-    *,
-    command: str | None = None,
-) -> dict:
-    """Run the comparison and write `results.md`, `results.json` and `pareto.png`.
-
-    **Arguments:**
-
-    - `config`: a `CompareConfig` (e.g. `CompareConfig.quick()`).
-    - `out_dir`: the output directory (created).
-    - `command`: the command line, recorded in the outputs.
+def main(config: CompareConfig) -> dict:
+    """Run the comparison and write `results.md`, `results.json` and `pareto.png` into
+    `config.out`.
 
     **Returns:**
 
     The results as written to `results.json`.
     """
-    out = Path(out_dir)
+    out = config.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    info = meta(command or f"compare_solvers.main({config.name})", config)
+    info = report.meta(config)
     setup = config.setup
 
     _log(f"generating ListOps ({config.name})")
@@ -307,9 +297,9 @@ def main(
     for solver in config.adaptive_solvers:
         name = type(solver).__name__
         for rtol in config.rtols:
-            atol = rtol * config.atol_ratio
+            atol = atol_for(rtol)
             _log(f"evaluating: {name}, rtol={rtol:g}, atol={atol:g}")
-            depth = adaptive(solver, rtol, atol, config.max_steps)
+            depth = adaptive(solver, rtol, config.max_steps)
             # The first tolerance compiles; the others reuse it (tolerances are arrays).
             ev = evaluate(model, test, depth, bs, warmup=rtol == config.rtols[0])
             rows.append(evaluation_row(name, f"PID rtol={rtol:g}", rtol, atol, ev, ref.logits))
@@ -320,12 +310,12 @@ def main(
     costs.append({"method": "discrete", "controller": "Transformer (pre-LN)", **cost})
     for solver in config.cost_solvers:
         name = type(solver).__name__
-        if isinstance(solver, config.cost_fixed_solvers):
+        if type(solver).__name__ in config.cost_fixed_solvers:
             depth = fixed(solver, config.fixed_step, config.max_steps)
             label = f"constant h={config.fixed_step:g}"
         else:
             rtol = config.cost_rtol
-            depth = adaptive(solver, rtol, rtol * config.atol_ratio, config.max_steps)
+            depth = adaptive(solver, rtol, config.max_steps)
             label = f"PID rtol={rtol:g}"
         _log(f"training cost: {name} ({label})")
         costs.append(
@@ -341,26 +331,12 @@ def main(
     }
     results["meta"]["wall_s"] = time.perf_counter() - start
     _plot(results, out / "pareto.png")
-    write_results(out, results, _markdown(results), _log)
+    title = "Integrators in depth on one trained model (ListOps)"
+    report.write(out, results, title, _markdown(results), log=_log)
     return results
 
 
-def cli(argv: list[str] | None = None) -> dict:
-    """The command line: `--quick` (default), `--full` or `--smoke`, and `--out DIR`."""
-    return _cli(
-        argv,
-        script="compare_solvers.py",
-        description="Train a small Transformer on offline ListOps in discrete mode, then "
-        "evaluate the same weights under fixed-step and adaptive ODE solvers across "
-        "tolerances (accuracy vs NFE), and measure continuous-mode training cost per solver.",
-        configs={
-            "quick": CompareConfig.quick,
-            "full": CompareConfig.full,
-            "smoke": CompareConfig.smoke,
-        },
-        main=main,
-    )
-
+PRESETS = {"smoke": CompareConfig.smoke, "quick": CompareConfig.quick, "full": CompareConfig.full}
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    _cli.run(PRESETS, main, description=__doc__.split("\n\n")[0])

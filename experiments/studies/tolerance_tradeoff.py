@@ -9,9 +9,9 @@ accuracy, mean NFE per batch, wall time per batch, the largest logit difference 
 model's training integrator ("as trained") and from its tightest solve (a proxy for the
 exact flow), and the fraction of predictions equal to the as-trained ones.
 
-    python experiments/tolerance_tradeoff.py            # --quick (default): minutes on a CPU
-    python experiments/tolerance_tradeoff.py --full     # larger, for a GPU
-    python experiments/tolerance_tradeoff.py --smoke    # seconds, for tests
+    python experiments/studies/tolerance_tradeoff.py                 # quick: minutes on a CPU
+    python experiments/studies/tolerance_tradeoff.py --preset full   # larger, for a GPU
+    python experiments/studies/tolerance_tradeoff.py --preset smoke  # seconds, for tests
 
 Writes `results.md`, `results.json`, `accuracy_vs_rtol.png`, `nfe_vs_rtol.png` and
 `logit_error_vs_rtol.png` into `--out` (default `runs/tolerance_tradeoff`).
@@ -25,30 +25,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-import diffrax
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-from _common import (
+import diffrax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import _cli  # noqa: E402
+import report  # noqa: E402
+from _common import (  # noqa: E402
     ListOpsSetup,
     adaptive,
+    atol_for,
     data_summary,
     depth_label,
     evaluation_row,
-    fmt,
-    header,
-    logger,
-    meta,
-    pyplot,
-    save_figure,
     train_model,
-    write_results,
 )
-from _common import cli as _cli
-from pdeformer import Continuous, Discrete
-from pdeformer.data import ListOpsConfig
-from pdeformer.training import evaluate
+from pdeformer import Continuous, Discrete  # noqa: E402
+from pdeformer.data import ListOpsConfig  # noqa: E402
+from pdeformer.training import evaluate  # noqa: E402
+from report import fmt  # noqa: E402
 
-_log = logger("tolerance_tradeoff")
+_log = report.logger("tolerance_tradeoff")
 
 _RTOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
@@ -63,10 +61,11 @@ class TradeoffConfig:
     - `setup`: the task, the model and the training (`_common.ListOpsSetup`), the same for
       both models.
     - `continuous`: the integrator of the continuous-mode training.
-    - `solvers`: adaptive solvers evaluated with `PIDController(rtol, atol=rtol * atol_ratio)`.
-    - `rtols`, `atol_ratio`: the tolerances swept.
+    - `solvers`: adaptive solvers evaluated with `PIDController(rtol, atol=rtol / 10)`.
+    - `rtols`: the tolerances swept.
     - `max_steps`: the most steps a solve may take (failures are reported, not raised).
     - `eval_batch_size`: test examples per batch (one batch = one ODE solve).
+    - `out`: the output directory.
     """
 
     name: str
@@ -75,8 +74,8 @@ class TradeoffConfig:
     eval_batch_size: int
     solvers: tuple[diffrax.AbstractSolver, ...] = (diffrax.Tsit5(), diffrax.Dopri5())
     rtols: tuple[float, ...] = _RTOLS
-    atol_ratio: float = 0.1
     max_steps: int = 4096
+    out: Path = Path("runs/tolerance_tradeoff")
 
     def __post_init__(self) -> None:
         if not self.rtols or min(self.rtols) <= 0:
@@ -159,8 +158,8 @@ def _evaluate_model(model, task, trained_with, config: TradeoffConfig) -> list[d
         runs.append((name, f"{label} (as trained)", None, None, trained_with, True, True))
     for solver in config.solvers:
         for rtol in config.rtols:
-            atol = rtol * config.atol_ratio
-            depth = adaptive(solver, rtol, atol, config.max_steps)
+            atol = atol_for(rtol)
+            depth = adaptive(solver, rtol, config.max_steps)
             # The first tolerance compiles; the others reuse it (tolerances are arrays).
             first = rtol == config.rtols[0]
             runs.append(
@@ -195,7 +194,6 @@ def _markdown(results: dict[str, Any]) -> str:
     tr = setup["train"]
     tightest = results["meta"]["config"]["solvers"][0]
     lines = [
-        *header("Accuracy and compute against solver tolerance (ListOps)", results["meta"]),
         f"- data: {results['data']['description']}; {results['data']['num_train']} train / "
         f"{results['data']['num_test']} test examples; always predicting the most frequent "
         f"class scores {results['data']['test_majority_fraction']:.3f} on the test split",
@@ -262,7 +260,7 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _plots(results: dict[str, Any], out: Path) -> None:
-    plt = pyplot(_log)
+    plt = report.pyplot(_log)
     if plt is None:
         return
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -312,7 +310,7 @@ def _plots(results: dict[str, Any], out: Path) -> None:
         ax.set_title(title)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-        save_figure(fig, out / path, _log)
+        report.save_figure(fig, out / path, _log)
 
     plot(
         "accuracy",
@@ -354,28 +352,18 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def main(
-    config: TradeoffConfig,
-    out_dir: str | Path = "runs/tolerance_tradeoff",
-    *,
-    command: str | None = None,
-) -> dict[str, Any]:
-    """Train both models, sweep the tolerances, write `results.md`, `results.json`, plots.
-
-    **Arguments:**
-
-    - `config`: a `TradeoffConfig` (e.g. `TradeoffConfig.quick()`).
-    - `out_dir`: the output directory (created).
-    - `command`: the command line, recorded in the outputs.
+def main(config: TradeoffConfig) -> dict[str, Any]:
+    """Train both models, sweep the tolerances, write `results.md`, `results.json` and the
+    plots into `config.out`.
 
     **Returns:**
 
     The results as written to `results.json`.
     """
-    out = Path(out_dir)
+    out = config.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    info = meta(command or f"tolerance_tradeoff.main({config.name})", config)
+    info = report.meta(config)
     setup = config.setup
     _log(f"generating ListOps ({config.name})")
     task = setup.task()
@@ -402,26 +390,16 @@ def main(
     results = {"meta": info, "data": data_summary(task), "models": models}
     results["meta"]["wall_s"] = time.perf_counter() - start
     _plots(results, out)
-    write_results(out, results, _markdown(results), _log)
+    title = "Accuracy and compute against solver tolerance (ListOps)"
+    report.write(out, results, title, _markdown(results), log=_log)
     return results
 
 
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    """The command line: `--quick` (default), `--full` or `--smoke`, and `--out DIR`."""
-    return _cli(
-        argv,
-        script="tolerance_tradeoff.py",
-        description="Train a small Transformer on offline ListOps in discrete and in "
-        "continuous mode, then evaluate both under adaptive solvers across tolerances: "
-        "accuracy, NFE and wall time against rtol.",
-        configs={
-            "quick": TradeoffConfig.quick,
-            "full": TradeoffConfig.full,
-            "smoke": TradeoffConfig.smoke,
-        },
-        main=main,
-    )
-
+PRESETS = {
+    "smoke": TradeoffConfig.smoke,
+    "quick": TradeoffConfig.quick,
+    "full": TradeoffConfig.full,
+}
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    _cli.run(PRESETS, main, description=__doc__.split("\n\n")[0])

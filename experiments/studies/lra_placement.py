@@ -15,16 +15,15 @@ its first layer, the quantities the placement argument is about.
 Writes `results.md`, `results.json` and `placement.png` into `--out`
 (default `runs/lra_placement/`).
 
-Run: `python experiments/lra_placement.py [--quick | --full | --smoke] [--out DIR]
+Run: `python experiments/studies/lra_placement.py [--preset smoke|quick|full] [--out DIR]
 [--tasks listops text ...] [--data-dir DIR] [--seeds 0 1 ...] [--baseline-only]
-[--steps N]`.
-The quick mode (the default, minutes on a 2-core CPU) studies the two offline tasks its
-budget learns, ListOps and the 8x8 digits; `--full` studies all five.
+[--steps N]` (every field of `Config` is a flag; `--help`).
+The quick preset (the default, minutes on a 2-core CPU) studies the two offline tasks its
+budget learns, ListOps and the 8x8 digits; `--preset full` studies all five.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import sys
@@ -32,16 +31,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import equinox as eqx
-import jax.numpy as jnp
-import jax.random as jr
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-import _common as common
-import pdeformer as pf
-from pdeformer.data import load_task
-from pdeformer.diagnostics import model_commutator, roughness_at_points
-from pdeformer.training import TrainConfig, evaluate, train
+import equinox as eqx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
+
+import _cli  # noqa: E402
+import _common as common  # noqa: E402
+import pdeformer as pf  # noqa: E402
+import report  # noqa: E402
+from pdeformer.data import load_task  # noqa: E402
+from pdeformer.diagnostics import model_commutator, roughness_at_points  # noqa: E402
+from pdeformer.training import TrainConfig, evaluate, train  # noqa: E402
 
 SCALES = {"single": (1,), "multi": (1, 2, 4, 8)}
 OFFLINE_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -95,6 +98,8 @@ class Config:
     - `eval_batch_size`: batch size of the test evaluation.
     - `data_dir`: read the official LRA data from here instead of generating tasks.
     - `baseline_only`: train the baseline arm only (does this budget learn the task?).
+    - `steps`: training steps of every arm, warm-up a tenth of them (`None`: `train`'s).
+    - `out`: the output directory.
     """
 
     tasks: tuple[str, ...]
@@ -109,6 +114,25 @@ class Config:
     eval_batch_size: int = 128
     data_dir: str | None = None
     baseline_only: bool = False
+    steps: int | None = None
+    out: Path = Path("runs/lra_placement")
+
+    def __post_init__(self) -> None:
+        unknown = set(self.tasks) - set(OFFLINE_TASKS) - {"pathx"}
+        if unknown:
+            raise ValueError(
+                f"unknown tasks {sorted(unknown)}; pass some of {OFFLINE_TASKS + ('pathx',)}."
+            )
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 or None; got {self.steps}.")
+
+    def training(self) -> TrainConfig:
+        """The training run of every arm (`train` with `steps` applied)."""
+        if self.steps is None:
+            return self.train
+        return dataclasses.replace(
+            self.train, total_steps=self.steps, warmup_steps=max(1, self.steps // 10)
+        )
 
     @classmethod
     def quick(cls) -> Config:
@@ -118,7 +142,7 @@ class Config:
         baseline stays at chance on the synthetic text, the synthetic retrieval and
         Pathfinder (`--tasks text retrieval pathfinder --baseline-only` shows it), and a
         task the baseline does not learn cannot show a placement effect. Name them with
-        `--tasks` to include them anyway; `--full` runs all five.
+        `--tasks` to include them anyway; `--preset full` runs all five.
         """
         return cls(
             tasks=("listops", "image"),
@@ -233,9 +257,17 @@ def _arms(config: Config) -> list[tuple[str, str | None, tuple[int, ...]]]:
     return arms
 
 
-def run(config: Config, out: Path, *, command: str) -> dict[str, Any]:
-    log = common.logger("lra_placement")
-    meta = common.meta(command, config)
+def main(config: Config) -> dict[str, Any]:
+    """Train every arm on every task and seed; write `results.md`, `results.json` and
+    `placement.png` into `config.out`.
+
+    **Returns:**
+
+    The results as written to `results.json`.
+    """
+    log = report.logger("lra_placement")
+    out = config.out
+    meta = report.meta(config)
     t_start = time.perf_counter()
     arms = _arms(config)
     results: dict[str, Any] = {"meta": meta, "tasks": {}, "arms": [a[0] for a in arms]}
@@ -252,7 +284,7 @@ def run(config: Config, out: Path, *, command: str) -> dict[str, Any]:
             accs, times = [], []
             for seed in config.seeds:
                 model = _model(task, config, seed, dilations, point)
-                train_config = dataclasses.replace(config.train, seed=seed)
+                train_config = dataclasses.replace(config.training(), seed=seed)
                 t0 = time.perf_counter()
                 model, history = train(model, task, pf.Discrete(), train_config)
                 wall = time.perf_counter() - t0
@@ -282,7 +314,7 @@ def run(config: Config, out: Path, *, command: str) -> dict[str, Any]:
         results["tasks"][task.name] = entry
     meta["wall_s"] = time.perf_counter() - t_start
     results["summary"] = _summary(results, config)
-    common.write_results(out, results, _markdown(results, config), log)
+    report.write(out, results, _title(config), _markdown(results, config), log=log)
     if config.baseline_only:
         log("baseline only: no placement plot")
     else:
@@ -351,19 +383,18 @@ def _summary(results: dict[str, Any], config: Config) -> dict[str, Any]:
     }
 
 
+def _title(config: Config) -> str:
+    if config.baseline_only:
+        return "Placement study budget: does the baseline learn each task?"
+    return "Diffusion layer placement study"
+
+
 def _markdown(results: dict[str, Any], config: Config) -> str:
     tasks = list(results["tasks"])
     summary = results["summary"]
-    title = (
-        "Placement study budget: does the baseline learn each task?"
-        if config.baseline_only
-        else "Diffusion layer placement study"
-    )
-    lines = common.header(title, results["meta"])
-    lines += [
-        "",
+    lines = [
         f"Model: width {config.dim}, {config.num_heads} heads, {config.num_layers} layers, "
-        f"pre-LN, discrete mode. Training: {config.train.total_steps} steps, batch "
+        f"pre-LN, discrete mode. Training: {config.training().total_steps} steps, batch "
         f"{config.train.batch_size}, lr {config.train.lr:g} (AdamW, warmup + cosine). "
         f"Seeds: {list(config.seeds)}. Test accuracy in %, mean ± std over seeds.",
     ]
@@ -514,7 +545,7 @@ def _claim_lines(results: dict[str, Any], config: Config) -> list[str]:
 
 
 def _plot(results: dict[str, Any], config: Config, out: Path, log) -> None:
-    plt = common.pyplot(log)
+    plt = report.pyplot(log)
     if plt is None:
         return
     tasks = list(results["tasks"])
@@ -534,72 +565,10 @@ def _plot(results: dict[str, Any], config: Config, out: Path, log) -> None:
     ax.set_ylabel("Δ task-averaged test accuracy (points)\n± s.e. of the paired change")
     ax.set_title(f"Diffusion layer vs baseline ({', '.join(tasks)})")
     ax.legend()
-    common.save_figure(fig, out / "placement.png", log)
+    report.save_figure(fig, out / "placement.png", log)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--tasks", nargs="+", choices=OFFLINE_TASKS + ("pathx",), default=None)
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--baseline-only", action="store_true")
-    parser.add_argument("--steps", type=int, default=None)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra, rest = parser.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print(
-            "lra_placement.py extra options: --tasks NAME... (default: listops image in "
-            "--quick, all offline tasks in --full), --data-dir DIR (official LRA data "
-            "instead of the offline generators), --seeds N... (model seeds), "
-            "--baseline-only (train the baseline arm only: does the budget learn the task?), "
-            "--steps N (training steps of every arm; warm-up a tenth of them)\n"
-        )
-
-    def configured(make):
-        def build():
-            config = make()
-            changes: dict[str, Any] = {}
-            if extra.tasks:
-                changes["tasks"] = tuple(extra.tasks)
-            if extra.data_dir is not None:
-                changes["data_dir"] = str(extra.data_dir)
-            if extra.seeds:
-                changes["seeds"] = tuple(extra.seeds)
-            if extra.baseline_only:
-                changes["baseline_only"] = True
-            if extra.steps is not None:
-                if extra.steps < 1:
-                    raise SystemExit(f"lra_placement.py: --steps must be >= 1; got {extra.steps}")
-                changes["train"] = dataclasses.replace(
-                    config.train, total_steps=extra.steps, warmup_steps=max(1, extra.steps // 10)
-                )
-            return dataclasses.replace(config, **changes)
-
-        return build
-
-    def run_with(config, out, *, command):
-        return run(config, out, command=" ".join([command, *_extra_args(argv, rest)]))
-
-    return common.cli(
-        rest,
-        script="lra_placement.py",
-        description=__doc__.split("\n\n")[0],
-        configs={k: configured(getattr(Config, k)) for k in ("quick", "full", "smoke")},
-        main=run_with,
-    )
-
-
-def _extra_args(argv: list[str], rest: list[str]) -> list[str]:
-    """The arguments consumed by this script's own parser (for the recorded command)."""
-    rest_left = list(rest)
-    out = []
-    for a in argv:
-        if rest_left and a == rest_left[0]:
-            rest_left.pop(0)
-        else:
-            out.append(a)
-    return out
-
+PRESETS = {"smoke": Config.smoke, "quick": Config.quick, "full": Config.full}
 
 if __name__ == "__main__":
-    main()
+    _cli.run(PRESETS, main, description=__doc__.split("\n\n")[0])
