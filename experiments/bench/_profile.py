@@ -1,6 +1,6 @@
 """Per-instruction self times of a compiled XLA program, from `jax.profiler.trace`.
 
-Shared by `profile_solve.py` and `bench_attention.py`. The trace's events are attributed
+Used by both modes of `profiling.py`. The trace's events are attributed
 to the compiled program's HLO instructions by name; an instruction's *self* time is its
 duration less that of the events nested inside it.
 """

@@ -3,25 +3,27 @@
 Set against the examples per second a small training step consumes (`train_steps_per_second`):
 data must never be the bottleneck.
 
-Usage: `python experiments/bench_data.py --json` prints one JSON object (the figures, plus
-`meta`: command, date, machine, settings); without `--json`, a readable summary.
-Settings are flags (`--listops-examples 100`, see `--help`).
+Usage: `python experiments/bench/data.py [--preset smoke|quick|full] [--out DIR]`; every
+setting is a flag too (`--listops-examples 100`, see `--help`). Writes `results.json` (the
+figures, plus `meta`: command, date, machine, settings) and `results.md` into `--out`
+(default `runs/bench/data`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import shlex
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-import _common
-from _flags import add_config_flags, config_from_args
-from pdeformer.data import (
+import numpy as np  # noqa: E402
+
+import _cli  # noqa: E402
+import report  # noqa: E402
+from pdeformer.data import (  # noqa: E402
     ListOpsConfig,
     PathfinderConfig,
     Split,
@@ -43,6 +45,7 @@ class BenchConfig:
     - `batching_repeats`: epochs over the cached arrays for the batching-only figure.
     - `train_length`: sequence length of the training step's batches (LRA Pathfinder: 1024).
     - `seed`: generation seed.
+    - `out`: the output directory (`None`: print only).
     """
 
     listops_examples: int = 500
@@ -53,6 +56,22 @@ class BenchConfig:
     batching_repeats: int = 5
     train_length: int = 1024
     seed: int = 0
+    out: Path | None = Path("runs/bench/data")
+
+
+PRESETS = {
+    "smoke": lambda: BenchConfig(
+        listops_examples=16,
+        pathfinder_examples=16,
+        listops_min_length=20,
+        listops_max_length=40,
+        batch_size=8,
+        batching_repeats=1,
+        train_length=64,
+    ),
+    "quick": lambda: BenchConfig(pathfinder_examples=1024, batching_repeats=2),
+    "full": BenchConfig,
+}
 
 
 def _drain(split: Split, batch_size: int, epochs: int, pad_to: int | None) -> int:
@@ -109,20 +128,11 @@ def train_steps_per_second(config: BenchConfig) -> float:
     return 1.0 / float(np.median(times))
 
 
-def main(config: BenchConfig) -> dict[str, float]:
-    """Run the benchmarks.
-
-    **Arguments:**
-
-    - `config`: benchmark settings.
-
-    **Returns:**
-
-    A dict with `listops_examples_per_second`, `pathfinder_examples_per_second` (generation +
-    batching), the matching `*_batching_examples_per_second` (cached arrays) and
-    `train_steps_per_second`.
-    """
-    out: dict[str, float | None] = {}
+def measure(config: BenchConfig) -> dict[str, float]:
+    """The figures: `listops_examples_per_second`, `pathfinder_examples_per_second`
+    (generation + batching), the matching `*_batching_examples_per_second` (cached arrays),
+    `train_steps_per_second` and the ratios of data to training throughput."""
+    out: dict[str, float] = {}
     lcfg = ListOpsConfig(min_length=config.listops_min_length, max_length=config.listops_max_length)
     t0 = time.perf_counter()
     listops = generate_listops(config.listops_examples, lcfg, seed=config.seed)
@@ -159,28 +169,23 @@ def main(config: BenchConfig) -> dict[str, float]:
     return out
 
 
-def _cli(argv: list[str] | None = None) -> dict[str, object]:
-    """Parse `argv`, run, print; returns the printed result."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_config_flags(p, BenchConfig)
-    args = p.parse_args(argv)
-    config = config_from_args(args, BenchConfig)
-    command = shlex.join(["python", "experiments/bench_data.py", *argv])
-    meta = _common.meta(command, config)
+def main(config: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark; write `results.json` and `results.md` into `config.out`.
+
+    **Returns:**
+
+    The figures of `measure` and `meta` (command, date, machine, settings, wall time).
+    """
+    meta = report.meta(config)
     start = time.perf_counter()
-    result: dict[str, object] = dict(main(config))
+    result: dict[str, Any] = dict(measure(config))
     meta["wall_s"] = time.perf_counter() - start
     result["meta"] = meta
-    if args.json:
-        print(json.dumps(_common.json_safe(result)))
-    else:
-        for key, value in result.items():
-            if key != "meta":
-                print(f"{key}: {value if value is None else round(value, 1)}")
+    rows = [f"| {k} | {report.fmt(v, 4)} |" for k, v in result.items() if k != "meta"]
+    body = "\n".join(["| figure | value |", "|---|---:|", *rows])
+    report.write(config.out, result, "Data-pipeline throughput", body)
     return result
 
 
 if __name__ == "__main__":
-    _cli()
+    _cli.run(PRESETS, main, description=__doc__.splitlines()[0])

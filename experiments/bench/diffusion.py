@@ -12,41 +12,48 @@ Prints one JSON object:
   `scaling_temp_mib` that working memory (XLA's memory analysis of the compiled program).
 - `nfe_explicit_vs_stiff_path_at_high_D`: NFE of explicit Tsit5 (`Continuous`) over NFE of
   the exponential path (`ExponentialContinuous(ExpRK3())`) at the same tolerance
-  (`PIDController(rtol=stiff_rtol, atol=stiff_atol)`), for the field with the largest `D` of
+  (`PIDController(rtol=stiff_rtol, atol=stiff_rtol / 10)`), for the field with the largest `D` of
   `stiff_ds`. Target >= 5. The `stiff` entry has, for every `D`, both solvers' NFE, steps,
   rejected steps, wall time and max error against a tight Tsit5 reference (rtol 1e-10).
 
-Run: `python experiments/bench_diffusion.py --json [--quick | --smoke] [--tune-allocator]`
-(`--smoke`: tiny sizes, seconds, for the tests; its figures mean nothing;
-`--tune-allocator`: call `pf.tune_cpu_allocator()` first, so that the calls reuse their
-working memory instead of having the kernel zero-fill it afresh; recorded in
-`machine.cpu_allocator_tuned`).
+Run: `python experiments/bench/diffusion.py [--preset smoke|quick|full] [--out DIR]`
+(`smoke`: tiny sizes, seconds, for the tests, its figures mean nothing; `quick`: a smaller
+sweep, about a minute; `full`: the sizes of the targets). Writes `results.json` and
+`results.md` into `--out` (default `runs/bench/diffusion`).
 """
 
-import argparse
+from __future__ import annotations
+
 import dataclasses
-import datetime
-import json
-import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 
-import diffrax
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import jax.random as jr
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-import _common
-import pdeformer as pf
-from _timing import interleaved
-from pdeformer.operators.diffusion_layer import DiffusionLayer
+import diffrax  # noqa: E402
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
+
+import _cli  # noqa: E402
+import pdeformer as pf  # noqa: E402
+import report  # noqa: E402
+from _timing import interleaved  # noqa: E402
+from pdeformer.operators.diffusion_layer import DiffusionLayer  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Benchmark settings: the layer and attention sizes (`dim`, `heads`), the length of the
+    cost comparison (`seq_compare`), the lengths of the scaling fit (`seqs`), the layer's
+    `dilations`, timed `repeats`; the stiff comparison's diffusion coefficients (`stiff_ds`),
+    tolerance (`stiff_rtol`, atol = rtol / 10) and field sizes; `seed`; `out`, the output
+    directory (`None`: print only)."""
+
     dim: int = 128
     heads: int = 4
     seq_compare: int = 4096
@@ -55,11 +62,11 @@ class Config:
     repeats: int = 7
     stiff_ds: tuple[float, ...] = (12.5, 50.0, 200.0)
     stiff_rtol: float = 1e-4
-    stiff_atol: float = 1e-6
     stiff_seq: int = 16
     stiff_dim: int = 16
     stiff_layers: int = 2
     seed: int = 0
+    out: Path | None = Path("runs/bench/diffusion")
 
 
 # Quick mode compares at seq 2048 (attention fwd+bwd at 4096 alone takes ~8 s on 2 CPU cores);
@@ -134,8 +141,8 @@ def _stiff(config: Config) -> dict:
             pid = diffrax.PIDController(rtol=rtol, atol=atol)
             return pf.ExponentialContinuous(pf.ExpRK3(), pid, max_steps=200_000)(field, x, mask)
 
-        tol = (jnp.asarray(config.stiff_rtol), jnp.asarray(config.stiff_atol))
-        tight = (jnp.asarray(1e-10), jnp.asarray(1e-12))
+        tol = (jnp.asarray(config.stiff_rtol), jnp.asarray(config.stiff_rtol / 10))
+        tight = (jnp.asarray(1e-10), jnp.asarray(1e-11))
         rows = []
         for d in config.stiff_ds:
             op = pf.DiffusionOperator(dim, alpha_max=None, init=d, dtype=jnp.float64)
@@ -157,14 +164,22 @@ def _stiff(config: Config) -> dict:
         return dict(
             method="ExponentialContinuous(ExpRK3()) vs Continuous(Tsit5())",
             rtol=config.stiff_rtol,
-            atol=config.stiff_atol,
-            reference="Continuous(Tsit5(), PIDController(rtol=1e-10, atol=1e-12))",
+            atol=config.stiff_rtol / 10,
+            reference="Continuous(Tsit5(), PIDController(rtol=1e-10, atol=1e-11))",
             high_D=max(config.stiff_ds),
             by_D=rows,
         )
 
 
-def main(config: Config, command: str = "python experiments/bench_diffusion.py") -> dict:
+def main(config: Config) -> dict:
+    """Run the benchmark; write `results.json` and `results.md` into `config.out`.
+
+    **Returns:**
+
+    The figures (see the module's docstring) and `meta`.
+    """
+    meta = report.meta(config)
+    start = time.perf_counter()
     key = jr.PRNGKey(config.seed)
     ka, ku = jr.split(key)
     layer = DiffusionLayer(config.dim, dilations=config.dilations)
@@ -188,7 +203,7 @@ def main(config: Config, command: str = "python experiments/bench_diffusion.py")
         "scaling_exponent<=1.15": p <= 1.15,
         "nfe_explicit_vs_stiff_path_at_high_D>=5": ratio_nfe >= 5,
     }
-    return {
+    result = {
         "diffusion_vs_attention_at_4096": ratio_time,
         "time_diffusion_s": t_layer,
         "time_attention_s": t_attn,
@@ -201,32 +216,39 @@ def main(config: Config, command: str = "python experiments/bench_diffusion.py")
         "stiff": stiff,
         "passed_targets": all(targets.values()),
         "targets": targets,
-        "config": dataclasses.asdict(config),
-        "machine": _common.machine(),
-        "date": datetime.datetime.now(datetime.UTC).strftime(_common.DATE_FORMAT),
-        "command": command,
+        "meta": meta,
     }
+    meta["wall_s"] = time.perf_counter() - start
+    report.write(config.out, result, "The diffusion layer's cost", _markdown(result))
+    return result
 
 
-def _cli(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object (default)")
-    sizes = parser.add_mutually_exclusive_group()
-    sizes.add_argument("--quick", action="store_true", help="smaller sweep, about a minute")
-    sizes.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the tests)")
-    parser.add_argument(
-        "--tune-allocator",
-        action="store_true",
-        help="call pf.tune_cpu_allocator() before JAX starts (glibc only)",
-    )
-    args = parser.parse_args(argv)
-    if args.tune_allocator and not pf.tune_cpu_allocator():
-        print("--tune-allocator: not glibc's malloc here; nothing changed", file=sys.stderr)
-    config = QUICK if args.quick else SMOKE if args.smoke else Config()
-    command = shlex.join(["python", "experiments/bench_diffusion.py", *argv])
-    print(json.dumps(main(config, command), indent=None if args.json else 2))
+def _markdown(r: dict) -> str:
+    fmt = report.fmt
+    lines = [
+        "| figure | value | target |",
+        "|---|---:|---|",
+        f"| diffusion layer / attention, fwd+bwd, seq {r['meta']['config']['seq_compare']} "
+        f"| {fmt(r['diffusion_vs_attention_at_4096'])} "
+        f"| {r['targets']['diffusion_vs_attention_at_4096<=0.05']} (<= 0.05) |",
+        f"| scaling exponent over seq {r['scaling_seqs']} | {fmt(r['scaling_exponent'])} "
+        f"| {r['targets']['scaling_exponent<=1.15']} (<= 1.15) |",
+        f"| NFE Tsit5 / exponential path at D = {r['stiff']['high_D']:g} "
+        f"| {fmt(r['nfe_explicit_vs_stiff_path_at_high_D'])} "
+        f"| {r['targets']['nfe_explicit_vs_stiff_path_at_high_D>=5']} (>= 5) |",
+        "",
+        "| D | Tsit5 NFE | exponential NFE | Tsit5 max error | exponential max error |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["stiff"]["by_D"]:
+        lines.append(
+            f"| {row['D']:g} | {row['tsit5']['nfe']} | {row['exponential']['nfe']} "
+            f"| {fmt(row['tsit5']['max_abs_error'])} | {fmt(row['exponential']['max_abs_error'])} |"
+        )
+    return "\n".join(lines)
 
+
+PRESETS = {"smoke": lambda: SMOKE, "quick": lambda: QUICK, "full": Config}
 
 if __name__ == "__main__":
-    _cli()
+    _cli.run(PRESETS, main, description=__doc__.splitlines()[0])

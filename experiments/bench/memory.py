@@ -34,34 +34,38 @@ reports it (CPU and GPU); it is not a measured resident set size.
 
 Usage:
 
-    python experiments/bench_memory.py --json     # one JSON object on stdout
-    python experiments/bench_memory.py            # readable tables, then the JSON
-    python experiments/bench_memory.py --smoke    # seconds: tiny sizes (for tests)
+    python experiments/bench/memory.py                   # quick: fewer sizes
+    python experiments/bench/memory.py --preset full     # the recorded sizes
+    python experiments/bench/memory.py --preset smoke    # seconds: tiny sizes (for tests)
+    python experiments/bench/memory.py --variants Discrete Backsolve
+
+Writes `results.json` and `results.md` (the tables) into `--out` (default
+`runs/bench/memory`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
 import math
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import diffrax
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import jax.random as jr
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-import _common
-import pdeformer as pf
-from _timing import interleaved
+import diffrax  # noqa: E402
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+
+import _cli  # noqa: E402
+import pdeformer as pf  # noqa: E402
+import report  # noqa: E402
+from _timing import interleaved  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +80,12 @@ class Config:
     - `dtmax`: largest steps of the steps-taken sweep (at `fixed_layers` layers): each
       forces at least `fixed_layers / dtmax` steps.
     - `fixed_layers`: depth of the field in the `max_steps` and steps-taken sweeps.
-    - `rtol`, `atol`: tolerances of the adaptive solves.
+    - `rtol`: tolerance of the adaptive solves (atol = rtol / 10).
     - `repeats`: timed calls per variant (median reported), after one warm-up call.
     - `seed`: PRNG seed of weights and inputs.
-    - `variants`: names of the variants to run (see `layer_variants`, `step_variants`);
-      `None`: all.
+    - `variants`: names of the variants to run (see `layer_variants`, `step_variants`,
+      `taken_variants`); `None`: all.
+    - `out`: the output directory (`None`: print only).
     """
 
     batch: int = 4
@@ -92,10 +97,10 @@ class Config:
     dtmax: tuple[float, ...] = (0.5, 0.125, 0.03125)
     fixed_layers: int = 4
     rtol: float = 1e-3
-    atol: float = 1e-5
     repeats: int = 3
     seed: int = 0
     variants: tuple[str, ...] | None = None
+    out: Path | None = Path("runs/bench/memory")
 
 
 # diffrax documents `DirectAdjoint`'s cost as growing with `max_steps` (every budgeted step is
@@ -125,6 +130,8 @@ SMOKE = Config(
     ),
     dtmax=(0.25,),
 )
+QUICK = Config(layers=(2, 4, 8), max_steps=(64, 256, 1024), dtmax=(0.5, 0.125))
+PRESETS = {"smoke": lambda: SMOKE, "quick": lambda: QUICK, "full": Config}
 
 
 def _loss(field, u0, depth):
@@ -172,7 +179,7 @@ def _measure(config: Config, field, u0, depth, timed: bool = True) -> dict[str, 
 def _adaptive(config: Config, adjoint, max_steps: int = 4096) -> pf.Continuous:
     return pf.Continuous(
         diffrax.Tsit5(),
-        diffrax.PIDController(rtol=config.rtol, atol=config.atol),
+        diffrax.PIDController(rtol=config.rtol, atol=config.rtol / 10),
         adjoint,
         max_steps=max_steps,
     )
@@ -217,13 +224,16 @@ def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDep
     `DirectAdjoint` gets twice the steps the solve needs (at least two per layer, one per
     smooth half-layer, and `layers / dtmax`) as its budget, which sizes what it stores
     (rounded up to a power of 16 by its loop); `pf.KeepResidualsAdjoint` gets as many
-    slots, each holding one loop iteration's residuals."""
+    slots, each holding one loop iteration's residuals.
+
+    The last three variants are this benchmark's only uses of `pf.Unrolled` and
+    `pf.KeepResidualsAdjoint`: where the library drops them, drop them here."""
     rc = diffrax.RecursiveCheckpointAdjoint
 
     def make(adjoint, dtmax, max_steps=4096, solver=None):
         return pf.Continuous(
             diffrax.Tsit5() if solver is None else solver,
-            diffrax.PIDController(rtol=config.rtol, atol=config.atol, dtmax=dtmax),
+            diffrax.PIDController(rtol=config.rtol, atol=config.rtol / 10, dtmax=dtmax),
             adjoint,
             max_steps=max_steps,
         )
@@ -250,11 +260,27 @@ def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDep
     }
 
 
-def main(
-    config: Config,
-    log: Callable[[str], None] = lambda s: None,
-    command: str = "python experiments/bench_memory.py",
-) -> dict[str, Any]:
+def main(config: Config) -> dict[str, Any]:
+    """Run the three sweeps; write `results.json` and `results.md` into `config.out`.
+
+    **Returns:**
+
+    `layers_sweep`, `max_steps_sweep`, `steps_taken_sweep` (a row per variant and size),
+    `growth` and `meta`.
+
+    **Raises:**
+
+    `ValueError` if `config.variants` names an unknown variant.
+    """
+    if config.variants is not None:
+        known = set(layer_variants(config)) | set(step_variants(config))
+        known |= set(taken_variants(config))
+        unknown = [v for v in config.variants if v not in known]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(known)}.")
+    log = report.logger("bench memory")
+    meta = report.meta(config)
+    start = time.perf_counter()
     key = jr.PRNGKey(config.seed)
     kf, ku = jr.split(key)
     u0 = jr.normal(ku, (config.batch, config.seq, config.dim))
@@ -316,16 +342,17 @@ def main(
             log(f"{name:45s} dtmax={d:<8g} steps={row['steps']:4d} temp {row['temp_mib']:9.1f} "
                 f"MiB {row['time_ms']:8.1f} ms")  # fmt: skip
             taken_rows.append(row)
-    return {
+    result = {
         "layers_sweep": layer_rows,
         "max_steps_sweep": step_rows,
         "steps_taken_sweep": taken_rows,
         "growth": _growth(layer_rows, "layers") | _growth(step_rows, "max_steps"),
-        "config": dataclasses.asdict(config),
-        "machine": _common.machine(),
-        "date": datetime.datetime.now(datetime.UTC).strftime(_common.DATE_FORMAT),
-        "command": command,
+        "meta": meta,
     }
+    meta["wall_s"] = time.perf_counter() - start
+    title = "Peak memory of a training step against depth"
+    report.write(config.out, result, title, markdown(result), log=log)
+    return result
 
 
 def _growth(rows: list[dict[str, Any]], axis: str) -> dict[str, dict[str, float]]:
@@ -368,33 +395,5 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print only one JSON object")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds")
-    parser.add_argument(
-        "--variant",
-        action="append",
-        help="run only this variant (repeatable; the names of layer_variants, step_variants "
-        "and taken_variants)",
-    )
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    config = SMOKE if args.smoke else Config()
-    if args.variant:
-        known = set(layer_variants(config)) | set(step_variants(config))
-        known |= set(taken_variants(config))
-        unknown = [v for v in args.variant if v not in known]
-        if unknown:
-            parser.error(f"unknown variant(s) {unknown}; choose from {sorted(known)}")
-        config = dataclasses.replace(config, variants=tuple(args.variant))
-    # Progress goes to stderr either way; stdout is the JSON object alone.
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    result = main(config, log, shlex.join(["python", "experiments/bench_memory.py", *argv]))
-    if not args.json:
-        print(markdown(result), file=sys.stderr)
-    print(json.dumps(_common.json_safe(result)))
-
-
 if __name__ == "__main__":
-    _cli()
+    _cli.run(PRESETS, main, description=__doc__.splitlines()[0])

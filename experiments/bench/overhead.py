@@ -1,6 +1,8 @@
-"""Overhead of pdeformer's depth integrators against a plainly written JAX Transformer.
+"""Overhead of pdeformer's depth integrators against a plainly written JAX Transformer, and
+the throughput of a training step (two modes).
 
-Measures jitted forward+backward (`value_and_grad` of `mean(u_T**2)` w.r.t. the weights) of
+**`--mode integrators`** (the default) measures jitted forward+backward (`value_and_grad`
+of `mean(u_T**2)` w.r.t. the weights) of
 
 - a hand-written pre-LN Transformer encoder (dict of stacked weights, `lax.scan` over layers,
   `jax.nn.dot_product_attention`, hand-written LayerNorm): the reference a user would write;
@@ -11,29 +13,54 @@ Measures jitted forward+backward (`value_and_grad` of `mean(u_T**2)` w.r.t. the 
 and the compile time (`jax.jit(...).lower(...).compile()`) of the discrete mode at 16 and at 4
 layers. Steady-state times are medians over round-robin repeats after warm-up.
 
+**`--mode throughput`** measures, on whatever device JAX uses:
+
+1. *Training step.* The library's `pdeformer.training.train_step` (forward + backward and
+   an AdamW update, the step `train` runs) of a `Classifier` in discrete mode on random
+   `(batch, seq)` token batches, once per compute dtype of `compute_dtypes`
+   (`Field(compute_dtype=...)`; `float32` means no mixed precision), interleaved after
+   warm-up: median step time, tokens per second, model FLOPs per step and the model FLOP
+   utilisation (MFU). *Model FLOPs* are counted analytically (`model_flops`: the forward
+   pass's matmuls, times 3 for forward + backward; checked against XLA's cost analysis in
+   the tests). *MFU against the measured matmul rate*: square `peak_n` matmuls in the
+   compute dtype, timed in the same run (on NVIDIA GPUs from Ampere on, `float32` matmuls
+   under JAX's default precision run in TF32, here and in the step alike). *MFU against the
+   nominal peak*: the vendor's dense 16-bit figure (`NOMINAL_PEAK_FLOPS`), 16-bit dtypes only.
+2. *TF32 and an adaptive solve.* One forward solve of a float32 `Field` by
+   `pf.Continuous(Dopri5(), PIDController(rtol, atol=rtol / 10))` for each
+   `matmul_precision` of `precisions`: steps, rejected steps, NFE, time, and the error
+   against a `"highest"`-precision solve `reference_factor` times tighter. On a CPU the
+   precisions do not differ (XLA's CPU backend has no TF32).
+
 Usage:
 
-    python experiments/bench_overhead.py            # readable table
-    python experiments/bench_overhead.py --json     # one JSON object on stdout
-    python experiments/bench_overhead.py --quick    # smoke test (seq 128, 3 repeats)
+    python experiments/bench/overhead.py                                  # quick (CPU sizes)
+    python experiments/bench/overhead.py --preset smoke                   # seconds (tests)
+    python experiments/bench/overhead.py --mode throughput                # CPU sizes
+    python experiments/bench/overhead.py --preset full --mode throughput  # GPU: seq 4096
+
+Writes `results.json` and `results.md` into `--out` (default `runs/bench/overhead`);
+progress goes to stderr.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
-import os
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from _flags import add_config_flags, config_from_args
-from _reference import field_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
+
+import _cli  # noqa: E402
+import report  # noqa: E402
+from _reference import field_weights  # noqa: E402
+from _timing import interleaved  # noqa: E402
+
+_log = report.logger("bench overhead")
 
 TARGETS = {
     "discrete_vs_reference": 1.10,
@@ -43,8 +70,8 @@ TARGETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BenchConfig:
-    """Benchmark settings.
+class IntegratorsConfig:
+    """Settings of the integrators comparison.
 
     **Arguments:**
 
@@ -54,7 +81,6 @@ class BenchConfig:
     - `warmup`: untimed calls per variant after compilation.
     - `compile_repeats`: fresh lower+compile measurements per depth (median reported).
     - `masked`: pass a key-padding mask (last quarter of each sequence padded) instead of `None`.
-    - `platform`: JAX platform (`cpu`, `gpu`, ...).
     - `dtype`: `float32` or `float64`.
     - `seed`: PRNG seed for weights and inputs.
     """
@@ -71,16 +97,10 @@ class BenchConfig:
     warmup: int = 2
     compile_repeats: int = 3
     masked: bool = False
-    platform: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
 
 
-QUICK = {"seq": 128, "repeats": 3, "warmup": 1, "compile_repeats": 1}
-
-
-def _log(msg: str) -> None:
-    print(f"[bench_overhead] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,7 +141,7 @@ def _reference_forward(params: dict, u, mask, num_heads: int, eps: float = 1e-5)
 # ---------------------------------------------------------------------------------------
 
 
-def _field(config: BenchConfig, num_layers: int):
+def _field(config: IntegratorsConfig, num_layers: int):
     import jax.numpy as jnp
     import jax.random as jr
 
@@ -137,7 +157,7 @@ def _field(config: BenchConfig, num_layers: int):
     )
 
 
-def _inputs(config: BenchConfig):
+def _inputs(config: IntegratorsConfig):
     import jax.numpy as jnp
     import jax.random as jr
 
@@ -174,7 +194,7 @@ def _reference_grad_fn(field, num_heads: int) -> tuple[Callable, Any]:
     return jax.value_and_grad(loss), field_weights(field)
 
 
-def _compile_seconds(config: BenchConfig, num_layers: int, u0, mask) -> dict[str, float]:
+def _compile_seconds(config: IntegratorsConfig, num_layers: int, u0, mask) -> dict[str, float]:
     """Wall time of tracing+lowering and of XLA compilation of a fresh jitted fwd+bwd."""
     import jax
 
@@ -199,31 +219,25 @@ def _max_abs(a, b) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# Main.
+# Mode `integrators`.
 # ---------------------------------------------------------------------------------------
 
 
-def main(config: BenchConfig) -> dict[str, Any]:
-    """Run the benchmark.
-
-    **Arguments:**
-
-    - `config`: benchmark settings.
+def run_integrators(config: IntegratorsConfig) -> dict[str, Any]:
+    """The integrators comparison.
 
     **Returns:**
 
     A JSON-serialisable dict with `ratios`, `targets`, `passed_targets`, raw `times_ms`,
-    `compile_s`, numerical agreement checks, `machine`, `date`, `config`.
+    `compile_s` and the numerical agreement checks.
     """
+    import diffrax
     import jax
 
-    jax.config.update("jax_platforms", config.platform)
+    import pdeformer as pf
+
     if config.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    import diffrax
-
-    import _common  # after the platform is chosen: it imports jax and the library
-    import pdeformer as pf
 
     field = _field(config, config.layers)
     u0, mask = _inputs(config)
@@ -303,10 +317,6 @@ def main(config: BenchConfig) -> dict[str, Any]:
         "first_call_s": first_call_s,
         "compile_s": compile_s,
         "agreement_with_reference": agreement,
-        "config": dataclasses.asdict(config),
-        "machine": _common.machine(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
     }
 
 
@@ -315,53 +325,532 @@ def _grads_as_dict(grads) -> dict:
     return field_weights(grads)
 
 
-def _print_table(result: dict[str, Any]) -> None:
-    cfg = result["config"]
+def integrators_table(result: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """The integrators comparison as a fixed-width table (a Markdown code block)."""
+    lines: list[str] = []
+    print = lines.append  # noqa: A001 (the table's lines, in order)
     print(
         f"pdeformer overhead, forward+backward, batch {cfg['batch']} seq {cfg['seq']} "
         f"dim {cfg['dim']} heads {cfg['heads']} layers {cfg['layers']} hidden {cfg['hidden']}, "
         f"{cfg['dtype']}, median of {cfg['repeats']}"
     )
-    m = result["machine"]
-    print(f"machine: {m['cpu']} ({m['cpu_count']} cpus), device {m['device_kind']}, jax {m['jax']}")
-    print(f"date: {result['date']}   command: {result['command']}")
-    print()
+    print("")
     print(f"{'variant':<20}{'median ms':>12}{'min ms':>12}{'first call s':>14}")
     for name, t in result["times_ms"].items():
         print(
             f"{name:<20}{t:>12.1f}{result['times_ms_min'][name]:>12.1f}"
             f"{result['first_call_s'][name]:>14.2f}"
         )
-    print()
+    print("")
     print(f"{'compile (discrete)':<20}{'lower s':>12}{'compile s':>12}{'total s':>14}")
     for name, c in result["compile_s"].items():
         print(f"{name:<20}{c['lower']:>12.2f}{c['compile']:>12.2f}{c['total']:>14.2f}")
-    print()
+    print("")
     print(f"{'ratio':<32}{'value':>8}{'target':>8}  ok")
     for name, v in result["ratios"].items():
         ok = "yes" if result["passed_targets"][name] else "NO"
         print(f"{name:<32}{v:>8.3f}{result['targets'][name]:>8.2f}  {ok}")
-    print()
+    print("")
     for name, a in result["agreement_with_reference"].items():
         print(
             f"{name} vs reference: |loss diff| {a['loss_abs_diff']:.2e}, "
             f"max |grad diff| {a['grad_max_abs_diff']:.2e}"
         )
+    return "\n".join(["```", *lines, "```"])
 
 
-def _parse(argv: list[str] | None = None) -> tuple[BenchConfig, bool]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK} unless given")
-    add_config_flags(p, BenchConfig, choices={"dtype": ("float32", "float64")})
-    args = p.parse_args(argv)
-    return config_from_args(args, BenchConfig, QUICK if args.quick else None), args.json
+# ---------------------------------------------------------------------------------------
+# Mode `throughput`.
+# ---------------------------------------------------------------------------------------
+
+# Vendor dense (no sparsity) peaks of the 16-bit tensor cores, FLOP/s, by a substring of
+# `jax.Device.device_kind`; the first match wins (the NVL and PCIe parts before the SXM ones).
+# Sources: NVIDIA's H100/H200 and A100 datasheets (BF16/FP16 Tensor Core, dense).
+NOMINAL_PEAK_FLOPS = (
+    ("H200 NVL", 835.5e12),
+    ("H200", 989.4e12),  # also GH200
+    ("H100 NVL", 835.5e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.4e12),
+    ("A100", 312.0e12),
+)
+_SIXTEEN_BIT = ("bfloat16", "float16")
+# Step budget of the TF32 solves; a solve that runs out is reported (`success: false`), not
+# raised: float32 roundoff can keep a tight reference from converging.
+MAX_STEPS = 20_000
+# Matmuls chained in one compiled call when measuring the matmul rate, so that the dispatch
+# of a call (comparable to one matmul on a GPU) does not count as matmul time.
+MATMUL_CHAIN = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ThroughputConfig:
+    """Settings of the throughput mode.
+
+    **Arguments:**
+
+    - `batch`, `seq`, `dim`, `heads`, `layers`, `hidden`, `vocab`, `classes`: the training
+      step's model and batch sizes.
+    - `compute_dtypes`: comma-separated compute dtypes of the training step.
+    - `repeats`, `warmup`: timed and untimed steps per dtype.
+    - `peak_n`: size of the square matmul that measures the device's matmul rate.
+    - `tf32_batch`, `tf32_seq`, `tf32_dim`, `tf32_heads`, `tf32_layers`: the TF32 solve's
+      sizes (float32 field, FFN `4 * dim`).
+    - `rtol`: its tolerance (atol = rtol / 10); `reference_factor`: how much tighter the
+      reference's.
+    - `precisions`: comma-separated `matmul_precision` values compared.
+    - `tf32_repeats`: timed solves per precision.
+    - `seed`: PRNG seed of weights and inputs.
+    """
+
+    batch: int = 4
+    seq: int = 512
+    dim: int = 128
+    heads: int = 4
+    layers: int = 2
+    hidden: int = 512
+    vocab: int = 256
+    classes: int = 10
+    compute_dtypes: str = "float32,bfloat16"
+    repeats: int = 11
+    warmup: int = 1
+    peak_n: int = 2048
+    tf32_batch: int = 2
+    tf32_seq: int = 256
+    tf32_dim: int = 64
+    tf32_heads: int = 4
+    tf32_layers: int = 2
+    rtol: float = 1e-4
+    reference_factor: float = 1e-2
+    precisions: str = "highest,tensorfloat32,default"
+    tf32_repeats: int = 3
+    seed: int = 0
+
+
+# The GPU run the performance issue asks for: a discrete-mode training step at seq 4096,
+# dim 512 in bfloat16 (float32 after it: its XLA attention keeps every layer's
+# (batch, heads, seq, seq) float32 weights for the backward pass, 2 GiB per layer and per
+# array kept at batch 4, so a batch of 8 may not fit an 80 GB card), and the TF32 solve at
+# a size where matmuls dominate.
+THROUGHPUT_GPU = {
+    "batch": 4,
+    "compute_dtypes": "bfloat16,float32",
+    "seq": 4096,
+    "dim": 512,
+    "heads": 8,
+    "layers": 6,
+    "hidden": 2048,
+    "repeats": 10,
+    "warmup": 2,
+    "peak_n": 8192,
+    "tf32_batch": 8,
+    "tf32_seq": 1024,
+    "tf32_dim": 512,
+    "tf32_heads": 8,
+    "tf32_layers": 4,
+    "tf32_repeats": 5,
+}
+THROUGHPUT_SMOKE = {
+    "batch": 2,
+    "seq": 32,
+    "dim": 32,
+    "heads": 2,
+    "layers": 1,
+    "hidden": 64,
+    "repeats": 2,
+    "warmup": 0,
+    "peak_n": 128,
+    "tf32_batch": 1,
+    "tf32_seq": 16,
+    "tf32_dim": 16,
+    "tf32_heads": 2,
+    "tf32_layers": 1,
+    "tf32_repeats": 1,
+}
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{what} must name one or more distinct values; got {text!r}.")
+    return names
+
+
+def check_throughput(config: ThroughputConfig) -> None:
+    """Refuse settings the run cannot use, before anything is compiled."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, int) and value < (0 if f.name in ("warmup", "seed") else 1):
+            raise ValueError(f"{f.name} must be >= 1 (warmup, seed >= 0); got {value}.")
+    for name in _names(config.compute_dtypes, "compute_dtypes"):
+        if name not in ("float32", *_SIXTEEN_BIT):
+            raise ValueError(f"compute dtypes are float32, bfloat16 or float16; got {name!r}.")
+    if config.dim % config.heads or config.tf32_dim % config.tf32_heads:
+        raise ValueError(
+            f"dim must be a multiple of heads and tf32_dim of tf32_heads; got {config.dim}, "
+            f"{config.heads}, {config.tf32_dim}, {config.tf32_heads}."
+        )
+    if not (config.rtol > 0 and 0 < config.reference_factor < 1):
+        raise ValueError(
+            f"rtol must be > 0 and reference_factor in (0, 1); got {config.rtol}, "
+            f"{config.reference_factor}."
+        )
+
+
+def model_flops(
+    batch: int, seq: int, dim: int, hidden: int, layers: int, classes: int
+) -> dict[str, float]:
+    """Matmul FLOPs (2 per multiply-add) of a `Classifier`'s forward pass in discrete mode.
+
+    Per token and layer: the query, key, value and output projections `2 * 4 d^2`, the FFN
+    `2 * 2 d f`, and attention's logits and weighted values `2 * 2 S d` (every query
+    against every key: no causal mask); once per sequence, the head `2 d C`. A training
+    step is counted as 3 forward passes (the backward pass computes two products for each
+    of the forward's), without rematerialisation.
+
+    **Returns:**
+
+    `{"forward": ..., "train_step": ...}` in FLOPs.
+    """
+    tokens = batch * seq
+    per_token_layer = 8 * dim * dim + 4 * dim * hidden + 4 * seq * dim
+    forward = float(layers * tokens * per_token_layer + 2 * batch * dim * classes)
+    return {"forward": forward, "train_step": 3.0 * forward}
+
+
+def nominal_peak(device_kind: str, dtype: str) -> float | None:
+    """The vendor's dense FLOP/s for `device_kind` in a 16-bit `dtype`, or `None`."""
+    if dtype not in _SIXTEEN_BIT:
+        return None
+    for name, flops in NOMINAL_PEAK_FLOPS:
+        if name.lower() in device_kind.lower():
+            return flops
+    return None
+
+
+def _matmul_rate(n: int, dtype: str, repeats: int) -> float:
+    """FLOP/s of `n x n` by `n x n` matmuls in `dtype`: `MATMUL_CHAIN` dependent products
+    in one compiled call, median of `repeats` calls."""
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    ka, kb = jr.split(jr.PRNGKey(0))
+    a = jr.normal(ka, (n, n), jnp.float32).astype(dtype)
+    # Scaled so that repeated products keep the entries' size (no overflow, no denormals).
+    b = (jr.normal(kb, (n, n), jnp.float32) / n**0.5).astype(dtype)
+    f = jax.jit(lambda x, y: jax.lax.fori_loop(0, MATMUL_CHAIN, lambda _, z: z @ y, x))
+    jax.block_until_ready(f(a, b))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 * MATMUL_CHAIN / statistics.median(times)
+
+
+def _training_steps(config: ThroughputConfig, dtypes: list[str]) -> dict[str, Any]:
+    """Time the discrete-mode training step once per compute dtype, interleaved."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+
+    import pdeformer as pf
+    from pdeformer.data import Batch
+
+    # The platform as the attention operator itself reads it (ROCm is told apart).
+    from pdeformer.operators.attention import _current_platform, choose_implementation
+    from pdeformer.training import TrainConfig, make_optimizer, train_step
+
+    rng = np.random.default_rng(config.seed)
+    shape = (config.batch, config.seq)
+    batch = Batch(
+        rng.integers(0, config.vocab, shape).astype(np.int32),
+        np.ones(shape, bool),
+        rng.integers(0, config.classes, (config.batch,)).astype(np.int32),
+    )
+    depth = pf.Discrete()
+    optimizer = make_optimizer(TrainConfig(batch_size=config.batch))
+    states: dict[str, list] = {}
+    first_call_s: dict[str, float] = {}
+    first_loss: dict[str, float] = {}
+    attention: dict[str, str] = {}
+    for name in dtypes:
+        compute = None if name == "float32" else getattr(jnp, name)
+        model = pf.Classifier(
+            config.vocab,
+            config.dim,
+            config.heads,
+            config.layers,
+            config.classes,
+            key=jr.PRNGKey(config.seed),
+            hidden=config.hidden,
+            compute_dtype=compute,
+        )
+        attention[name] = choose_implementation(
+            _current_platform(),
+            compute or jnp.float32,
+            config.seq,
+            config.dim // config.heads,
+            masked=True,
+        )
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        _log(f"compiling the {name} training step (attention: {attention[name]})")
+        t0 = time.perf_counter()
+        model, opt_state, metrics = train_step(model, opt_state, batch, depth, optimizer)
+        first_loss[name] = float(jax.block_until_ready(metrics["loss"]))
+        first_call_s[name] = time.perf_counter() - t0
+        for _ in range(config.warmup):
+            model, opt_state, metrics = train_step(model, opt_state, batch, depth, optimizer)
+            jax.block_until_ready(metrics)
+        states[name] = [model, opt_state]
+
+    def step(name: str):
+        def run():
+            model, opt_state = states[name]
+            model, opt_state, metrics = train_step(model, opt_state, batch, depth, optimizer)
+            jax.block_until_ready(metrics)
+            states[name] = [model, opt_state]
+
+        return run
+
+    samples = interleaved({n: step(n) for n in dtypes}, config.repeats, "training step", _log)
+    return {
+        "step_s": {n: statistics.median(s) for n, s in samples.items()},
+        "step_s_min": {n: min(s) for n, s in samples.items()},
+        "first_call_s": first_call_s,
+        "first_loss": first_loss,
+        "attention_implementation": attention,
+    }
+
+
+def _tf32_solves(config: ThroughputConfig, precisions: list[str]) -> dict[str, Any]:
+    """One adaptive forward solve per matmul precision, against a tight reference."""
+    import diffrax
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    import pdeformer as pf
+
+    field = pf.Field(
+        config.tf32_dim, config.tf32_heads, config.tf32_layers, key=jr.PRNGKey(config.seed)
+    )
+    u0 = jr.normal(
+        jr.PRNGKey(config.seed + 1), (config.tf32_batch, config.tf32_seq, config.tf32_dim)
+    )
+
+    def solver(rtol: float, atol: float, precision: str) -> Any:
+        depth = pf.Continuous(
+            diffrax.Dopri5(),
+            diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=MAX_STEPS,
+            throw=False,
+            matmul_precision=precision,
+        )
+        return eqx.filter_jit(lambda f, u: depth(f, u))
+
+    f = config.reference_factor
+    atol = config.rtol / 10
+    _log(f"reference solve (highest, rtol {config.rtol * f:g}, atol {atol * f:g})")
+    reference = jax.block_until_ready(solver(config.rtol * f, atol * f, "highest")(field, u0))
+    if not bool(reference.stats.success):
+        _log(
+            f"warning: the reference solve did not finish within {MAX_STEPS} steps (float32 "
+            "roundoff at its tolerance?); the errors are against where it stopped. Pass a "
+            "larger --reference-factor."
+        )
+    rows: dict[str, dict[str, Any]] = {}
+    fns = {}
+    for p in precisions:
+        fns[p] = solver(config.rtol, atol, p)
+        sol = jax.block_until_ready(fns[p](field, u0))
+        rows[p] = {
+            "nfe": int(sol.stats.nfe),
+            "steps": int(sol.stats.num_steps),
+            "rejected_steps": int(sol.stats.num_rejected_steps),
+            "max_abs_error": float(jnp.max(jnp.abs(sol.u - reference.u))),
+            "success": bool(sol.stats.success),
+        }
+        _log(f"{p}: {rows[p]['nfe']} NFE, error {rows[p]['max_abs_error']:.2e}")
+    samples = interleaved(
+        {p: (lambda fn=fn: jax.block_until_ready(fn(field, u0))) for p, fn in fns.items()},
+        config.tf32_repeats,
+        "tf32 solve",
+        _log,
+    )
+    for p, s in samples.items():
+        rows[p]["time_s"] = statistics.median(s)
+    return {
+        "reference": {
+            "nfe": int(reference.stats.nfe),
+            "steps": int(reference.stats.num_steps),
+            "success": bool(reference.stats.success),
+        },
+        "solves": rows,
+        "scale": float(jnp.max(jnp.abs(reference.u))),
+    }
+
+
+def run_throughput(config: ThroughputConfig) -> dict[str, Any]:
+    """The throughput mode.
+
+    **Returns:**
+
+    A JSON-serialisable dict: `training` (per compute dtype: step time, tokens/s, model
+    FLOP/s, MFU against the measured matmul rate and the nominal peak), `matmul_flops_per_s`
+    (measured, per dtype), `model_flops`, `tf32` (per precision: NFE, steps, rejected
+    steps, error against the reference, time).
+    """
+    check_throughput(config)
+    dtypes = _names(config.compute_dtypes, "compute_dtypes")
+    precisions = _names(config.precisions, "precisions")
+    import jax
+
+    import pdeformer as pf
+
+    for p in precisions:  # refused here, not after the training steps have run
+        pf.Continuous(matmul_precision=p)
+    t_start = time.perf_counter()
+    device_kind = jax.devices()[0].device_kind
+    _log(f"device: {device_kind}")
+
+    flops = model_flops(
+        config.batch, config.seq, config.dim, config.hidden, config.layers, config.classes
+    )
+    steps = _training_steps(config, dtypes)
+    rates = {}
+    for name in dtypes:
+        _log(f"measuring the {config.peak_n}^3 matmul rate in {name}")
+        rates[name] = _matmul_rate(config.peak_n, name, config.repeats)
+    training = {}
+    tokens = config.batch * config.seq
+    for name in dtypes:
+        step_s = steps["step_s"][name]
+        achieved = flops["train_step"] / step_s
+        peak = nominal_peak(device_kind, name)
+        training[name] = {
+            "step_ms": 1e3 * step_s,
+            "step_ms_min": 1e3 * steps["step_s_min"][name],
+            "tokens_per_s": tokens / step_s,
+            "model_flops_per_s": achieved,
+            "mfu_vs_matmul": achieved / rates[name],
+            "nominal_peak_flops_per_s": peak,
+            "mfu_vs_nominal": None if peak is None else achieved / peak,
+            "first_call_s": steps["first_call_s"][name],
+            "first_loss": steps["first_loss"][name],
+            "attention_implementation": steps["attention_implementation"][name],
+        }
+    tf32 = _tf32_solves(config, precisions)
+    return {
+        "training": training,
+        "matmul_flops_per_s": rates,
+        "model_flops": flops,
+        "tf32": tf32,
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def throughput_table(result: dict[str, Any], c: dict[str, Any]) -> str:
+    """The throughput mode as a fixed-width table (a Markdown code block)."""
+    lines = [
+        f"discrete-mode training step (train_step), batch {c['batch']} seq {c['seq']} "
+        f"dim {c['dim']} heads {c['heads']} layers {c['layers']} FFN {c['hidden']}, "
+        f"median of {c['repeats']}; model FLOPs {result['model_flops']['train_step']:.3g}/step",
+        f"{'compute':<10}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}"
+        f"{'matmul TFLOP/s':>16}{'MFU (matmul)':>14}{'MFU (nominal)':>15}",
+    ]
+    for name, r in result["training"].items():
+        nominal = "-" if r["mfu_vs_nominal"] is None else f"{r['mfu_vs_nominal']:.3f}"
+        lines.append(
+            f"{name:<10}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}"
+            f"{r['model_flops_per_s'] / 1e12:>10.3f}"
+            f"{result['matmul_flops_per_s'][name] / 1e12:>16.3f}"
+            f"{r['mfu_vs_matmul']:>14.3f}{nominal:>15}"
+        )
+    t = result["tf32"]
+    lines += [
+        "",
+        f"adaptive solve (Dopri5, rtol {c['rtol']:g} atol {c['rtol'] / 10:g}), "
+        f"batch {c['tf32_batch']} "
+        f"seq {c['tf32_seq']} dim {c['tf32_dim']} layers {c['tf32_layers']}; reference: "
+        f"{t['reference']['nfe']} NFE (success {t['reference']['success']}), "
+        f"max |u| {t['scale']:.3g}",
+        f"{'precision':<16}{'NFE':>6}{'steps':>7}{'rejected':>10}{'error':>11}{'time ms':>10}"
+        f"{'success':>9}",
+    ]
+    for p, r in t["solves"].items():
+        lines.append(
+            f"{p:<16}{r['nfe']:>6}{r['steps']:>7}{r['rejected_steps']:>10}"
+            f"{r['max_abs_error']:>11.2e}{1e3 * r['time_s']:>10.1f}{str(r['success']):>9}"
+        )
+    return "\n".join(["```", *lines, "```"])
+
+# ---------------------------------------------------------------------------------------
+# The command line.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The benchmark: which mode, its settings, the device and the output.
+
+    **Arguments:**
+
+    - `mode`: `integrators` (the library's integrators against a hand-written
+      Transformer) or `throughput` (tokens/s and MFU of a training step; TF32).
+    - `integrators`, `throughput`: the settings of each mode.
+    - `platform`: JAX platform (`cpu`, `gpu`, ...); `None`: JAX's default.
+    - `out`: the output directory (`None`: print only).
+    """
+
+    mode: Literal["integrators", "throughput"] = "integrators"
+    integrators: IntegratorsConfig = IntegratorsConfig()
+    throughput: ThroughputConfig = ThroughputConfig()
+    platform: str | None = None
+    out: Path | None = Path("runs/bench/overhead")
+
+
+INTEGRATORS_SMOKE = {"seq": 128, "repeats": 3, "warmup": 1, "compile_repeats": 1}
+PRESETS = {
+    "smoke": lambda: Config(
+        integrators=IntegratorsConfig(**INTEGRATORS_SMOKE),
+        throughput=ThroughputConfig(**THROUGHPUT_SMOKE),
+    ),
+    "quick": Config,
+    "full": lambda: Config(throughput=ThroughputConfig(**THROUGHPUT_GPU)),
+}
+MODES = {"integrators": run_integrators, "throughput": run_throughput}
+TABLES = {"integrators": integrators_table, "throughput": throughput_table}
+TITLES = {
+    "integrators": "Overhead of the depth integrators against a hand-written JAX Transformer",
+    "throughput": "Throughput and model FLOP utilisation of a training step; TF32",
+}
+
+
+def main(config: Config) -> dict[str, Any]:
+    """Run the chosen mode; write `results.json` and `results.md` into `config.out`.
+
+    **Returns:**
+
+    The mode's figures and `meta` (command, date, machine, settings, wall time).
+    """
+    if config.platform is not None:
+        import jax
+
+        jax.config.update("jax_platforms", config.platform)
+    meta = report.meta(config)
+    start = time.perf_counter()
+    settings = getattr(config, config.mode)
+    result = {"mode": config.mode, **MODES[config.mode](settings), "meta": meta}
+    meta["wall_s"] = time.perf_counter() - start
+    body = TABLES[config.mode](result, dataclasses.asdict(settings))
+    report.write(config.out, result, TITLES[config.mode], body, log=_log)
+    return result
 
 
 if __name__ == "__main__":
-    cfg, as_json = _parse()
-    result = main(cfg)
-    if as_json:
-        print(json.dumps(result))
-    else:
-        _print_table(result)
+    _cli.run(PRESETS, main, description=__doc__.splitlines()[0])
