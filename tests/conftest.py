@@ -19,8 +19,10 @@ and a JAX whose XLA does not know the flag runs the tests without it.
 """
 
 import importlib
+import importlib.util
 import os
 import random
+import sys
 from pathlib import Path
 
 # Before JAX is imported, and in the environment so that the subprocesses some tests start
@@ -81,6 +83,20 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture
 def experiments(monkeypatch):
-    """Import a script of `experiments/` by name (they import `_common` as a sibling)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
-    return importlib.import_module
+    """Import a script of `experiments/` by its path there, e.g. `experiments("bench/data")`
+    (module `bench_data`) or `experiments("studies/compare_solvers")`. The scripts import
+    `report`, `_cli` and their room's helpers (`_common`, `_timing`, ...) as siblings."""
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    for folder in (root, root / "studies", root / "bench"):
+        monkeypatch.syspath_prepend(str(folder))
+
+    def load(name: str):
+        module_name = name.replace("/", "_")
+        spec = importlib.util.spec_from_file_location(module_name, root / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        # Registered before it runs: dataclasses (and tyro) look their module up by name.
+        monkeypatch.setitem(sys.modules, module_name, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,8 +1,12 @@
-"""`experiments/bench_data.py` runs end to end on tiny sizes and reports consistent figures."""
+"""`experiments/bench/data.py` runs end to end on tiny sizes and reports consistent figures."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.integration
 
 ARGS = [
     "--listops-examples", "8",
@@ -15,10 +19,11 @@ ARGS = [
 ]  # fmt: skip
 
 
-def test_bench_data_smoke(experiments, capsys):
-    module = experiments("bench_data")
-    module._cli(["--json", *ARGS])
-    result = json.loads(capsys.readouterr().out)
+def test_bench_data_smoke(experiments, tmp_path, monkeypatch, capsys):
+    module = experiments("bench/data")
+    argv = ["--preset", "smoke", *ARGS, "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    result = module._cli.run(module.PRESETS, module.main, description="")
     rates = [
         "listops_examples_per_second",
         "listops_batching_examples_per_second",
@@ -35,16 +40,12 @@ def test_bench_data_smoke(experiments, capsys):
     assert result["generation_vs_training"] * result["train_examples_per_second"] == pytest.approx(
         slowest_generator
     )
-    meta = result["meta"]
-    assert meta["command"] == "python experiments/bench_data.py --json " + " ".join(ARGS)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    meta = saved["meta"]
+    rel = Path(module.__file__).resolve().relative_to(Path(__file__).resolve().parents[1])
+    assert meta["command"] == f"python {rel} " + " ".join(argv)
     assert meta["config"]["train_length"] == 32 and meta["config"]["batch_size"] == 4
     assert meta["machine"]["cpu"] and meta["date"].endswith("UTC")
     assert meta["wall_s"] > 0
-
-
-def test_bench_data_readable_summary(experiments, capsys):
-    module = experiments("bench_data")
-    result = module._cli(ARGS)
     out = capsys.readouterr().out
-    assert "train_steps_per_second:" in out and "meta" not in out
-    assert set(result) > {"train_steps_per_second", "meta"}
+    assert "| train_steps_per_second |" in out and out.startswith("# Data-pipeline throughput")

@@ -1,16 +1,18 @@
-"""`experiments/bench_memory.py` runs end to end on tiny sizes and reports sane figures."""
+"""`experiments/bench/memory.py` runs end to end on tiny sizes and reports sane figures."""
 
+import dataclasses
 import json
 
 import pytest
 
+pytestmark = pytest.mark.integration
 
-# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
-@pytest.mark.slow
-def test_bench_memory_smoke(experiments, capsys):
-    module = experiments("bench_memory")
-    module._cli(["--smoke", "--json"])
-    result = json.loads(capsys.readouterr().out)
+
+def test_bench_memory_smoke(experiments, tmp_path):
+    module = experiments("bench/memory")
+    args = ["--preset", "smoke", "--out", str(tmp_path)]
+    module.main(module._cli.parse(module.PRESETS, args, description=""))
+    result = json.loads((tmp_path / "results.json").read_text())
     rows = result["layers_sweep"]
     assert {r["variant"] for r in rows} == {"Discrete", "Euler 1/2, RecursiveCheckpoint"}
     for r in rows:
@@ -42,12 +44,12 @@ def test_bench_memory_smoke(experiments, capsys):
         direct["max_steps"] == 8
         and direct["steps"] == taken["RecursiveCheckpoint (16, default)"]["steps"]
     )
-    assert result["growth"] and result["machine"]["cpu"]
-    assert result["command"] == "python experiments/bench_memory.py --smoke --json"
+    assert result["growth"] and result["meta"]["machine"]["cpu"]
+    assert "| Discrete | 1 |" in (tmp_path / "results.md").read_text()
 
 
 def test_direct_adjoint_is_not_run_above_its_budget(experiments):
-    module = experiments("bench_memory")
+    module = experiments("bench/memory")
     make = module.step_variants(module.SMOKE)["Direct (bounded loop)"]
     assert make(module.DIRECT_MAX_STEPS).max_steps == module.DIRECT_MAX_STEPS
     assert make(2 * module.DIRECT_MAX_STEPS) is None
@@ -71,8 +73,10 @@ def test_direct_adjoint_is_not_run_above_its_budget(experiments):
     assert "| Direct (bounded loop) | 0.5 | 16 | 8 | 487.5 | 538 (min 459) |" in table
 
 
-def test_variant_flag(experiments, capsys):
-    module = experiments("bench_memory")
-    with pytest.raises(SystemExit) as exit:
-        module._cli(["--smoke", "--variant", "no such variant"])
-    assert exit.value.code == 2 and "unknown variant" in capsys.readouterr().err
+def test_variants_flag(experiments):
+    module = experiments("bench/memory")
+    args = ["--preset", "smoke", "--variants", "Discrete", "Backsolve"]
+    config = module._cli.parse(module.PRESETS, args, description="")
+    assert config.variants == ("Discrete", "Backsolve") and config.layers == (1,)
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['no such variant'\]"):
+        module.main(dataclasses.replace(config, variants=("no such variant",), out=None))

@@ -1,10 +1,14 @@
-"""`experiments/bench_attention.py` runs end to end on tiny sizes: every arm agrees with the
-einsum path, the profile attributes the blockwise program's time to its kinds, and the
-products it times alone are those of the blockwise path."""
+"""`experiments/bench/profiling.py`. Mode `solve`: trace events attributed to the HLO
+instructions of both passes. Mode `attention`: every arm agrees with the einsum path, the
+profile attributes the blockwise program's time to its kinds, and the products it times
+alone are those of the blockwise path."""
 
 import collections
 import importlib
 import importlib.util
+
+import json
+import math
 
 import jax
 import jax.extend.core
@@ -14,13 +18,36 @@ import pytest
 
 from pdeformer.operators.attention import attention
 
+pytestmark = pytest.mark.integration
 
-# A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
-@pytest.mark.slow
-def test_bench_attention_quick(experiments):
-    module = experiments("bench_attention")
-    config = module.AttentionConfig(**{**module.QUICK, "profile": True, "products": True})
-    result = module.run(config)
+
+def test_solve_mode_smoke(experiments, tmp_path):
+    """The profile at tiny sizes: trace events attributed to HLO instructions of both
+    passes, the matmuls among them found; `--solve.unrolled` takes the same steps."""
+    module = experiments("bench/profiling")
+    args = ["--preset", "smoke", "--out", str(tmp_path)]
+    config = module._cli.parse(module.PRESETS, args, description="")
+    assert config.mode == "solve"
+    result = json.loads(json.dumps(module.main(config)))
+    assert result["nfe"] > 0 and math.isfinite(result["wall_ms_per_call"])
+    assert {"forward matmul", "backward matmul", "backward other"} <= set(result["self_ms"])
+    assert all(v >= 0 for v in result["self_ms"].values())
+    assert len(result["top"]) == 5 and result["instructions_profiled"] >= 5
+    assert {row["pass"] for row in result["top"]} <= {"forward", "backward"}
+    assert "self time per call" in (tmp_path / "results.md").read_text()
+    config = module._cli.parse(module.PRESETS, [*args, "--solve.unrolled"], description="")
+    unrolled = module.main(config)
+    assert unrolled["meta"]["config"]["solve"]["unrolled"] and unrolled["nfe"] == result["nfe"]
+
+
+def test_attention_mode_smoke(experiments, tmp_path):
+    module = experiments("bench/profiling")
+    args = ["--preset", "smoke", "--mode", "attention", "--out", str(tmp_path)]
+    args += ["--attention.profile", "--attention.products"]
+    top = module._cli.parse(module.PRESETS, args, description="")
+    config = top.attention
+    assert config.profile and config.products and config.seq == 32
+    result = module.main(top)
     with_torch = importlib.util.find_spec("torch") is not None
     arms = set(module.IMPLEMENTATIONS) | ({"torch"} if with_torch else set())
     assert set(result["agreement_max_abs_diff"]) == arms
@@ -36,8 +63,9 @@ def test_bench_attention_quick(experiments):
     # Seven matmuls per block: two (rows, keys)-shaped kinds and head-width ones both ran.
     assert {"matmul_rows_by_keys", "matmul_head_width", "exp"} <= set(profile["self_ms_by_kind"])
     assert profile["self_ms_total"] == pytest.approx(sum(profile["self_ms_by_kind"].values()))
-    assert result["machine"]["backend"] == "cpu"
+    assert result["meta"]["machine"]["backend"] == "cpu"
     assert set(module.PRODUCTS) <= set(result["products"])
+    assert "self time by kind" in (tmp_path / "results.md").read_text()
 
 
 def _dot_operand_shapes(jaxpr):
@@ -57,8 +85,8 @@ def _dot_operand_shapes(jaxpr):
     "sizes",
     [
         dict(batch=2, seq=24, heads=3, head_dim=4, block_size=8),  # blocks shorter than seq
-        dict(batch=8, seq=256, heads=4, head_dim=16),  # the script's defaults
-        dict(batch=8, seq=512, heads=4, head_dim=32),  # --seq 512 --head-dim 32
+        dict(batch=8, seq=256, heads=4, head_dim=16),  # the quick preset
+        dict(batch=8, seq=512, heads=4, head_dim=32),  # the full preset
     ],
     ids=["tiny", "seq256", "seq512"],
 )
@@ -66,7 +94,7 @@ def test_products_are_those_of_the_blockwise_path(experiments, sizes):
     # The products timed alone are the matmuls of the blockwise forward and backward, shape
     # for shape and count for count (each written once in the loop bodies), at the sizes
     # the results were measured at too (where the blocking's memory bound sets the group).
-    module = experiments("bench_attention")
+    module = experiments("bench/profiling")
     sizes = dict(sizes)
     block_size = sizes.pop("block_size", module.attention_module.DEFAULT_BLOCK_SIZE)
     c = module.AttentionConfig(**sizes)
@@ -87,7 +115,7 @@ def test_products_are_those_of_the_blockwise_path(experiments, sizes):
 def test_products_timing_adds_up(experiments):
     # Each product is `2 g b s h` FLOP, run once per (group, query block); the seven of a
     # call are `7 x 2 pairs seq^2 head_dim`; each library's sum weighs its medians by count.
-    module = experiments("bench_attention")
+    module = experiments("bench/profiling")
     c = module.AttentionConfig(batch=2, seq=24, heads=3, head_dim=4, repeats=1, inner=1)
     torch = importlib.util.find_spec("torch") and importlib.import_module("torch")
     threads = torch.get_num_threads() if torch else 1
@@ -104,7 +132,7 @@ def test_products_timing_adds_up(experiments):
 
 
 def test_kinds_of_instructions(experiments):
-    module = experiments("bench_attention")
+    module = experiments("bench/profiling")
     kind = lambda shape, ops, matmul: module._kind(
         {"shape": shape, "ops": ops, "matmul": matmul}, (256, 256)
     )
