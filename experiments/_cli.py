@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -57,7 +58,12 @@ def parse(
         f"{description}\n\n--preset smoke|quick|full (default: {default}; here: "
         f"{args.preset}) picks the sizes; the flags below override single fields."
     )
-    return tyro.cli(type(base), default=base, args=rest, description=text)
+    with warnings.catch_warnings():
+        # tyro looks into the generic types of the fields it cannot parse (diffrax solvers)
+        # and warns that it cannot resolve their type parameters; those fields keep the
+        # preset's value whatever it finds.
+        warnings.filterwarnings("ignore", message="Could not resolve type parameter")
+        return tyro.cli(type(base), default=base, args=rest, description=text)
 
 
 def run(

@@ -192,9 +192,9 @@ def test_lra_placement_baseline_only(experiments, tmp_path, monkeypatch):
     """`--baseline-only` trains the baseline arm alone and reports whether it learnt;
     `--steps` sets every arm's training steps."""
     module = experiments("studies/lra_placement")
-    results = _run(module, tmp_path, monkeypatch, "--baseline-only", "--steps", "1")
+    results = _run(module, tmp_path, monkeypatch, "--baseline-only", "--steps", "3")
     assert results["arms"] == ["baseline"]
-    assert results["meta"]["config"]["baseline_only"] and results["meta"]["config"]["steps"] == 1
+    assert results["meta"]["config"]["baseline_only"] and results["meta"]["config"]["steps"] == 3
     assert results["summary"]["delta_points_vs_baseline"] == {}
     md = (tmp_path / "results.md").read_text()
     assert "## Does the baseline learn each task?" in md and "papers' claims" not in md
