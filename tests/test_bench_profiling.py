@@ -6,7 +6,6 @@ alone are those of the blockwise path."""
 import collections
 import importlib
 import importlib.util
-
 import json
 import math
 

@@ -55,10 +55,11 @@ from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-import _cli  # noqa: E402
-import report  # noqa: E402
 from _reference import field_weights  # noqa: E402
 from _timing import interleaved  # noqa: E402
+
+import _cli  # noqa: E402
+import report  # noqa: E402
 
 _log = report.logger("bench overhead")
 
@@ -99,8 +100,6 @@ class IntegratorsConfig:
     masked: bool = False
     dtype: str = "float32"
     seed: int = 0
-
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -788,6 +787,7 @@ def throughput_table(result: dict[str, Any], c: dict[str, Any]) -> str:
             f"{r['max_abs_error']:>11.2e}{1e3 * r['time_s']:>10.1f}{str(r['success']):>9}"
         )
     return "\n".join(["```", *lines, "```"])
+
 
 # ---------------------------------------------------------------------------------------
 # The command line.

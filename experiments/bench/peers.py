@@ -81,10 +81,11 @@ from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-import _cli  # noqa: E402
-import report  # noqa: E402
 from _reference import field_weights  # noqa: E402
 from _timing import counter_medians, interleaved  # noqa: E402
+
+import _cli  # noqa: E402
+import report  # noqa: E402
 
 TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
 # On a GPU only the continuous comparison has a target.
@@ -711,7 +712,7 @@ def _continuous(
             "torchdiffeq_odeint_adjoint": adjoint
             or {
                 "tried": False,
-                "note": "not timed in this run (adjoint_repeats=0); the smoke and full presets time it",
+                "note": "not timed (adjoint_repeats=0); the smoke and full presets time it",
             },
         }
 
@@ -955,8 +956,7 @@ def _machine(torch, torchdiffeq, torch_device: str) -> dict[str, Any]:
     """`report.machine()` and PyTorch's version, threads and device."""
     return dict(
         report.machine(),
-        **
-        {
+        **{
             "torch": torch.__version__,
             "torchdiffeq": getattr(torchdiffeq, "__version__", "unknown"),
             "torch_threads": torch.get_num_threads(),

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import diffrax
-import jax
 import jax.random as jr
 import numpy as np
 
