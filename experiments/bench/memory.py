@@ -61,11 +61,11 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
-from _timing import interleaved  # noqa: E402
 
 import _cli  # noqa: E402
 import pdeformer as pf  # noqa: E402
 import report  # noqa: E402
+from _timing import interleaved  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,11 +55,10 @@ from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-from _reference import field_weights  # noqa: E402
-from _timing import interleaved  # noqa: E402
-
 import _cli  # noqa: E402
 import report  # noqa: E402
+from _reference import field_weights  # noqa: E402
+from _timing import interleaved  # noqa: E402
 
 _log = report.logger("bench overhead")
 

@@ -81,11 +81,10 @@ from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-from _reference import field_weights  # noqa: E402
-from _timing import counter_medians, interleaved  # noqa: E402
-
 import _cli  # noqa: E402
 import report  # noqa: E402
+from _reference import field_weights  # noqa: E402
+from _timing import counter_medians, interleaved  # noqa: E402
 
 TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
 # On a GPU only the continuous comparison has a target.

@@ -100,12 +100,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import numpy as np  # noqa: E402
-from _profile import profile  # noqa: E402
-from _timing import interleaved  # noqa: E402
 
 import _cli  # noqa: E402
 import pdeformer as pf  # noqa: E402
 import report  # noqa: E402
+from _profile import profile  # noqa: E402
+from _timing import interleaved  # noqa: E402
 from pdeformer.operators import attention as attention_module  # noqa: E402
 
 _log = report.logger("bench profiling")

@@ -30,6 +30,9 @@ import diffrax  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+import _cli  # noqa: E402
+import report  # noqa: E402
 from _common import (  # noqa: E402
     ListOpsSetup,
     adaptive,
@@ -39,9 +42,6 @@ from _common import (  # noqa: E402
     fixed,
     train_model,
 )
-
-import _cli  # noqa: E402
-import report  # noqa: E402
 from pdeformer import Discrete  # noqa: E402
 from pdeformer.data import iterate_forever  # noqa: E402
 from pdeformer.training import evaluate, make_optimizer, train_step  # noqa: E402

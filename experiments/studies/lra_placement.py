@@ -33,13 +33,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
-import _common as common  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _cli  # noqa: E402
+import _common as common  # noqa: E402
 import pdeformer as pf  # noqa: E402
 import report  # noqa: E402
 from pdeformer.data import load_task  # noqa: E402

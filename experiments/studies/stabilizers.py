@@ -43,10 +43,10 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import ListOpsSetup, data_summary  # noqa: E402
 
 import _cli  # noqa: E402
 import report  # noqa: E402
+from _common import ListOpsSetup, data_summary  # noqa: E402
 from pdeformer import Discrete, Identity  # noqa: E402
 from pdeformer.data import ListOpsConfig, iterate_batches, iterate_forever  # noqa: E402
 from pdeformer.training import TrainConfig, evaluate, make_optimizer, train_step  # noqa: E402

@@ -29,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: re
 
 import diffrax  # noqa: E402
 import numpy as np  # noqa: E402
+
+import _cli  # noqa: E402
+import report  # noqa: E402
 from _common import (  # noqa: E402
     ListOpsSetup,
     adaptive,
@@ -38,9 +41,6 @@ from _common import (  # noqa: E402
     evaluation_row,
     train_model,
 )
-
-import _cli  # noqa: E402
-import report  # noqa: E402
 from pdeformer import Continuous, Discrete  # noqa: E402
 from pdeformer.data import ListOpsConfig  # noqa: E402
 from pdeformer.training import evaluate  # noqa: E402
