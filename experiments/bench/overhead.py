@@ -97,7 +97,7 @@ class IntegratorsConfig:
     warmup: int = 2
     compile_repeats: int = 3
     masked: bool = False
-    dtype: str = "float32"
+    dtype: Literal["float32", "float64"] = "float32"
     seed: int = 0
 
 
