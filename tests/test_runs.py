@@ -134,7 +134,7 @@ def test_parse_into_config_dataclasses_and_run_json_round_trip(tmp_path):
 
 
 def test_task_names_are_the_data_packages():
-    assert typing.get_args(cli.TaskName) == TASK_NAMES
+    assert typing.get_args(cli._TaskName) == TASK_NAMES
 
 
 def test_tolerance_rule_atol_is_rtol_over_10():

@@ -67,10 +67,10 @@ RUN_FORMAT = 1
 
 # The names of `pdeformer.data.TASK_NAMES`, spelled out so that parsing a command line does
 # not import the data package (tests/test_training.py keeps the two equal).
-TaskName = Literal["listops", "text", "retrieval", "image", "pathfinder", "pathx"]
-SolverName = Literal["euler", "heun", "midpoint", "bosh3", "tsit5", "dopri5", "dopri8"]
-AdjointName = Literal["recursive", "direct", "backsolve"]
-InsertionPoint = Literal[INSERTION_POINTS]  # type: ignore[valid-type]
+_TaskName = Literal["listops", "text", "retrieval", "image", "pathfinder", "pathx"]
+_SolverName = Literal["euler", "heun", "midpoint", "bosh3", "tsit5", "dopri5", "dopri8"]
+_AdjointName = Literal["recursive", "direct", "backsolve"]
+_InsertionPoint = Literal[INSERTION_POINTS]  # type: ignore[valid-type]
 
 
 class _UsageError(ValueError):
@@ -123,7 +123,7 @@ class DataConfig:
     - `data_seed`: the seed of the offline generator (ignored with a `data_dir`).
     """
 
-    task: TaskName = "listops"
+    task: _TaskName = "listops"
     """LRA task."""
     data_dir: Path | None = None
     """directory with the official data; omit to generate the task offline."""
@@ -197,7 +197,7 @@ class ModelConfig:
     """FFN hidden width (None: the field's, 4 * dim)."""
     model_seed: int = 0
     """seed of the initialisation."""
-    diffusion_at: tuple[InsertionPoint, ...] = ()
+    diffusion_at: tuple[_InsertionPoint, ...] = ()
     """insert the diffusion layer at these points (none: the baseline Transformer)."""
     diffusion_dilations: tuple[int, ...] = (1,)
     """the layer's stencil reaches; several give the multi-scale layer, e.g. 1 2 4 8."""
@@ -247,7 +247,7 @@ class DepthConfig:
     depth: Literal["discrete", "continuous"] = "discrete"
     """discrete: the standard Transformer (Euler with step 1/2); continuous: integrate the
     field with a diffrax solver."""
-    solver: SolverName = "tsit5"
+    solver: _SolverName = "tsit5"
     """diffrax solver for --depth continuous."""
     rtol: float = 1e-3
     """relative tolerance of the adaptive controller (a solve out of steps needs a looser one)."""
@@ -256,7 +256,7 @@ class DepthConfig:
     step_size: float | None = None
     """use a constant step of this size instead of the adaptive controller; it must divide
     1/2 (e.g. 0.5, 0.25)."""
-    adjoint: AdjointName = "recursive"
+    adjoint: _AdjointName = "recursive"
     """how gradients flow through a continuous solve (recursive: the library's default,
     diffrax.RecursiveCheckpointAdjoint keeping 16 steps)."""
     max_steps: int = 4096
@@ -825,7 +825,7 @@ def _check_resume(command: TrainCommand) -> None:
         )
 
 
-def train_command(command: TrainCommand) -> int:
+def _train(command: TrainCommand) -> int:
     """Run `pdeformer train`: build the task and model, write `run.json`, train.
 
     With `resume`, nothing in the run directory changes until the command has been compared
@@ -878,7 +878,7 @@ def train_command(command: TrainCommand) -> int:
     return 0
 
 
-def evaluate_command(command: EvaluateCommand) -> int:
+def _evaluate(command: EvaluateCommand) -> int:
     """Run `pdeformer evaluate`: load a run's checkpoint and evaluate it.
 
     **Arguments:**
@@ -1053,8 +1053,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 process_id=command.devices.process_id,
             )
         if isinstance(command, TrainCommand):
-            return train_command(command)
-        return evaluate_command(command)
+            return _train(command)
+        return _evaluate(command)
     except (Exception, KeyboardInterrupt) as exc:
         if debug:
             raise

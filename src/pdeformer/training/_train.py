@@ -786,7 +786,12 @@ def train(
             # Every process takes part in gathering; one writes.
             saved_model, saved_state = _gather_nonlocal((model, opt_state))
             if writer:
-                extra = {"task": task_data.name, "data_sha256": fingerprint, "depth": depth_text}
+                extra = {
+                    "task": task_data.name,
+                    "data_sha256": fingerprint,
+                    "depth": depth_text,
+                    "devices": 1 if parallel is None else parallel.num_devices,
+                }
                 save_checkpoint(out, saved_model, saved_state, step, config, extra=extra)
             last_checkpoint = step
 
