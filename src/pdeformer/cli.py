@@ -538,7 +538,8 @@ def _members(tp: Any) -> tuple[Any, ...]:
 
 
 def write_run(command: TrainCommand) -> Path:
-    """Write `run.json`: the command serialised, into its run directory, atomically.
+    """Write `run.json`: the command serialised, into its run directory (made if missing),
+    atomically.
 
     **Arguments:**
 
@@ -552,6 +553,7 @@ def write_run(command: TrainCommand) -> Path:
     from .training._train import _atomic_write
 
     text = json.dumps({"format": RUN_FORMAT, "command": _to_json(command)}, indent=2) + "\n"
+    command.out.mkdir(parents=True, exist_ok=True)
     path = command.out / RUN_NAME
     _atomic_write(path, lambda f: f.write(text), mode="w")
     return path
@@ -861,7 +863,6 @@ def _train(command: TrainCommand) -> int:
         opt_state = make_optimizer(config).init(eqx.filter(model, eqx.is_inexact_array))
         load_checkpoint(command.out, model, opt_state)
     if jax.process_index() == 0:
-        command.out.mkdir(parents=True, exist_ok=True)
         write_run(command)
     _, history = train(
         model,
