@@ -133,6 +133,36 @@ def test_parse_into_config_dataclasses_and_run_json_round_trip(tmp_path):
     assert evaluate.integrator.solver == "dopri5"
 
 
+def test_run_json_of_the_first_format_still_reads(tmp_path):
+    # The flat run.json the command line wrote before the config dataclasses.
+    first = {
+        "task": "listops",
+        "data_dir": None,
+        "task_options": {"max_length": 20, "num_train": 24, "seed": 3},
+        "dim": 16,
+        "heads": 2,
+        "layers": 1,
+        "hidden": None,
+        "model_seed": 0,
+        "diffusion_at": ["after_embedding"],
+        "diffusion_dilations": [1, 2],
+        "diffusion_adaptive": False,
+        "train_config": dataclasses.asdict(TrainConfig(total_steps=2, warmup_steps=0)),
+        "devices": 1,
+    }
+    (tmp_path / RUN_NAME).write_text(json.dumps(first))
+    command = read_run(tmp_path)
+    assert command.data == DataConfig(task_option=("max_length=20", "num_train=24"), data_seed=3)
+    assert command.data.task_options() == {"max_length": 20, "num_train": 24, "seed": 3}
+    assert command.model == ModelConfig(
+        dim=16, heads=2, layers=1, diffusion_at=("after_embedding",), diffusion_dilations=(1, 2)
+    )
+    assert command.optim.train_config(progress=True) == TrainConfig(total_steps=2, warmup_steps=0)
+    (tmp_path / RUN_NAME).write_text('{"format": 1, "command": {"modl": {}}}')
+    with pytest.raises(ValueError, match=r"run\.json is corrupt or from another version"):
+        read_run(tmp_path)
+
+
 def test_task_names_are_the_data_packages():
     assert typing.get_args(cli._TaskName) == TASK_NAMES
 

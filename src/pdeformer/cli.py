@@ -582,6 +582,8 @@ def read_run(run_dir: str | Path) -> TrainCommand:
         )
     try:
         record = json.loads(path.read_bytes().decode("utf-8"))
+        if isinstance(record, dict) and "format" not in record and "train_config" in record:
+            return _from_first_format(record, Path(run_dir))
         if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
             raise ValueError(f'it lacks "format": {RUN_FORMAT}')
         return _from_json(TrainCommand, record["command"], "command")
@@ -590,6 +592,44 @@ def read_run(run_dir: str | Path) -> TrainCommand:
             f"{path} is corrupt or from another version of pdeformer ({exc}); it must hold "
             f'{{"format": {RUN_FORMAT}, "command": ...}} as written by `pdeformer train`.'
         ) from None
+
+
+def _from_first_format(record: dict[str, Any], run_dir: Path) -> TrainCommand:
+    # run.json as the command line wrote it before the config dataclasses: flat, with the
+    # TrainConfig's fields under "train_config". Runs made then still evaluate and resume.
+    options = dict(record.get("task_options", {}))
+    seed = options.pop("seed", 0) if record.get("data_dir") is None else 0
+    config = record["train_config"]
+    return TrainCommand(
+        out=run_dir,
+        data=DataConfig(
+            task=record["task"],
+            data_dir=None if record.get("data_dir") is None else Path(record["data_dir"]),
+            task_option=tuple(f"{k}={v}" for k, v in options.items()),
+            data_seed=seed,
+        ),
+        model=ModelConfig(
+            dim=record["dim"],
+            heads=record["heads"],
+            layers=record["layers"],
+            hidden=record.get("hidden"),
+            model_seed=record.get("model_seed", 0),
+            diffusion_at=tuple(record.get("diffusion_at", ())),
+            diffusion_dilations=tuple(record.get("diffusion_dilations", (1,))),
+            diffusion_adaptive=record.get("diffusion_adaptive", False),
+        ),
+        optim=OptimConfig(
+            steps=config["total_steps"],
+            batch_size=config["batch_size"],
+            lr=config["lr"],
+            warmup=config["warmup_steps"],
+            weight_decay=config["weight_decay"],
+            clip_norm=config["clip_norm"],
+            seed=config["seed"],
+            eval_every=config["eval_every"],
+            checkpoint_every=config["checkpoint_every"],
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------
