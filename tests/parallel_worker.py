@@ -226,7 +226,7 @@ def cli(task):
         argv = ["train", *args, "--steps", "1", "--out", str(run), "--no-progress"]
         rc_train = cli_main([*argv, "--devices", "all"])
         rc_eval = cli_main(["evaluate", str(run), "--batch-size", "8", "--devices", "2"])
-        recorded = json.loads((run / "run.json").read_text())["devices"]
+        recorded = json.loads((run / "checkpoint.json").read_text())["devices"]
     return {"rc": [rc_train, rc_eval], "recorded_devices": recorded}
 
 

@@ -2,6 +2,7 @@
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
@@ -91,3 +92,15 @@ def test_default_adjoint_checkpoints():
     back = diffrax.BacksolveAdjoint()
     assert pf.Continuous(adjoint=back).adjoint is back
     assert pf.ExponentialContinuous().adjoint == diffrax.RecursiveCheckpointAdjoint(checkpoints=16)
+
+
+def test_diffusion_operator_large_init_is_stable():
+    # The inverse softplus of 1000 overflowed as log(expm1(1000)).
+    op = pf.DiffusionOperator(16, alpha_max=None, init=1000.0)
+    assert jnp.allclose(op.total(), 1000.0)
+    with jax.enable_x64(True):
+        for init in (1e-6, 0.1, 3.0, 50.0):
+            total = pf.DiffusionOperator(4, alpha_max=None, init=init, dtype=jnp.float64).total()
+            assert jnp.allclose(total, init, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="init must be > 0 and finite; got init=inf"):
+        pf.DiffusionOperator(4, alpha_max=None, init=float("inf"))

@@ -116,6 +116,6 @@ def test_command_line_distributed(tmp_path):
     out = tmp_path / "run"
     p0, p1 = _results([_start(i, 2, port, out, 2, "cli") for i in range(2)])
     assert p0 == p1 == {"rc": 0, "process_count": 2}
-    recorded = json.loads((out / "run.json").read_text())
+    recorded = json.loads((out / "checkpoint.json").read_text())
     assert recorded["devices"] == 4  # the mesh spans both processes' devices
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -5,13 +5,15 @@ import json
 
 import diffrax
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
 
 from helpers import tree_allclose
-from pdeformer import Classifier, Continuous, Discrete
-from pdeformer.cli import ADJOINTS, _build_parser, _depth
+from pdeformer import Classifier, Continuous, DiffusionOperator, Discrete
+from pdeformer.cli import ADJOINTS, integrator, parse
 from pdeformer.cli import main as cli_main
 from pdeformer.data import ListOpsConfig, batch_order, iterate_batches, load_task
 from pdeformer.training import (
@@ -151,6 +153,7 @@ def test_cli_help_train_and_evaluate(tmp_path, capsys):
     text = capsys.readouterr().out
     for option in ("--solver", "--rtol", "--atol", "--depth", "--resume", "--task-option"):
         assert option in text
+    assert "rtol/10" in text  # the tolerance rule, in both commands' --help
     args = ["--task-option", "max_depth=3", "--task-option", "min_length=5"]
     args += ["--task-option", "max_length=20", "--task-option", "num_train=24"]
     args += ["--task-option", "num_val=8", "--task-option", "num_test=8"]
@@ -163,6 +166,7 @@ def test_cli_help_train_and_evaluate(tmp_path, capsys):
     assert cli_main(["evaluate", str(out), "--batch-size", "8"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint_step"] == 2 and result["mean_nfe"] == 2.0
+    assert result["success"] == 1.0
     assert 0.0 <= result["accuracy"] <= 1.0
 
 
@@ -170,10 +174,48 @@ def test_cli_adjoint_names():
     # "recursive" is the library's default adjoint, sized by --max-steps.
     def adjoint(name, max_steps):
         argv = ["train", "--depth", "continuous", "--adjoint", name, "--out", "x"]
-        return _depth(_build_parser().parse_args([*argv, "--max-steps", str(max_steps)])).adjoint
+        return integrator(parse([*argv, "--max-steps", str(max_steps)]).integrator).adjoint
 
     assert sorted(ADJOINTS) == ["backsolve", "direct", "recursive"]
     assert adjoint("recursive", 4096) == diffrax.RecursiveCheckpointAdjoint(checkpoints=16)
     assert adjoint("recursive", 8) == diffrax.RecursiveCheckpointAdjoint(checkpoints=8)
     assert isinstance(adjoint("direct", 64), diffrax.DirectAdjoint)
     assert isinstance(adjoint("backsolve", 64), diffrax.BacksolveAdjoint)
+
+
+def test_non_finite_outputs_count_as_failures(task):
+    # NaN weights: every logit is NaN, so no batch succeeds and no example is correct.
+    model = _model(task, jr.PRNGKey(4))
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), eqx.filter(model, eqx.is_inexact_array))
+    broken = eqx.combine(nan, model)
+    ev = evaluate(broken, task.test, Discrete(), 8)
+    assert np.isnan(ev.logits).all()
+    assert ev.success == 0.0 and ev.accuracy == 0.0
+    # A stiff field (D = 1e10) under constant-step Euler overflows to inf and NaN.
+    stiff = Classifier(
+        task.vocab_size,
+        num_classes=task.num_classes,
+        key=jr.PRNGKey(5),
+        diffusion=DiffusionOperator(SIZES["dim"], alpha_max=None, init=1e10),
+        **SIZES,
+    )
+    euler = Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.125)
+    ev = evaluate(stiff, task.test, euler, 8)
+    assert not np.isfinite(ev.logits).all()
+    assert ev.success == 0.0
+
+
+def test_metrics_record_the_solve_success_and_nfe(task, tmp_path):
+    # Two adaptive steps at a tolerance that needs many: every solve fails, quietly.
+    depth = Continuous(
+        diffrax.Heun(), diffrax.PIDController(rtol=1e-9, atol=1e-10), max_steps=2, throw=False
+    )
+    config = TrainConfig(warmup_steps=0, total_steps=2, batch_size=8, progress=False)
+    _, history = train(_model(task, jr.PRNGKey(6)), task, depth, config, tmp_path)
+    log = [json.loads(s) for s in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert len(log) == 2
+    for record in (*history, *log):
+        assert record["success"] is False
+        assert isinstance(record["nfe"], int) and record["nfe"] > 0
+    _, history = train(_model(task, jr.PRNGKey(6)), task, Discrete(), config)
+    assert [r["success"] for r in history] == [True, True]

@@ -437,6 +437,21 @@ class MultiHeadAttention(eqx.Module):
 
     `ValueError` if `num_heads` does not divide `dim`, for an unknown `implementation`, or
     for a `block_size` below 1.
+
+    **Weights** (to map a trained model onto these fields): the projections compute
+    `qkv = u @ qkv_weight + qkv_bias` and `out @ out_weight + out_bias`, inputs on the left.
+
+    - `qkv_weight`, `(dim, 3 * dim)`: columns `[0, dim)` give the queries, `[dim, 2 dim)`
+      the keys, `[2 dim, 3 dim)` the values; inside each third the columns are head-major
+      (column `h * head_dim + j` is channel `j` of head `h`). This is PyTorch's
+      `nn.MultiheadAttention.in_proj_weight` transposed (`qkv_weight = in_proj_weight.T`,
+      `qkv_bias = in_proj_bias`), and Flax's separate `query`/`key`/`value` kernels
+      reshaped to `(dim, dim)` and concatenated along the columns.
+    - `out_weight`, `(dim, dim)`: PyTorch's `out_proj.weight.T` (`out_bias =
+      out_proj.bias`); its rows are the concatenated heads, head-major.
+
+    **Mask:** `mask[..., i]` is `True` where token `i` is a real token and `False` where it
+    is padding: the opposite of PyTorch's `key_padding_mask` (pass `~key_padding_mask`).
     """
 
     qkv_weight: Float[Array, "dim three_dim"]

@@ -104,10 +104,12 @@ class DiffusionOperator(eqx.Module):
             )
         if alpha_max is not None and not (0.0 < init < alpha_max):
             raise ValueError(f"init must lie in (0, alpha_max={alpha_max}); got init={init}.")
-        if alpha_max is None and init <= 0:
-            raise ValueError(f"init must be > 0; got init={init}.")
+        if alpha_max is None and not (0 < init < math.inf):
+            raise ValueError(f"init must be > 0 and finite; got init={init}.")
         if alpha_max is None:
-            theta0 = math.log(math.expm1(init))  # inverse softplus
+            # The inverse softplus log(exp(x) - 1), written as x + log(1 - exp(-x)): exp(x)
+            # overflows a float from x = 710 on, exp(-x) never does.
+            theta0 = init + math.log(-math.expm1(-init))
         else:
             p = init / alpha_max
             theta0 = math.log(p / (1 - p))  # inverse sigmoid

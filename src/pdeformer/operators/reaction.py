@@ -12,14 +12,22 @@ from .attention import _dense_init, dense
 
 
 class Reaction(eqx.Module):
-    """Token-wise two-layer MLP `W2 act(W1 u + b1) + b2`: the reaction term of the field.
+    """Token-wise two-layer MLP `act(u @ w1 + b1) @ w2 + b2`: the reaction term of the field.
+
+    The weights multiply from the right (`w1` is `(dim, hidden)`, `w2` is `(hidden, dim)`):
+    a PyTorch `nn.Linear` maps as `w1 = linear1.weight.T`, `b1 = linear1.bias` (and
+    likewise `linear2` to `w2`, `b2`); a Flax `Dense` kernel maps as it is.
 
     **Arguments:**
 
     - `dim`: model width.
     - `hidden`: width of the hidden layer (commonly `4 * dim`).
     - `key`: a JAX PRNG key for the initial weights.
-    - `activation`: the nonlinearity (default `jax.nn.gelu`).
+    - `activation`: the nonlinearity. The default, `jax.nn.gelu`, is the tanh approximation
+      of GELU (`approximate=True`, as in Flax and the LRA reference code); PyTorch's
+      default `nn.GELU()` is the exact one: pass
+      `activation=functools.partial(jax.nn.gelu, approximate=False)`.
+    - `dtype`: dtype of the weights.
     """
 
     w1: Float[Array, "dim hidden"]

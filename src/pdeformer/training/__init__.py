@@ -9,6 +9,7 @@ from ._parallel import DataParallel as DataParallel
 from ._parallel import to_host as to_host
 from ._train import CHECKPOINT_NAME as CHECKPOINT_NAME
 from ._train import METRICS_NAME as METRICS_NAME
+from ._train import CorruptCheckpointError as CorruptCheckpointError
 from ._train import Evaluation as Evaluation
 from ._train import NonFiniteLossError as NonFiniteLossError
 from ._train import Optimizer as Optimizer
@@ -23,6 +24,7 @@ from ._train import train_step as train_step
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "CorruptCheckpointError",
     "DataParallel",
     "METRICS_NAME",
     "Evaluation",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import io
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from ..data import Batch, Split, TaskData, iterate_batches, iterate_forever
 from ..depth import AbstractDepth
@@ -111,6 +115,12 @@ class NonFiniteLossError(FloatingPointError):
     """Training met a non-finite loss or gradient and stopped; the last good checkpoint is kept."""
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that cannot be read back: `checkpoint.json` or the `.eqx` file it names is
+    truncated, overwritten or missing. The message names the file; start afresh (without
+    `resume`) or restore the run directory from a copy."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     """The result of `evaluate`.
@@ -120,8 +130,12 @@ class Evaluation:
     - `wall_time`: seconds for the whole split, compilation excluded.
     - `time_per_batch`: `wall_time / num_batches`.
     - `num_examples`, `num_batches`.
-    - `success`: fraction of batches whose solve succeeded (see `Continuous(throw=False)`).
+    - `success`: fraction of batches whose solve succeeded (see `Continuous(throw=False)`)
+      and whose logits are all finite: NaN or infinite outputs (NaN weights, a solve that
+      blew up under a constant step) count as failures, never as a success.
     - `logits`: the logits, `(num_examples, classes)`, in the split's order.
+
+    An example whose logits are not all finite counts as wrong in `accuracy`.
     """
 
     accuracy: float
@@ -269,7 +283,9 @@ def train_step(
     **Returns:**
 
     `(model, opt_state, metrics)` with scalar metrics `loss`, `accuracy`, `nfe` (vector-field
-    evaluations of the forward solve), `num_rejected_steps`, `grad_norm` (before clipping).
+    evaluations of the forward solve), `num_rejected_steps`, `success` (whether the forward
+    solve succeeded: `False` where a `Continuous(throw=False)` ran out of steps, in which
+    case the step trained on the state the solver reached), `grad_norm` (before clipping).
     """
     grad_fn = eqx.filter_value_and_grad(_loss, has_aux=True)
     (loss, (logits, stats)), grads = grad_fn(model, batch, depth)
@@ -288,6 +304,7 @@ def train_step(
         "accuracy": accuracy,
         "nfe": stats.nfe,
         "num_rejected_steps": stats.num_rejected_steps,
+        "success": stats.success,
         "grad_norm": optax.tree.norm(grads),
     }
     return model, opt_state, metrics
@@ -364,13 +381,16 @@ def evaluate(
     start = time.perf_counter()
     for batch, n in _eval_batches(split, batch_size, pad_to):
         logits, nfe, success = to_host(_forward(model, _inputs(place(batch)), depth))
-        logits_all.append(np.asarray(logits)[:n])
+        logits = np.asarray(logits)[:n]
+        logits_all.append(logits)
         nfes.append(int(nfe))
-        successes.append(bool(success))
+        successes.append(bool(success) and bool(np.all(np.isfinite(logits))))
         num_batches += 1
     wall = time.perf_counter() - start
     logits = np.concatenate(logits_all)
-    accuracy = float(np.mean(np.argmax(logits, axis=-1) == split.labels))
+    # argmax of a NaN row is an arbitrary class: such an example is never counted correct.
+    finite = np.all(np.isfinite(logits), axis=-1)
+    accuracy = float(np.mean((np.argmax(logits, axis=-1) == split.labels) & finite))
     return Evaluation(
         accuracy=accuracy,
         mean_nfe=float(np.mean(nfes)),
@@ -390,6 +410,8 @@ def evaluate(
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     # A reader (or a resumed run after a kill) sees the old file or the new one, never half.
+    # A kill between mkstemp and os.replace leaves the temporary file behind: train() removes
+    # such files when it starts (`_remove_stale_temporaries`).
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
@@ -401,6 +423,42 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename itself is durable only once the directory's entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where a directory cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+# The temporary files `_atomic_write` makes for the files of a run directory.
+_TEMPORARY = re.compile(r"^\.(ckpt-\d+\.eqx|checkpoint\.json|metrics\.jsonl|run\.json)\..+\.tmp$")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for path in out.iterdir():
+        if _TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+class _HashingWriter:
+    # Writes through to a file and hashes what passes, so the checksum costs no second read.
+    def __init__(self, f):
+        self.f = f
+        self.hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.f.write(data)
 
 
 def _gather_nonlocal(tree: Any) -> Any:
@@ -420,8 +478,10 @@ def save_checkpoint(
 ) -> Path:
     """Write model and optimiser state, then the JSON sidecar naming them, both atomically.
 
-    The leaves go to `ckpt-{step}.eqx`; `checkpoint.json` (step, data position, config) is
-    replaced last, so it always names a complete file. Older `ckpt-*.eqx` files are removed.
+    The leaves go to `ckpt-{step}.eqx`; `checkpoint.json` (step, data position, config, the
+    SHA-256 checksum of the `.eqx` file) is replaced last, so it always names a complete
+    file; both renames are made durable by an `fsync` of the directory. Older `ckpt-*.eqx`
+    files are removed.
     Arrays on several devices (a `DataParallel` run) are gathered to the host first; with
     several processes, call it from one (`train` writes from process 0).
 
@@ -443,10 +503,18 @@ def save_checkpoint(
     # Arrays spanning other processes' devices cannot be read directly; local ones are saved
     # as they are (jnp.save keeps bfloat16), so a file does not depend on the device count.
     leaves = _gather_nonlocal((model, opt_state))
-    _atomic_write(out / name, lambda f: eqx.tree_serialise_leaves(f, leaves))
+    writer = None
+
+    def write(f) -> None:
+        nonlocal writer
+        writer = _HashingWriter(f)
+        eqx.tree_serialise_leaves(writer, leaves)
+
+    _atomic_write(out / name, write)
     meta = {
         "step": step,
         "file": name,
+        "sha256": writer.hash.hexdigest(),
         "data": {"start_step": step, "seed": config.seed, "batch_size": config.batch_size},
         "config": dataclasses.asdict(config),
         "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -477,7 +545,11 @@ def load_checkpoint(
 
     **Raises:**
 
-    `FileNotFoundError` if the directory holds no checkpoint.
+    `FileNotFoundError` if the directory holds no checkpoint. `CorruptCheckpointError`,
+    naming the file, if `checkpoint.json` is not a valid sidecar, or the `.eqx` file it
+    names is missing, fails its SHA-256 checksum (a truncated, overwritten or flipped byte)
+    or cannot be read into the templates. `ValueError` if a file that passes its checksum
+    does not fit the templates (a model built with other settings).
     """
     out = Path(out_dir)
     sidecar = out / CHECKPOINT_NAME
@@ -486,8 +558,46 @@ def load_checkpoint(
             f"no checkpoint in {out} (expected {CHECKPOINT_NAME}); train with out_dir={out} "
             "first, or pass the directory of a training run."
         )
-    meta = json.loads(sidecar.read_text())
-    model, opt_state = eqx.tree_deserialise_leaves(out / meta["file"], (model, opt_state))
+    fix = "start afresh (resume=False, or without --resume) or restore the run directory"
+    try:
+        meta = json.loads(sidecar.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{sidecar} is corrupt (not valid JSON: {exc}); {fix}."
+        ) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("file"), str):
+        raise CorruptCheckpointError(
+            f'{sidecar} is corrupt: it lacks the "file" entry naming the checkpoint; {fix}.'
+        )
+    if not isinstance(meta.get("step"), int):
+        raise CorruptCheckpointError(
+            f'{sidecar} is corrupt: it lacks the integer "step" entry; {fix}.'
+        )
+    path = out / meta["file"]
+    if not path.is_file():
+        raise CorruptCheckpointError(
+            f"{sidecar} names {path}, which is missing: the checkpoint is corrupt; {fix}."
+        )
+    data = path.read_bytes()
+    expected = meta.get("sha256")  # absent in checkpoints written before checksums
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptCheckpointError(
+            f"{path} is corrupt: its SHA-256 checksum differs from the one {CHECKPOINT_NAME} "
+            f"recorded ({len(data)} bytes; truncated or changed after it was written); {fix}."
+        )
+    try:
+        model, opt_state = eqx.tree_deserialise_leaves(io.BytesIO(data), (model, opt_state))
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if expected is None:
+            raise CorruptCheckpointError(
+                f"{path} is corrupt or does not fit the model ({text}); {fix}."
+            ) from None
+        raise ValueError(
+            f"{path} does not fit the model it is read into ({text}): the checkpoint is "
+            "intact, so the model was built with other settings than the run's. Build it "
+            "as the run did."
+        ) from None
     return model, opt_state, meta
 
 
@@ -498,57 +608,70 @@ def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _Progress:
-    """tqdm on stderr if installed, else one overwritten stderr line."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.enabled = enabled
-        self.total = total
-        self.n = initial
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, initial=initial, file=sys.stderr, desc="train")
-
-    def update(self, record: dict[str, Any]) -> None:
-        self.n += 1
-        if not self.enabled:
-            return
-        text = f"loss {record['loss']:.4f} acc {record['accuracy']:.3f} nfe {record['nfe']}"
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-        else:
-            print(f"\rtrain {self.n}/{self.total} {text}", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=sys.stderr, flush=True)
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    # A kill in the middle of a write leaves the last line cut short: that line is dropped.
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(
+                f"{path} line {i + 1} is corrupt (not valid JSON), before the last line; "
+                "remove that line, or start afresh without resume."
+            ) from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
-def _check_resume(meta: dict[str, Any], config: TrainConfig, task_data: TaskData) -> None:
+def _data_fingerprint(task_data: TaskData) -> str:
+    # The training split's bytes: another data seed, task option or data directory gives
+    # other examples, and resuming on them would continue another run.
+    h = hashlib.sha256()
+    for f in dataclasses.fields(task_data.train):
+        value = getattr(task_data.train, f.name)
+        if isinstance(value, np.ndarray):
+            h.update(f"{f.name}:{value.dtype}:{value.shape}".encode())
+            h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
+
+
+def _describe_depth(depth: AbstractDepth) -> str:
+    # The integrator with its tolerances as values: another solver, controller, tolerance or
+    # step budget is another trajectory.
+    text = eqx.tree_pformat(depth, short_arrays=False, width=10**6)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+
+
+def _check_resume(
+    meta: dict[str, Any], config: TrainConfig, task_data: TaskData, data: str, depth: str
+) -> None:
     old = meta.get("config", {})
     new = dataclasses.asdict(config)
     changed = sorted(
         k for k in new if k not in _RESUMABLE_CHANGES and k in old and old[k] != new[k]
     )
-    if changed:
-        diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
-        raise ValueError(
-            f"cannot resume: the config differs from the checkpoint's in fields that change the "
-            f"training trajectory ({diffs}). Pass the original config, or resume=False to start "
-            "afresh."
-        )
+    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed]
     if meta.get("task") not in (None, task_data.name):
+        diffs.append(f"task: {meta['task']!r} -> {task_data.name!r}")
+    if meta.get("data_sha256") not in (None, data):
+        diffs.append(
+            "training data: other examples (another data seed, task option or data directory)"
+        )
+    if meta.get("depth") not in (None, depth):
+        diffs.append(f"depth: {meta['depth']} -> {depth}")
+    if diffs:
         raise ValueError(
-            f"cannot resume: the checkpoint was trained on task {meta['task']!r}, not "
-            f"{task_data.name!r}."
+            "cannot resume: the run differs from the checkpoint's in settings that change the "
+            f"training trajectory ({'; '.join(diffs)}). Pass the original settings, or "
+            "resume=False to start afresh."
         )
 
 
@@ -566,12 +689,17 @@ def train(
     """Train a model on a task's training split with one integrator in depth.
 
     With an `out_dir`, every step is appended to `metrics.jsonl` (step, loss, accuracy, nfe,
-    grad_norm, lr, time) and checkpoints are written atomically every
-    `config.checkpoint_every` steps and at the end. `resume=True` continues from the latest
-    checkpoint exactly as if the run had not stopped: same parameters, optimiser state and data
-    order (`iterate_forever(start_step=...)`); log lines written after that checkpoint are
-    dropped. Without a checkpoint, `resume=True` starts afresh; `resume=False` always starts
-    afresh, replacing the log and checkpoints in `out_dir`.
+    num_rejected_steps, success of the forward solve, grad_norm, lr, time) and checkpoints
+    are written atomically every `config.checkpoint_every` steps and at the end.
+    `resume=True` continues from the latest checkpoint exactly as if the run had not
+    stopped: same parameters, optimiser state and data order
+    (`iterate_forever(start_step=...)`); log lines written after that checkpoint are
+    dropped, and so is a last line cut short by a kill. A resume is refused (`ValueError`,
+    listing the differences) if the config, the task, the training data or the integrator
+    `depth` differ from the checkpoint's; nothing in `out_dir` changes before the checkpoint
+    has loaded and been compared. Without a checkpoint, `resume=True` starts afresh;
+    `resume=False` always starts afresh, replacing the log and checkpoints in `out_dir`.
+    Temporary files left by a kill during a write are removed when training starts.
 
     With `parallel=DataParallel(...)` the model and optimiser state are replicated on its
     devices and every batch is split over them: the same steps, losses and parameters as on
@@ -604,9 +732,10 @@ def train(
     **Raises:**
 
     `NonFiniteLossError` when the loss or gradient norm is not finite; the model of that step
-    is discarded and the last checkpoint kept. `ValueError` for a resume with a different
-    config, or for a `batch_size` (or `eval_batch_size`) that `parallel`'s devices do not
-    divide.
+    is discarded and the last checkpoint kept. `CorruptCheckpointError` (naming the file) for a
+    resume from a corrupt checkpoint. `ValueError` for a resume with a different config,
+    task, training data or integrator, or for a `batch_size` (or `eval_batch_size`) that
+    `parallel`'s devices do not divide.
     """
     eval_batch_size = config.eval_batch_size or config.batch_size
     if parallel is not None:
@@ -622,22 +751,27 @@ def train(
     start = 0
     history: list[dict[str, Any]] = []
     out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        fingerprint = _data_fingerprint(task_data)
+        depth_text = _describe_depth(depth)
     last_checkpoint: int | None = None
     log = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         log_path = out / METRICS_NAME
+        # Nothing in out_dir changes before the checkpoint has loaded and been compared.
         if resume and (out / CHECKPOINT_NAME).is_file():
             model, opt_state, meta = load_checkpoint(out, model, opt_state)
-            _check_resume(meta, config, task_data)
+            _check_resume(meta, config, task_data, fingerprint, depth_text)
             start = last_checkpoint = int(meta["step"])
             if log_path.is_file():
-                lines = [json.loads(s) for s in log_path.read_text().splitlines() if s.strip()]
-                history = [r for r in lines if r.get("step", math.inf) < start]
+                history = [r for r in _read_log(log_path) if r.get("step", math.inf) < start]
             if writer:
+                _remove_stale_temporaries(out)
                 kept = "".join(json.dumps(r) + "\n" for r in history)
                 _atomic_write(log_path, lambda f: f.write(kept), mode="w")
         elif writer:
+            _remove_stale_temporaries(out)
             for old in [*out.glob("ckpt-*.eqx"), out / CHECKPOINT_NAME]:
                 old.unlink(missing_ok=True)
             log_path.write_text("")
@@ -652,13 +786,21 @@ def train(
             # Every process takes part in gathering; one writes.
             saved_model, saved_state = _gather_nonlocal((model, opt_state))
             if writer:
-                save_checkpoint(
-                    out, saved_model, saved_state, step, config, extra={"task": task_data.name}
-                )
+                extra = {
+                    "task": task_data.name,
+                    "data_sha256": fingerprint,
+                    "depth": depth_text,
+                    "devices": 1 if parallel is None else parallel.num_devices,
+                }
+                save_checkpoint(out, saved_model, saved_state, step, config, extra=extra)
             last_checkpoint = step
 
-    progress = _Progress(
-        config.total_steps, start, writer and config.progress and start < config.total_steps
+    progress = tqdm(
+        total=config.total_steps,
+        initial=start,
+        desc="train",
+        file=sys.stderr,
+        disable=not (writer and config.progress and start < config.total_steps),
     )
     try:
         data = iterate_forever(
@@ -682,7 +824,11 @@ def train(
             elapsed = time.perf_counter() - t0
             record: dict[str, Any] = {"step": step}
             for k, v in metrics.items():
-                record[k] = float(v) if np.issubdtype(np.asarray(v).dtype, np.floating) else int(v)
+                kind = np.asarray(v).dtype
+                if kind == np.bool_:
+                    record[k] = bool(v)
+                else:
+                    record[k] = float(v) if np.issubdtype(kind, np.floating) else int(v)
             record["lr"] = float(schedule(step))
             record["time"] = elapsed
             if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
@@ -716,7 +862,11 @@ def train(
             if log is not None:
                 log.write(json.dumps(_json_safe(record)) + "\n")
                 log.flush()
-            progress.update(record)
+            progress.set_postfix_str(
+                f"loss {record['loss']:.4f} acc {record['accuracy']:.3f} nfe {record['nfe']}",
+                refresh=False,
+            )
+            progress.update(1)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 checkpoint(step + 1)
             if callback is not None:

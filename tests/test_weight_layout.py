@@ -1,0 +1,80 @@
+"""The weight layouts the docstrings promise, checked against an independent reference.
+
+A user mapping a PyTorch `nn.MultiheadAttention` / `nn.Linear` or a Flax model onto the
+library relies on these: `qkv_weight` is PyTorch's `in_proj_weight` transposed (columns
+q|k|v, head-major inside each), `Reaction` computes `act(u @ w1 + b1) @ w2 + b2`, the mask is
+`True` on real tokens, padded positions are carried unchanged, and the default GELU is the
+tanh approximation.
+"""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import pdeformer as pf
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _torch_attention(x, in_proj_weight, in_proj_bias, out_weight, out_bias, heads, pad):
+    """PyTorch's multi-head attention for one sequence, in numpy (`key_padding_mask=pad`)."""
+    seq, dim = x.shape
+    d = dim // heads
+    qkv = x @ in_proj_weight.T + in_proj_bias  # nn.Linear: x W^T + b, rows of W are q|k|v
+    q, k, v = (qkv[:, i * dim : (i + 1) * dim].reshape(seq, heads, d) for i in range(3))
+    logits = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
+    logits = np.where(pad[None, None, :], -np.inf, logits)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w = w / w.sum(-1, keepdims=True)
+    out = np.einsum("hts,shd->thd", w, v).reshape(seq, dim)
+    return out @ out_weight.T + out_bias
+
+
+def test_qkv_weight_is_pytorch_in_proj_weight_transposed_and_mask_is_true_on_tokens():
+    dim, heads, seq = 8, 2, 5
+    rng = np.random.default_rng(0)
+    in_w, in_b = rng.normal(size=(3 * dim, dim)), rng.normal(size=3 * dim)
+    out_w, out_b = rng.normal(size=(dim, dim)), rng.normal(size=dim)
+    x = rng.normal(size=(seq, dim))
+    pad = np.array([False, False, False, True, True])  # PyTorch: True marks padding
+    mha = pf.MultiHeadAttention(
+        dim, heads, key=jr.PRNGKey(0), implementation="einsum", dtype=jnp.float64
+    )
+    weights = lambda m: (m.qkv_weight, m.qkv_bias, m.out_weight, m.out_bias)  # noqa: E731
+    mha = eqx.tree_at(weights, mha, tuple(jnp.asarray(a) for a in (in_w.T, in_b, out_w.T, out_b)))
+    ours = mha(jnp.asarray(x), jnp.asarray(~pad))  # the library's mask: True on real tokens
+    np.testing.assert_allclose(
+        ours, _torch_attention(x, in_w, in_b, out_w, out_b, heads, pad), rtol=1e-10
+    )
+
+
+def test_reaction_multiplies_from_the_right_with_tanh_gelu_by_default():
+    reaction = pf.Reaction(4, 6, key=jr.PRNGKey(1), dtype=jnp.float64)
+    u = jr.normal(jr.PRNGKey(2), (3, 4), jnp.float64)
+    hidden = u @ reaction.w1 + reaction.b1
+    tanh_gelu = 0.5 * hidden * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden**3)))
+    np.testing.assert_allclose(reaction(u), tanh_gelu @ reaction.w2 + reaction.b2, rtol=1e-12)
+    exact = functools.partial(jax.nn.gelu, approximate=False)
+    exact_reaction = pf.Reaction(4, 6, key=jr.PRNGKey(1), activation=exact, dtype=jnp.float64)
+    erf_gelu = 0.5 * hidden * (1 + jax.scipy.special.erf(hidden / np.sqrt(2)))
+    np.testing.assert_allclose(exact_reaction(u), erf_gelu @ reaction.w2 + reaction.b2, rtol=1e-12)
+    assert not np.allclose(reaction(u), exact_reaction(u), rtol=1e-9, atol=0)
+
+
+def test_padded_positions_are_carried_unchanged():
+    field = pf.Field(8, 2, 2, key=jr.PRNGKey(3), dtype=jnp.float64)
+    u0 = jr.normal(jr.PRNGKey(4), (2, 5, 8), jnp.float64)
+    mask = jnp.array([[True] * 5, [True, True, True, False, False]])
+    for depth in (pf.Discrete(), pf.Continuous()):
+        u = depth(field, u0, mask).u
+        np.testing.assert_array_equal(u[1, 3:], u0[1, 3:])
+        assert not np.allclose(u[1, :3], u0[1, :3])
