@@ -235,6 +235,10 @@ def test_gate_needs_both_criteria():
     assert "test accuracy" in loss_only.reason and "training loss" not in loss_only.reason
     accuracy_only = learning_gate(TRAIN, TEST, 1.0, BEST.conditional_entropy - 0.1, RULES)
     assert not accuracy_only.passed
+    assert accuracy_only.reason == (
+        "FAILED: final training loss 0.218 is +0.100 nats below its conditional entropy 0.318 "
+        "(need >= 0.200); draw no conclusion from this run."
+    )
     assert "training loss" in accuracy_only.reason and "test accuracy" not in (accuracy_only.reason)
     # Exactly at both thresholds passes.
     edge = learning_gate(TRAIN, TEST, 0.55, BEST.conditional_entropy - 0.2, RULES)

@@ -368,7 +368,7 @@ def learning_gate(
         f"{100 * min_accuracy_margin:+.1f})"
     )
     loss_text = (
-        f"final training loss {final_train_loss:.3f} is {loss_margin:.3f} nats below its "
+        f"final training loss {final_train_loss:.3f} is {loss_margin:+.3f} nats below its "
         f"conditional entropy {best.conditional_entropy:.3f} (need >= {min_loss_margin:.3f})"
     )
     if passed:
