@@ -21,6 +21,7 @@ from ._train import make_optimizer as make_optimizer
 from ._train import save_checkpoint as save_checkpoint
 from ._train import train as train
 from ._train import train_step as train_step
+from .gate import *  # noqa: F403 (the learning gate: the names in gate.__all__)
 
 __all__ = [
     "CHECKPOINT_NAME",
