@@ -49,9 +49,9 @@ from .operators import MultiHeadAttention as MultiHeadAttention
 from .operators import Reaction as Reaction
 from .operators import RMSNorm as RMSNorm
 from .operators import neumann_laplacian as neumann_laplacian
-from .placement import INSERTION_POINTS as INSERTION_POINTS
 from .operators.spectral import DiffusionTerm as DiffusionTerm
 from .operators.spectral import exact_diffusion as exact_diffusion
+from .placement import INSERTION_POINTS as INSERTION_POINTS
 
 __version__ = "0.1.0"
 

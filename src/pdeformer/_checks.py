@@ -1,7 +1,5 @@
 """Argument checks shared by the integrators and the spectral operator (private)."""
 
-from collections.abc import Sequence
-
 import diffrax
 import equinox as eqx
 import jax
@@ -28,7 +26,7 @@ def check_state(u0, mask) -> None:
             raise TypeError(f"mask must be boolean (True = valid token); got dtype {mask.dtype}.")
 
 
-def check_save_at(save_at: Sequence[float] | None, t1: float) -> np.ndarray | None:
+def check_save_at(save_at, t1: float) -> np.ndarray | None:
     """The save depths as a float64 array, or `None`."""
     if save_at is None:
         return None

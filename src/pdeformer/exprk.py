@@ -50,7 +50,6 @@ class AbstractSpectralTerm(diffrax.AbstractTerm):
         return jax.tree.map(lambda v: control * v, vf)
 
 
-
 _SERIES_TERMS = 18  # |z| < 1: the remainder is below 1/(18 + j)! < 1e-15 relative
 
 
@@ -260,5 +259,3 @@ class ExpRK3(AbstractExponentialRK):
         e=(((1.5, 2, 1.0),), ((-3.0, 2, 1.0),), ((1.5, 2, 1.0),)),
         order=3,
     )
-
-

@@ -105,15 +105,27 @@ def _clip_controller(controller, *, jump_ts, step_ts, dtype):
     )
 
 
-class _FirstStageCounter(diffrax.AbstractAdaptiveStepSizeController):
-    """Wraps a controller to count the steps whose first stage is evaluated afresh.
+SNAP_FRACTION = 1e-3
+"""A proposed step that would stop short of a jump by less than this fraction of its own
+length (or by a few ulps) is stretched onto the jump (see `_JumpAware`)."""
 
-    An FSAL method reuses the previous step's last stage, except on the first step and on
-    every attempt that starts after a jump (retries of a rejected post-jump step included).
-    diffrax's statistics do not say how many such attempts there were; this state does.
+
+class _JumpAware(diffrax.AbstractAdaptiveStepSizeController):
+    """Wraps a controller: snaps step ends onto jumps, and counts fresh first stages.
+
+    - A step whose proposed end falls just short of a jump time (within a few ulps, or
+      `SNAP_FRACTION` of the step) ends on the jump instead (on `prevbefore(jump)`, where
+      `diffrax.ClipStepSizeController` ends a step it clips). Otherwise the next step is a
+      sliver of a few ulps onto the jump, after which the controller restarts from a step
+      near 1e-16 and needs a dozen steps to grow back, for no gain in accuracy.
+    - An FSAL method reuses the previous step's last stage, except on the first step and
+      on every attempt that starts after a jump (retries of a rejected post-jump step
+      included). diffrax's statistics do not say how many such attempts there were; this
+      state does.
     """
 
     controller: diffrax.AbstractAdaptiveStepSizeController
+    jump_ts: jax.Array | None = None
 
     @property
     def rtol(self):
@@ -128,11 +140,23 @@ class _FirstStageCounter(diffrax.AbstractAdaptiveStepSizeController):
         return self.controller.norm
 
     def wrap(self, direction):
-        return _FirstStageCounter(self.controller.wrap(direction))
+        return _JumpAware(self.controller.wrap(direction), self.jump_ts)
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         t1, inner = self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
         return t1, (inner, jnp.asarray(True), jnp.asarray(0, jnp.int32))
+
+    def _snap(self, next_t0, next_t1):
+        if self.jump_ts is None or self.jump_ts.size == 0:
+            return next_t1
+        ts = self.jump_ts.astype(next_t1.dtype)
+        inf = jnp.asarray(jnp.inf, next_t1.dtype)
+        jump = jnp.min(jnp.where(ts > next_t0, ts, inf))
+        target = jnp.nextafter(jump, -inf)
+        gap = target - next_t1
+        ulps = 16 * jnp.finfo(next_t1.dtype).eps * jnp.maximum(jnp.abs(jump), 1)
+        near = (gap > 0) & (gap <= jnp.maximum(ulps, SNAP_FRACTION * (next_t1 - next_t0)))
+        return jnp.where(jnp.isfinite(jump) & near, target, next_t1)
 
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, state):
         inner, fresh, count = state
@@ -140,6 +164,7 @@ class _FirstStageCounter(diffrax.AbstractAdaptiveStepSizeController):
         keep, next_t0, next_t1, made_jump, inner, result = self.controller.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, inner
         )
+        next_t1 = self._snap(next_t0, next_t1)
         # A rejected attempt is retried from the same start, so it stays fresh.
         fresh = jnp.where(keep, jnp.asarray(made_jump), fresh)
         return keep, next_t0, next_t1, made_jump, (inner, fresh, count), result
@@ -289,12 +314,17 @@ class Continuous(AbstractContinuous):
             u=u1, ts=ts, us=us, stats=self._stats(n, n, 0, field.pieces().count, True)
         )
 
+    def _controller(self, field, dtype) -> _JumpAware:
+        # The caller's controller, told the field's jump times and wrapped to snap step
+        # ends onto them and to count fresh first stages.
+        jumps = field.jump_times()
+        controller = _clip_controller(self.controller, jump_ts=jumps, step_ts=(), dtype=dtype)
+        jump_ts = getattr(controller, "jump_ts", None)
+        return _JumpAware(controller, jump_ts)
+
     def _adaptive(self, field, u0, mask, ts_save):
         term = diffrax.ODETerm(VectorField(field, self.matmul_precision))
-        controller = _clip_controller(
-            self.controller, jump_ts=field.jump_times(), step_ts=(), dtype=u0.dtype
-        )
-        controller = _FirstStageCounter(controller)
+        controller = self._controller(field, u0.dtype)
         dt0 = field.discrete_step if self.dt0 is None else self.dt0
 
         def solve(u, t0, t1, ts):

@@ -151,6 +151,4 @@ class ExponentialContinuous(AbstractContinuous):
         )
         if ts_save is None:
             return DepthSolution(u=sol.ys[-1], ts=None, us=None, stats=st)
-        return DepthSolution(
-            u=sol.ys[-1], ts=jnp.asarray(ts_save, dtype), us=sol.ys[:-1], stats=st
-        )
+        return DepthSolution(u=sol.ys[-1], ts=jnp.asarray(ts_save, dtype), us=sol.ys[:-1], stats=st)
