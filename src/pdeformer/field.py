@@ -63,7 +63,9 @@ class Block(eqx.Module):
     after_norm: eqx.Module | None = None
     after_attention: eqx.Module | None = None
     after_ffn: eqx.Module | None = None
-    terms: tuple[AbstractLayerTerm, ...] = ()
+    # None rather than an empty tuple when there are none: `()` is one shared object, which
+    # `eqx.tree_at` (used by diffrax's BacksolveAdjoint on the whole term) cannot tell apart.
+    terms: tuple[AbstractLayerTerm, ...] | None = None
 
     def attention_signals(
         self,
@@ -98,7 +100,7 @@ class Block(eqx.Module):
         """The FFN branch `R(N'(u))` plus the extra terms, with the `after_ffn` diffusion
         layer where set (`mask` is read by that layer and by the terms)."""
         r = _per_sequence(self.after_ffn, self.reaction_signal(u), mask)
-        for term in self.terms:
+        for term in self.terms or ():
             r = r + _per_sequence(term, u, mask)
         return r
 
@@ -501,7 +503,7 @@ class Field(eqx.Module):
                 ),
                 reaction_norm=norm(dim, dtype=dtype),
                 reaction=Reaction(dim, hidden, key=kr, activation=activation, dtype=dtype),
-                terms=extra,
+                terms=extra or None,
                 **branches,
             )
 
