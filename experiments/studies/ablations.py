@@ -7,6 +7,7 @@
 
 import jax
 import jax.numpy as jnp
+
 import pdeformer as pf
 
 

@@ -5,6 +5,10 @@
 With the sequential composition, layer `l` owns the depth interval `[l, l+1)`: attention
 acts on `[l, l+1/2)` with rate `2 A_l(N_l(u))`, the reaction on `[l+1/2, l+1)` with rate
 `2 R_l(N'_l(u))`. Forward Euler with step 1/2 is then the pre-LN Transformer, bit for bit.
+
+The field reports its own structure in depth (`Field.pieces`: the intervals on which its rate
+is smooth, and `Field.on_piece`: the rate of each); the integrators in `pdeformer.depth` step
+over those pieces and pass nothing but `(t, u, mask)` to the field.
 """
 
 import abc
