@@ -194,8 +194,9 @@ class Continuous(AbstractContinuous):
     An adaptive controller runs one diffrax solve over `[0, T]` with the ends of the
     field's pieces as jump times (one solve per layer for a field with maps between
     layers); a step that would end just short of a jump is stretched onto it, so that no
-    sliver step restarts the controller. A constant step runs `solver`'s steps piece by piece (see `Discrete`): with
-    `diffrax.Euler()` and `dt0=field.discrete_step` it is `Discrete()`, bit for bit.
+    sliver step restarts the controller. A constant step runs `solver`'s steps piece by
+    piece (see `Discrete`): with `diffrax.Euler()` and `dt0=field.discrete_step` it is
+    `Discrete()`, bit for bit.
 
     **Arguments:**
 
