@@ -52,6 +52,7 @@ from .operators import neumann_laplacian as neumann_laplacian
 from .operators.spectral import DiffusionTerm as DiffusionTerm
 from .operators.spectral import exact_diffusion as exact_diffusion
 from .placement import INSERTION_POINTS as INSERTION_POINTS
+from .unrolled import Unrolled as Unrolled
 
 __version__ = "0.1.0"
 

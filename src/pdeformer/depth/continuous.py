@@ -18,6 +18,7 @@ from .._checks import (
     check_save_at,
     check_state,
 )
+from ..unrolled import Unrolled
 from ._base import (
     AbstractDepth,
     DepthSolution,
@@ -73,6 +74,8 @@ def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, bool]:
     """
     if isinstance(solver, diffrax.Euler):
         return 1, False
+    if isinstance(solver, Unrolled):  # the same method
+        solver = solver.solver
     tableau = getattr(solver, "tableau", None)
     if isinstance(tableau, diffrax.ButcherTableau) and isinstance(solver, diffrax.AbstractERK):
         if tableau.fsal:
