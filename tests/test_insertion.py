@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import pdeformer as pf
-from helpers import default_codegen_jit, max_abs_diff, prefix_mask
+from helpers import max_abs_diff, prefix_mask
 from pdeformer.placement import ENCODER_POINTS, FIELD_POINTS, INSERTION_POINTS
 
 
@@ -139,7 +139,7 @@ def test_points_follow_the_schedule(getkey, schedule):
     euler = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)
 
     def run(depth):
-        return default_codegen_jit(lambda f: depth(f, x, mask).u)(field)
+        return jax.jit(lambda f: depth(f, x, mask).u)(field)
 
     a, b = run(pf.Discrete()), run(euler)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

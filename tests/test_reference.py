@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import pdeformer as pf
-from helpers import default_codegen_jit, max_abs_diff, prefix_mask
+from helpers import max_abs_diff, prefix_mask
 
 
 def _layer_norm(x, w, b, eps):
@@ -164,7 +164,8 @@ def test_discrete_equals_plain_transformer(getkey, dtype, tol, padded, post_ln):
         seq = x.shape[1]
         lengths = [seq, seq - 5, 3] if padded else [seq] * 3
         mask = prefix_mask(lengths, seq)
-        sol = jax.jit(lambda f, x, m: pf.Discrete(post_norm=post_ln)(f, x, m))(field, x, mask)
+        depth = pf.PostLN() if post_ln else pf.Discrete()
+        sol = jax.jit(lambda f, x, m: depth(f, x, m))(field, x, mask)
         W = _weights(field)
         for b in range(x.shape[0]):
             ref = _reference_encoder(W, x[b], mask[b], 4, 1e-5, post_ln=post_ln)
@@ -174,21 +175,6 @@ def test_discrete_equals_plain_transformer(getkey, dtype, tol, padded, post_ln):
             # Pads are frozen: they keep their initial states.
             assert jnp.array_equal(sol.u[b, n:], x[b, n:])
         assert int(sol.stats.nfe) == 2 * field.num_layers
-
-
-@pytest.mark.parametrize("post_ln", [False, True])
-def test_discrete_without_residual_equals_plain_encoder(getkey, post_ln):
-    """`Discrete(residual=False)`: each branch replaces the stream; pads keep their states."""
-    field, x = _case(jnp.float32, getkey())
-    lengths = [12, 7, 3]
-    mask = prefix_mask(lengths, 12)
-    sol = pf.Discrete(post_norm=post_ln, residual=False)(field, x, mask)
-    W = _weights(field)
-    for b in range(x.shape[0]):
-        ref = _reference_encoder(W, x[b], mask[b], 4, 1e-5, post_ln=post_ln, residual=False)
-        n = lengths[b]
-        assert max_abs_diff(sol.u[b, :n], ref[:n]) <= 1e-4 * max(1.0, float(jnp.abs(ref).max()))
-        assert jnp.array_equal(sol.u[b, n:], x[b, n:])
 
 
 FIELD_POINTS = ("before_norm", "after_norm", "after_attention", "after_ffn", "between_layers")
@@ -276,32 +262,97 @@ def test_insertion_points_equal_plain_transformer(getkey):
             assert max_abs_diff(run(off), u) > 1e-6
 
 
-def test_insertion_points_euler_half_step_is_discrete(getkey):
-    """With all field points, `Continuous(Euler, dt=1/2)` is bit-for-bit `Discrete()`,
-    saved states included (at integer depths: the states after the between-layer map)."""
+def _euler_half_step():
     import diffrax
 
-    field, x = _with_diffusion(jnp.float32, getkey())
-    mask = prefix_mask([12, 7, 3], 12)
-    save = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
-    euler = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)
+    return pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)
+
+
+def _assert_same_solves(field, x, mask, save):
+    """`Discrete()` and `Continuous(Euler, dt=1/2)`, each jitted on its own as a user
+    would, agree bit for bit: final state, saved states and statistics."""
 
     def run(depth):
         def solve(f):
             sol = depth(f, x, mask, save_at=save)
-            return sol.u, sol.us
+            return sol.u, sol.us, sol.stats.nfe
 
-        return default_codegen_jit(solve)(field)
+        return jax.jit(solve)(field)
 
-    (a_u, a_us), (b_u, b_us) = run(pf.Discrete()), run(euler)
+    (a_u, a_us, a_nfe), (b_u, b_us, b_nfe) = run(pf.Discrete()), run(_euler_half_step())
     np.testing.assert_array_equal(np.asarray(a_u), np.asarray(b_u))
-    np.testing.assert_array_equal(np.asarray(a_us), np.asarray(b_us))
+    if save is not None:
+        np.testing.assert_array_equal(np.asarray(a_us), np.asarray(b_us))
+    assert int(a_nfe) == int(b_nfe) == 2 * field.num_layers
+    return a_u, a_us
+
+
+@pytest.mark.parametrize("diffusion", [False, True], ids=["plain", "diffusion_rate"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_discrete_is_euler_with_half_step(getkey, dtype, diffusion):
+    """`Discrete()` is `Continuous(Euler, ConstantStepSize, dt0=1/2)` by construction (one
+    program walks the field's pieces for both), so they agree bit for bit: float32 and
+    float64, with and without the `D Lap(u)` rate term, with padding and saved states.
+    No compiler flag is involved: the two compile the same operations in the same order."""
+    with jax.enable_x64(dtype == jnp.float64):
+        field, x = _case(dtype, getkey())
+        if diffusion:
+            op = pf.DiffusionOperator(16, alpha_max=None, init=0.3, dtype=dtype)
+            field = eqx.tree_at(lambda f: f.diffusion, field, op, is_leaf=lambda v: v is None)
+        mask = prefix_mask([12, 7, 3], 12)
+        _assert_same_solves(field, x, mask, [0.0, 0.5, 1.0, 2.5, 3.0])
+
+
+@pytest.mark.parametrize("point", [*FIELD_POINTS, "all"])
+def test_insertion_points_euler_half_step_is_discrete(getkey, point):
+    """With diffusion layers at each field insertion point (and at all of them, with the
+    `D Lap(u)` rate term too), `Continuous(Euler, dt=1/2)` is bit-for-bit `Discrete()`,
+    saved states included (at integer depths: the states after the between-layer map)."""
+    field, x = _with_diffusion(jnp.float32, getkey())
+    if point != "all":
+        field = eqx.tree_at(
+            lambda f: [getattr(f.blocks, p) for p in FIELD_POINTS[:4]] + [f.transitions],
+            field,
+            [getattr(field.blocks, p) if p == point else None for p in FIELD_POINTS[:4]]
+            + [field.transitions if point == "between_layers" else None],
+            is_leaf=lambda v: v is None,
+        )
+        assert field.diffusion_at == (point,)
+    else:
+        op = pf.DiffusionOperator(16, alpha_max=None, init=0.3)
+        field = eqx.tree_at(lambda f: f.diffusion, field, op, is_leaf=lambda v: v is None)
+    mask = prefix_mask([12, 7, 3], 12)
+    save = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+    _, a_us = _assert_same_solves(field, x, mask, save)
+    if point != "all":
+        return
     # The state saved at t = 1 is D_0 applied to the state at the end of layer 0.
     end0 = pf.Discrete()(
         eqx.tree_at(lambda f: f.transitions, field, None), x, mask, save_at=[1.0]
     ).us[0]
-    mapped = jax.vmap(field.transition, in_axes=(None, 0, 0))(0, end0, mask)
+    mapped = field.transition(0, end0, mask)
     np.testing.assert_allclose(np.asarray(a_us[2]), np.asarray(mapped), rtol=1e-6, atol=1e-6)
+
+
+def test_one_smooth_piece_takes_one_step(getkey):
+    """`Shared()` weights with `ParallelBlock()` are one smooth piece: a constant step of the
+    whole depth is allowed (one Euler step over four layers), and `Discrete()` is still
+    Euler with step 1 over that piece, bit for bit."""
+    import diffrax
+
+    field = pf.Field(16, 4, 4, key=getkey(), schedule=pf.Shared(), composition=pf.ParallelBlock())
+    assert field.pieces() == pf.Pieces(width=4.0, branches=(0,), periods=1)
+    assert field.jump_times() == ()
+    x = jr.normal(getkey(), (2, 12, 16))
+    mask = prefix_mask([12, 5], 12)
+    one = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=4.0)(field, x, mask)
+    assert int(one.stats.num_steps) == int(one.stats.nfe) == 1
+    rate = field(jnp.asarray(0.0), x, mask)
+    np.testing.assert_allclose(np.asarray(one.u), np.asarray(x + 4.0 * rate), rtol=1e-6, atol=1e-6)
+    unit = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=1.0)
+    a = jax.jit(lambda f: pf.Discrete()(f, x, mask).u)(field)
+    b = jax.jit(lambda f: unit(f, x, mask).u)(field)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_insertion_points_adaptive_converges(getkey):
@@ -322,26 +373,6 @@ def test_insertion_points_adaptive_converges(getkey):
         assert max_abs_diff(a.us[np.array([0, 2, 3, 5])], b.us) <= 1e-6
         assert max_abs_diff(a.us[-1], a.u) == 0.0
         np.testing.assert_array_equal(np.asarray(a.ts), np.asarray(save))
-
-
-def test_discrete_is_euler_with_half_step(getkey):
-    """The same field under `Continuous(Euler, dt=1/2)` is bit-for-bit the discrete model."""
-    import diffrax
-
-    field, x = _case(jnp.float32, getkey())
-    mask = prefix_mask([12, 7, 3], 12)
-    euler = pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)
-
-    def run(depth):
-        def solve(f):
-            sol = depth(f, x, mask)
-            return sol.u, sol.stats.nfe
-
-        return default_codegen_jit(solve)(field)
-
-    (a_u, a_nfe), (b_u, b_nfe) = run(pf.Discrete()), run(euler)
-    np.testing.assert_array_equal(np.asarray(a_u), np.asarray(b_u))
-    assert int(b_nfe) == int(a_nfe) == 6
 
 
 def test_parallel_block_is_euler_step_one(getkey):

@@ -16,7 +16,8 @@ import scipy.linalg
 
 import pdeformer as pf
 from helpers import prefix_mask
-from pdeformer.stiff import ExponentialTableau, exact_diffusion, phi
+from pdeformer.exprk import ExponentialTableau, phi
+from pdeformer.operators.spectral import exact_diffusion
 
 
 def _operator(dim, d, *, dilations=(1,), mix_seed=None):

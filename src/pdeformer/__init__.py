@@ -4,20 +4,28 @@ One vector field (`Field`), many integrators: `Discrete()` is the standard Trans
 `Continuous(solver, controller, adjoint)` its exact flow under diffrax.
 """
 
-from .adjoint import KeepResidualsAdjoint as KeepResidualsAdjoint
+from .depth import AbstractContinuous as AbstractContinuous
 from .depth import AbstractDepth as AbstractDepth
 from .depth import Continuous as Continuous
 from .depth import DepthSolution as DepthSolution
 from .depth import DepthStats as DepthStats
 from .depth import Discrete as Discrete
+from .depth import ExponentialContinuous as ExponentialContinuous
+from .depth import PostLN as PostLN
 from .depth import evaluations_per_step as evaluations_per_step
+from .exprk import AbstractExponentialRK as AbstractExponentialRK
+from .exprk import ExpRK2 as ExpRK2
+from .exprk import ExpRK3 as ExpRK3
 from .field import AbstractComposition as AbstractComposition
+from .field import AbstractLayerTerm as AbstractLayerTerm
 from .field import AbstractSchedule as AbstractSchedule
 from .field import Block as Block
 from .field import Field as Field
 from .field import Interpolated as Interpolated
 from .field import ParallelBlock as ParallelBlock
 from .field import PerLayer as PerLayer
+from .field import PieceRate as PieceRate
+from .field import Pieces as Pieces
 from .field import SequentialBlock as SequentialBlock
 from .field import Shared as Shared
 from .host import cpu_allocator_tuned as cpu_allocator_tuned
@@ -41,13 +49,9 @@ from .operators import MultiHeadAttention as MultiHeadAttention
 from .operators import Reaction as Reaction
 from .operators import RMSNorm as RMSNorm
 from .operators import neumann_laplacian as neumann_laplacian
+from .operators.spectral import DiffusionTerm as DiffusionTerm
+from .operators.spectral import exact_diffusion as exact_diffusion
 from .placement import INSERTION_POINTS as INSERTION_POINTS
-from .stiff import AbstractExponentialRK as AbstractExponentialRK
-from .stiff import DiffusionTerm as DiffusionTerm
-from .stiff import ExponentialContinuous as ExponentialContinuous
-from .stiff import ExpRK2 as ExpRK2
-from .stiff import ExpRK3 as ExpRK3
-from .stiff import exact_diffusion as exact_diffusion
 from .unrolled import Unrolled as Unrolled
 
 __version__ = "0.1.0"

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
 from .depth import AbstractDepth, Discrete
-from .field import SequentialBlock
 from .models import Encoder
 from .operators.diffusion_layer import DiffusionLayer
 
@@ -122,25 +121,20 @@ def roughness_at_points(
     rough = jax.vmap(_relative_energy)
     out = {"after_embedding": jnp.mean(rough(encoder.token_embeddings(tokens), mask))}
     u0, m = encoder.embed(tokens, mask)
-    sequential = isinstance(field.composition, SequentialBlock)
-    step = 0.5 if sequential else 1.0
+    # Each branch reads the stream where the field's pieces say it acts: with the
+    # sequential composition the FFN at t = l + 1/2, with a parallel block at t = l.
+    step = field.discrete_step
     saves = [k * step for k in range(round(num_layers / step) + 1)]
     sol = depth(field, u0, m, save_at=saves)
     at = lambda t: sol.us[round(t / step)]
+    ffn_offset = 1.0 - step  # the reaction acts on the layer's last piece
     signals = {p: [] for p in ("before_norm", "after_norm", "after_attention", "after_ffn")}
     for layer in range(num_layers):
-        block, _ = field.layer(jnp.asarray(layer + 0.25, u0.dtype))
+        t = jnp.asarray(layer, u0.dtype)
+        block = field.schedule.weights(field.blocks, t, jnp.asarray(layer, jnp.int32))
         u = at(layer)
-
-        def branch(v, mm, block=block):
-            x = v if block.before_norm is None else block.before_norm(v, mm)
-            x = block.attention_norm(x)
-            y = x if block.after_norm is None else block.after_norm(x, mm)
-            return x, block.attention(y, mm)
-
-        normed, attended = jax.vmap(branch)(u, m)
-        ffn_in = at(layer + 0.5) if sequential else u
-        reacted = jax.vmap(lambda v, b=block: b.reaction(b.reaction_norm(v)))(ffn_in)
+        normed, attended = block.attention_signals(u, m)
+        reacted = block.reaction_signal(at(layer + ffn_offset))
         for name, x in (
             ("before_norm", u),
             ("after_norm", normed),

@@ -5,6 +5,10 @@
 With the sequential composition, layer `l` owns the depth interval `[l, l+1)`: attention
 acts on `[l, l+1/2)` with rate `2 A_l(N_l(u))`, the reaction on `[l+1/2, l+1)` with rate
 `2 R_l(N'_l(u))`. Forward Euler with step 1/2 is then the pre-LN Transformer, bit for bit.
+
+The field reports its own structure in depth (`Field.pieces`: the intervals on which its rate
+is smooth, and `Field.on_piece`: the rate of each); the integrators in `pdeformer.depth` step
+over those pieces and pass nothing but `(t, u, mask)` to the field.
 """
 
 import abc
@@ -29,9 +33,28 @@ from .operators.attention import DEFAULT_BLOCK_SIZE
 from .placement import FIELD_POINTS, DiffusionFactory, check_points
 
 
+class AbstractLayerTerm(eqx.Module):
+    """A term of the rate with its own weights per layer, acting on one sequence.
+
+    Pass a constructor of it to `Field(..., terms=(factory,))`: the field calls
+    `factory(dim, key=key, dtype=dtype)` once per depth node and stacks the weights as it
+    stacks the block's, so the term follows the field's `schedule` (one weight set per layer
+    with `PerLayer()`, one for all depths with `Shared()`, interpolated with
+    `Interpolated()`). The term is added to the rate beside the reaction (FFN): on the
+    second half of each layer with `SequentialBlock()` (Euler with step 1/2 then gives
+    `u + R(N' u) + c(u)`), at every depth with `ParallelBlock()`.
+    """
+
+    @abc.abstractmethod
+    def __call__(
+        self, u: Float[Array, "seq dim"], mask: Bool[Array, " seq"] | None
+    ) -> Float[Array, "seq dim"]:
+        """The term's rate on the (un-normalised) token states `u` of one sequence."""
+
+
 class Block(eqx.Module):
-    """The weights of one layer: two norms, attention, the reaction (FFN), and optional
-    diffusion layers at the four branch insertion points.
+    """The weights of one layer: two norms, attention, the reaction (FFN), optional
+    diffusion layers at the four branch insertion points, and the user's extra terms.
 
     A `Field` holds these stacked on a leading axis (one slice per depth node).
     """
@@ -44,31 +67,46 @@ class Block(eqx.Module):
     after_norm: eqx.Module | None = None
     after_attention: eqx.Module | None = None
     after_ffn: eqx.Module | None = None
+    # None rather than an empty tuple when there are none: `()` is one shared object, which
+    # `eqx.tree_at` (used by diffrax's BacksolveAdjoint on the whole term) cannot tell apart.
+    terms: tuple[AbstractLayerTerm, ...] | None = None
+
+    def attention_signals(
+        self,
+        u: Float[Array, "*batch seq dim"],
+        mask: Bool[Array, "*batch seq"] | None,
+    ) -> tuple[Float[Array, "*batch seq dim"], Float[Array, "*batch seq dim"]]:
+        """The attention branch's inner signals: the normalised input `N(u)` (after the
+        `before_norm` layer, before the `after_norm` layer) and the attention output (before
+        the `after_attention` layer)."""
+        x = _token_wise(self.attention_norm, _per_sequence(self.before_norm, u, mask))
+        return x, self.attention(_per_sequence(self.after_norm, x, mask), mask)
 
     def attend(
         self,
         u: Float[Array, "*batch seq dim"],
         mask: Bool[Array, "*batch seq"] | None,
-        normalize: bool = True,
     ) -> Float[Array, "*batch seq dim"]:
-        """The attention branch `A(N(u))` (`A(u)` with `normalize=False`, post-LN), with
-        the `before_norm`, `after_norm` and `after_attention` diffusion layers where set."""
-        x = _per_sequence(self.before_norm, u, mask)
-        x = _token_wise(self.attention_norm, x) if normalize else x
-        x = _per_sequence(self.after_norm, x, mask)
-        a = self.attention(x, mask)
+        """The attention branch `A(N(u))`, with the `before_norm`, `after_norm` and
+        `after_attention` diffusion layers where set."""
+        _, a = self.attention_signals(u, mask)
         return _per_sequence(self.after_attention, a, mask)
+
+    def reaction_signal(self, u: Float[Array, "*batch seq dim"]) -> Float[Array, "*batch seq dim"]:
+        """The FFN output `R(N'(u))` before the `after_ffn` layer."""
+        return self.reaction(_token_wise(self.reaction_norm, u))
 
     def react(
         self,
         u: Float[Array, "*batch seq dim"],
         mask: Bool[Array, "*batch seq"] | None,
-        normalize: bool = True,
     ) -> Float[Array, "*batch seq dim"]:
-        """The FFN branch `R(N'(u))` (`R(u)` with `normalize=False`, post-LN), with the
-        `after_ffn` diffusion layer where set (`mask` is only read by that layer)."""
-        r = self.reaction(_token_wise(self.reaction_norm, u) if normalize else u)
-        return _per_sequence(self.after_ffn, r, mask)
+        """The FFN branch `R(N'(u))` plus the extra terms, with the `after_ffn` diffusion
+        layer where set (`mask` is read by that layer and by the terms)."""
+        r = _per_sequence(self.after_ffn, self.reaction_signal(u), mask)
+        for term in self.terms or ():
+            r = r + _per_sequence(term, u, mask)
+        return r
 
 
 def _per_sequence(layer, u, mask):
@@ -98,17 +136,20 @@ def _token_wise(norm: AbstractNorm, u):
 class AbstractSchedule(eqx.Module):
     """How the field's weights depend on depth `t in [0, num_layers]`."""
 
+    @property
+    @abc.abstractmethod
+    def smooth(self) -> bool:
+        """Whether the weights are smooth in `t` over all of `[0, num_layers]` (no jump or
+        kink at the layer boundaries): only then can a field be one smooth piece."""
+
     @abc.abstractmethod
     def num_nodes(self, num_layers: int) -> int:
         """How many weight sets are stacked for `num_layers` layers."""
 
     @abc.abstractmethod
-    def weights(self, stacked: Block, t: Scalar, num_layers: int, anchor: Scalar) -> Block:
-        """The block of weights in force at depth `t` on the piece containing `anchor`."""
-
-    @abc.abstractmethod
-    def jump_times(self, num_layers: int) -> tuple[float, ...]:
-        """Depths in `(0, num_layers)` where the weights jump."""
+    def weights(self, stacked: Block, t: Scalar, layer: Int[Array, ""]) -> Block:
+        """The block of weights in force at depth `t` on layer `layer`'s interval
+        `[layer, layer + 1]` (closed: `t` may sit on either end)."""
 
 
 def _index(stacked: eqx.Module, i) -> eqx.Module:
@@ -120,47 +161,50 @@ def _index(stacked: eqx.Module, i) -> eqx.Module:
 class PerLayer(AbstractSchedule):
     """One weight set per layer, piecewise constant in depth: the standard Transformer."""
 
+    @property
+    def smooth(self) -> bool:
+        return False
+
     def num_nodes(self, num_layers: int) -> int:
         return num_layers
 
-    def weights(self, stacked: Block, t: Scalar, num_layers: int, anchor: Scalar) -> Block:
-        i = jnp.clip(jnp.floor(anchor).astype(jnp.int32), 0, num_layers - 1)
-        return _index(stacked, i)
-
-    def jump_times(self, num_layers: int) -> tuple[float, ...]:
-        return tuple(float(k) for k in range(1, num_layers))
+    def weights(self, stacked: Block, t: Scalar, layer: Int[Array, ""]) -> Block:
+        return _index(stacked, layer)
 
 
 class Shared(AbstractSchedule):
     """One weight set for all depths: the classic (autonomous) neural ODE."""
 
+    @property
+    def smooth(self) -> bool:
+        return True
+
     def num_nodes(self, num_layers: int) -> int:
         return 1
 
-    def weights(self, stacked: Block, t: Scalar, num_layers: int, anchor: Scalar) -> Block:
+    def weights(self, stacked: Block, t: Scalar, layer: Int[Array, ""]) -> Block:
         return _index(stacked, 0)
-
-    def jump_times(self, num_layers: int) -> tuple[float, ...]:
-        return ()
 
 
 class Interpolated(AbstractSchedule):
-    """Weights linear in `t` between nodes at `t = 0, 1, ..., num_layers`: no weight jumps."""
+    """Weights linear in `t` between nodes at `t = 0, 1, ..., num_layers`: no weight jumps,
+    but a kink at every node, so each layer is its own smooth piece."""
+
+    @property
+    def smooth(self) -> bool:
+        return False
 
     def num_nodes(self, num_layers: int) -> int:
         return num_layers + 1
 
-    def weights(self, stacked: Block, t: Scalar, num_layers: int, anchor: Scalar) -> Block:
-        i = jnp.clip(jnp.floor(anchor).astype(jnp.int32), 0, num_layers - 1)
-        s = t - i.astype(t.dtype)
+    def weights(self, stacked: Block, t: Scalar, layer: Int[Array, ""]) -> Block:
+        s = t - jnp.asarray(layer).astype(t.dtype)
         arrays, static = eqx.partition(stacked, eqx.is_array)
         mixed = jax.tree.map(
-            lambda x: (1 - s).astype(x.dtype) * x[i] + s.astype(x.dtype) * x[i + 1], arrays
+            lambda x: (1 - s).astype(x.dtype) * x[layer] + s.astype(x.dtype) * x[layer + 1],
+            arrays,
         )
         return eqx.combine(mixed, static)
-
-    def jump_times(self, num_layers: int) -> tuple[float, ...]:
-        return ()
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,31 +213,36 @@ class Interpolated(AbstractSchedule):
 
 
 class AbstractComposition(eqx.Module):
-    """How attention and reaction combine inside one layer interval `[l, l+1)`."""
+    """How attention and reaction combine inside one layer interval `[l, l+1)`.
+
+    The layer is cut into `num_branches` pieces of equal width; on piece `b` the rate is
+    `rate(block, b, u, mask)`, smooth in `u` and in the block's weights.
+    """
 
     @property
     @abc.abstractmethod
+    def num_branches(self) -> int:
+        """How many pieces of equal width a layer is cut into (one rate each)."""
+
+    @property
     def discrete_step(self) -> float:
-        """The Euler step that makes this composition the standard (discrete) block."""
+        """The Euler step that makes this composition the standard (discrete) block: one
+        step per piece of a layer."""
+        return 1.0 / self.num_branches
 
     @abc.abstractmethod
     def rate(
         self,
         block: Block,
-        phase: Scalar,
-        u: Float[Array, "seq dim"],
-        mask: Bool[Array, " seq"] | None,
-        normalize: bool = True,
-    ) -> Float[Array, "seq dim"]:
-        """The rate of the block at position `phase in [0, 1]` of its layer interval."""
+        branch: int,
+        u: Float[Array, "*batch seq dim"],
+        mask: Bool[Array, "*batch seq"] | None,
+    ) -> Float[Array, "*batch seq dim"]:
+        """The rate of the block on piece `branch` (a Python int) of its layer."""
 
     @abc.abstractmethod
-    def post_norm(self, block: Block, phase: Scalar) -> AbstractNorm:
-        """The norm applied after a discrete step that starts at `phase` (post-LN)."""
-
-    @abc.abstractmethod
-    def jump_offsets(self) -> tuple[float, ...]:
-        """Offsets in `[0, 1)` inside each layer where the rate jumps."""
+    def post_norm(self, block: Block, branch: int) -> AbstractNorm:
+        """The norm applied after a discrete step on piece `branch` (post-LN)."""
 
 
 class SequentialBlock(AbstractComposition):
@@ -203,30 +252,16 @@ class SequentialBlock(AbstractComposition):
     """
 
     @property
-    def discrete_step(self) -> float:
-        return 0.5
+    def num_branches(self) -> int:
+        return 2
 
-    def rate(self, block, phase, u, mask, normalize=True):
-        if isinstance(phase, float):
-            # Known at trace time (the discrete integrator knows its sub-step): no cond,
-            # so reverse mode does not store the residuals of both branches.
-            if phase < 0.5:
-                return 2 * block.attend(u, mask, normalize)
-            return 2 * block.react(u, mask, normalize)
-        return jax.lax.cond(
-            phase < 0.5,
-            lambda v: 2 * block.attend(v, mask, normalize),
-            lambda v: 2 * block.react(v, mask, normalize),
-            u,
-        )
+    def rate(self, block, branch, u, mask):
+        if branch == 0:
+            return 2 * block.attend(u, mask)
+        return 2 * block.react(u, mask)
 
-    def post_norm(self, block, phase):
-        return _select_norm(phase < 0.5, block.attention_norm, block.reaction_norm)
-
-    def jump_offsets(self) -> tuple[float, ...]:
-        # Mid-layer (attention -> reaction) and at the layer boundary (reaction -> the next
-        # attention), whatever the weight schedule.
-        return (0.0, 0.5)
+    def post_norm(self, block, branch):
+        return block.attention_norm if branch == 0 else block.reaction_norm
 
 
 class ParallelBlock(AbstractComposition):
@@ -236,28 +271,94 @@ class ParallelBlock(AbstractComposition):
     """
 
     @property
-    def discrete_step(self) -> float:
-        return 1.0
+    def num_branches(self) -> int:
+        return 1
 
-    def rate(self, block, phase, u, mask, normalize=True):
-        return block.attend(u, mask, normalize) + block.react(u, mask, normalize)
+    def rate(self, block, branch, u, mask):
+        return block.attend(u, mask) + block.react(u, mask)
 
-    def post_norm(self, block, phase):
+    def post_norm(self, block, branch):
         return block.reaction_norm
 
-    def jump_offsets(self) -> tuple[float, ...]:
-        return ()
+
+# ---------------------------------------------------------------------------------------
+# The field's smooth pieces.
+# ---------------------------------------------------------------------------------------
+
+
+class Pieces(eqx.Module):
+    """The depth intervals on which a field's rate is smooth, as the field reports them.
+
+    `[0, T]` is cut into `periods` consecutive periods, each cut into `len(branches)`
+    pieces of width `width`; piece `j` of period `p` covers
+    `[p * period + j * width, p * period + (j + 1) * width]` and carries the rate
+    `field.on_piece(p, branches[j])`. A period is one layer, or all of `[0, T]` for a
+    field that is one smooth piece. The regular structure is what lets integrators scan
+    over periods (compile time flat in depth) with the branch known at trace time.
+    """
+
+    width: float = eqx.field(static=True)
+    branches: tuple[int, ...] = eqx.field(static=True)
+    periods: int = eqx.field(static=True)
+
+    @property
+    def period(self) -> float:
+        """The width of one period."""
+        return self.width * len(self.branches)
+
+    @property
+    def count(self) -> int:
+        """The number of pieces."""
+        return self.periods * len(self.branches)
+
+    def edges(self) -> np.ndarray:
+        """The pieces' ends, `0` and `T` included (float64)."""
+        return np.arange(self.count + 1, dtype=np.float64) * self.width
+
+    def jump_times(self) -> tuple[float, ...]:
+        """The inner edges, where the rate may jump (for adaptive controllers)."""
+        return tuple(float(t) for t in self.edges()[1:-1])
+
+
+class PieceRate(eqx.Module):
+    """The field's rate on one smooth piece, continued to the piece's closed interval.
+
+    Returned by `Field.on_piece`; call it as `rate(t, u, mask)`. A module (not a closure),
+    so that the field's weights are leaves of a diffrax term built from it.
+    """
+
+    field: "Field"
+    layer: Int[Array, ""]
+    branch: int = eqx.field(static=True)
+
+    def __call__(
+        self,
+        t: Scalar,
+        u: Float[Array, "*batch seq dim"],
+        mask: Bool[Array, "*batch seq"] | None = None,
+    ) -> Float[Array, "*batch seq dim"]:
+        field = self.field
+        t = jnp.asarray(t)
+        block = field.schedule.weights(field.blocks, t, self.layer)
+        if field.compute_dtype is None or field.compute_dtype == u.dtype:
+            rate = field.composition.rate(block, self.branch, u, mask)
+        else:
+            # Weights are selected (and interpolated) in their own dtype, then cast; the
+            # rate comes back in the state's dtype, where the solver works.
+            block = _cast(block, field.compute_dtype)
+            rate = field.composition.rate(
+                block, self.branch, u.astype(field.compute_dtype), mask
+            ).astype(u.dtype)
+        if field.diffusion is not None:
+            rate = rate + _per_sequence(field.diffusion, u, mask)
+        if mask is not None:
+            rate = jnp.where(mask[..., None], rate, jnp.zeros_like(rate))
+        return rate
 
 
 def _cast(module: eqx.Module, dtype) -> eqx.Module:
     """`module` with its floating-point arrays cast to `dtype`."""
     return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, module)
-
-
-def _select_norm(pred, a: AbstractNorm, b: AbstractNorm) -> AbstractNorm:
-    arrays_a, static = eqx.partition(a, eqx.is_array)
-    arrays_b, _ = eqx.partition(b, eqx.is_array)
-    return eqx.combine(jax.tree.map(lambda x, y: jnp.where(pred, x, y), arrays_a, arrays_b), static)
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,7 +396,11 @@ class Field(eqx.Module):
       `diffusion_layer(dim, key=key, dtype=dtype)`; default `DiffusionLayer` (use e.g.
       `functools.partial(DiffusionLayer, dilations=(1, 2, 4, 8))` for the multi-scale
       layer, or `AdaptiveDiffusionLayer`).
-    - `dtype`: the dtype of the weights (and so of the state they are trained with).
+    - `terms`: constructors of extra terms with their own per-layer weights (see
+      `AbstractLayerTerm`), each called as `factory(dim, key=key, dtype=dtype)` once per
+      depth node; default none.
+    - `dtype`: the dtype of the weights (and so of the state they are trained with); a
+      given `diffusion` operator is cast to it.
     - `compute_dtype`: mixed precision. `None` (default) computes the rate in the state's
       dtype; e.g. `jnp.bfloat16` evaluates the blocks (norms, attention, reaction and their
       diffusion layers) in that dtype, with weights kept in `dtype` and cast on use, norm
@@ -308,6 +413,11 @@ class Field(eqx.Module):
 
     With `"between_layers"` the state jumps at the layer boundaries, `u(l) = D_l(u(l^-))`,
     and saved states at integer depths are the post-map states (the input of layer `l`).
+
+    The field reports its own structure in depth: `pieces()` lists the intervals on which
+    its rate is smooth (the half layers of the sequential composition; one piece for a
+    parallel block with `Shared()` weights), `on_piece` gives each piece's rate, and every
+    integrator works from those.
     """
 
     blocks: Block
@@ -335,6 +445,7 @@ class Field(eqx.Module):
         attention_block_size: int = DEFAULT_BLOCK_SIZE,
         diffusion_at: tuple[str, ...] | str | None = (),
         diffusion_layer: DiffusionFactory = DiffusionLayer,
+        terms: tuple[Callable[..., AbstractLayerTerm], ...] = (),
         dtype=jnp.float32,
         compute_dtype=None,
     ):
@@ -380,6 +491,10 @@ class Field(eqx.Module):
         def make_block(k):
             ka, kr = jr.split(k)
             branches = {p: make_diffusion(k, p) for p in points if p != "between_layers"}
+            extra = tuple(
+                factory(dim, key=jr.fold_in(k, len(FIELD_POINTS) + 1 + i), dtype=dtype)
+                for i, factory in enumerate(terms)
+            )
             return Block(
                 attention_norm=norm(dim, dtype=dtype),
                 attention=MultiHeadAttention(
@@ -392,6 +507,7 @@ class Field(eqx.Module):
                 ),
                 reaction_norm=norm(dim, dtype=dtype),
                 reaction=Reaction(dim, hidden, key=kr, activation=activation, dtype=dtype),
+                terms=extra or None,
                 **branches,
             )
 
@@ -402,7 +518,7 @@ class Field(eqx.Module):
             self.transitions = eqx.filter_vmap(lambda k: make_diffusion(k, "between_layers"))(tkeys)
         else:
             self.transitions = None
-        self.diffusion = diffusion
+        self.diffusion = None if diffusion is None else _cast(diffusion, dtype)
         self.schedule = schedule
         self.composition = composition
         self.num_layers = num_layers
@@ -418,12 +534,27 @@ class Field(eqx.Module):
         """The Euler step under which this field is the standard discrete Transformer."""
         return self.composition.discrete_step
 
+    def pieces(self) -> Pieces:
+        """The depth intervals on which the rate is smooth (see `Pieces`).
+
+        One piece `[0, T]` when the composition has one branch, the schedule is smooth
+        and there are no maps between layers; otherwise the composition's pieces of every
+        layer (the half layers of `SequentialBlock()`, whole layers of `ParallelBlock()`).
+        """
+        nb = self.composition.num_branches
+        if nb == 1 and self.schedule.smooth and self.transitions is None:
+            return Pieces(width=self.t1, branches=(0,), periods=1)
+        return Pieces(width=1.0 / nb, branches=tuple(range(nb)), periods=self.num_layers)
+
     def jump_times(self) -> tuple[float, ...]:
-        """Depths in `(0, T)` where the field is discontinuous in `t` (for the controller)."""
-        times = set(self.schedule.jump_times(self.num_layers))
-        for layer in range(self.num_layers):
-            times.update(layer + o for o in self.composition.jump_offsets())
-        return tuple(sorted(t for t in times if 0.0 < t < self.t1))
+        """Depths in `(0, T)` where the rate may jump: the inner edges of `pieces()`."""
+        return self.pieces().jump_times()
+
+    def on_piece(self, period: Int[Array, ""] | int, branch: int) -> PieceRate:
+        """The rate on piece `branch` (a Python int) of period `period` (may be traced),
+        continued to the piece's closed interval, so that a stage evaluated on the piece's
+        end takes this piece's rate (see `Pieces`)."""
+        return PieceRate(self, jnp.asarray(period, jnp.int32), branch)
 
     @property
     def diffusion_at(self) -> tuple[str, ...]:
@@ -436,9 +567,9 @@ class Field(eqx.Module):
     def transition(
         self,
         boundary: Int[Array, ""] | int,
-        u: Float[Array, "seq dim"],
-        mask: Bool[Array, " seq"] | None = None,
-    ) -> Float[Array, "seq dim"]:
+        u: Float[Array, "*batch seq dim"],
+        mask: Bool[Array, "*batch seq"] | None = None,
+    ) -> Float[Array, "*batch seq dim"]:
         """The map of the state at the layer boundary `t = boundary + 1` (0-based: after
         layer `boundary`), `u <- D_boundary(u)`; the identity without `"between_layers"`.
 
@@ -447,66 +578,36 @@ class Field(eqx.Module):
         if self.transitions is None:
             return u
         i = jnp.clip(jnp.asarray(boundary, jnp.int32), 0, self.num_layers - 2)
-        return _index(self.transitions, i)(u, mask)
-
-    def layer(self, t: Scalar, anchor: Scalar | None = None) -> tuple[Block, Scalar]:
-        """The block in force at depth `t` and the phase inside its layer.
-
-        `anchor`, a depth strictly inside the smooth piece being integrated, decides which
-        piece is meant when `t` sits exactly on a jump (a stage at the end of a step).
-        """
-        t = jnp.asarray(t)
-        a = t if anchor is None else jnp.asarray(anchor, t.dtype)
-        index = jnp.clip(jnp.floor(a), 0, self.num_layers - 1)
-        phase = a - index
-        block = self.schedule.weights(self.blocks, t, self.num_layers, anchor=a)
-        return block, phase
+        return _per_sequence(_index(self.transitions, i), u, mask)
 
     def __call__(
         self,
         t: Scalar,
         u: Float[Array, "*batch seq dim"],
         mask: Bool[Array, "*batch seq"] | None = None,
-        *,
-        normalize: bool = True,
-        anchor: Scalar | None = None,
-        phase: float | None = None,
     ) -> Float[Array, "*batch seq dim"]:
-        """The rate `du/dt` at depth `t`.
+        """The rate `du/dt` at depth `t`, right-continuous at the pieces' edges.
 
         **Arguments:**
 
-        - `t`: depth, a scalar in `[0, num_layers]`.
+        - `t`: depth, a scalar in `[0, num_layers]` (`t = T` takes the last piece).
         - `u`: token states of one sequence `(seq, dim)`, or of a batch on leading axes.
           Pass a batch here rather than `jax.vmap`-ing the field: attention and the
           reaction then run as whole-batch matmuls, which XLA's CPU backend differentiates
-          much faster (see `docs/architecture.md`); diffusion layers are mapped over the
-          batch inside.
+          much faster; diffusion layers are mapped over the batch inside.
         - `mask`: key-padding mask (`True` = valid token, valid tokens first), or `None`.
-        - `normalize`: `False` drops the pre-norms (used by post-LN discrete mode).
-        - `anchor`: a depth inside the smooth piece being integrated; the field is then
-          that piece's rate, continued to the piece's closed interval (see `layer`).
-        - `phase`: the position inside the layer when it is known at trace time (a Python
-          float); the composition then picks its branch without `lax.cond`.
 
         **Returns:**
 
         The rate, same shape as `u`; zero on pads.
         """
-        block, traced_phase = self.layer(t, anchor)
-        phase = traced_phase if phase is None else float(phase)
-        if self.compute_dtype is None or self.compute_dtype == u.dtype:
-            rate = self.composition.rate(block, phase, u, mask, normalize)
-        else:
-            # Weights are selected (and interpolated) in their own dtype, then cast; the
-            # rate comes back in the state's dtype, where the solver works.
-            block = _cast(block, self.compute_dtype)
-            rate = self.composition.rate(
-                block, phase, u.astype(self.compute_dtype), mask, normalize
-            )
-            rate = rate.astype(u.dtype)
-        if self.diffusion is not None:
-            rate = rate + _per_sequence(self.diffusion, u, mask)
-        if mask is not None:
-            rate = jnp.where(mask[..., None], rate, jnp.zeros_like(rate))
-        return rate
+        pieces = self.pieces()
+        t = jnp.asarray(t)
+        period = jnp.clip(jnp.floor(t / pieces.period), 0, pieces.periods - 1)
+        offset = t - period * pieces.period
+        period = period.astype(jnp.int32)
+        rates = [self.on_piece(period, b) for b in pieces.branches]
+        if len(rates) == 1:
+            return rates[0](t, u, mask)
+        branch = jnp.clip(jnp.floor(offset / pieces.width), 0, len(rates) - 1).astype(jnp.int32)
+        return jax.lax.switch(branch, [lambda v, r=r: r(t, v, mask) for r in rates], u)
