@@ -30,10 +30,11 @@ cost in time. Three sweeps:
   outnumber them and the backward pass recomputes some; beside them `DirectAdjoint` at a
   budget of twice the steps the solve needs (`2 * ceil(layers / min(dtmax, 1/2))`), and
   the same method with its stage loop done three ways: diffrax's default `Tsit5()` (a
-  checkpointed stage loop, `scan_kind="checkpointed"`), `Tsit5(scan_kind="bounded")` (diffrax's other stage loop that reverse mode can
-  differentiate; `scan_kind="lax"` cannot be) and `pf.Unrolled(Tsit5())` (stages unrolled
-  in Python). `unrolled_ratios` gives, per `dtmax`, the interleaved median time of the
-  unrolled arm over each of the other two.
+  checkpointed stage loop, `scan_kind="checkpointed"`), `Tsit5(scan_kind="bounded")`
+  (diffrax's other stage loop that reverse mode can differentiate; `scan_kind="lax"`
+  cannot be) and `pf.Unrolled(Tsit5())` (stages unrolled in Python). `unrolled_ratios`
+  gives, per `dtmax`, the interleaved median time of the unrolled arm over each of the
+  other two.
 
 XLA's analysis is exact for the compiled program and the same on every backend that
 reports it (CPU and GPU); it is not a measured resident set size.
