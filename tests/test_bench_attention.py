@@ -14,6 +14,8 @@ import pytest
 
 from pdeformer.operators.attention import attention
 
+pytestmark = pytest.mark.integration
+
 
 # A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
 @pytest.mark.slow

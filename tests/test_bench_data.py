@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 ARGS = [
     "--listops-examples", "8",
     "--listops-min-length", "20",

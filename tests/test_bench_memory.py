@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 
 # A benchmark script end to end: slow (see docs/architecture.md, *Test configuration*).
 @pytest.mark.slow

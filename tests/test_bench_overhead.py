@@ -3,6 +3,8 @@ Euler paths compute the plain JAX reference's loss and gradients, and the figure
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 TINY = [
     "--quick",
     "--batch", "2",

@@ -10,6 +10,8 @@ import pytest
 
 import pdeformer as pf
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.parametrize(
     "batch, seq, dim, heads, hidden, most",

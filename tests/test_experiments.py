@@ -14,6 +14,8 @@ import pytest
 
 from helpers import dot_precisions
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
