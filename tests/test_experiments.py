@@ -18,6 +18,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
