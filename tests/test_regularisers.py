@@ -511,4 +511,10 @@ def test_train_loop_with_regularisers():
     config = TrainConfig(warmup_steps=0, total_steps=3, batch_size=8, progress=False)
     model, history = train(model, task, depth, config)
     assert len(history) == 3 and all(np.isfinite(r["loss"]) for r in history)
+    # The metrics record the penalty and each integral apart from the data loss.
+    for r in history:
+        assert r["penalty"] > 0
+        np.testing.assert_allclose(r["loss"], r["data_loss"] + r["penalty"], rtol=1e-5)
+        penalty = 0.1 * r["kinetic_energy"] + 0.1 * r["jacobian_frobenius"]
+        np.testing.assert_allclose(r["penalty"], penalty, rtol=1e-5)
     assert evaluate(model, task.val, depth, 8).num_examples == 8
