@@ -679,6 +679,8 @@ def _describe_depth(depth: AbstractDepth) -> str:
     # The integrator with its tolerances as values: another solver, controller, tolerance or
     # step budget is another trajectory.
     text = eqx.tree_pformat(depth, short_arrays=False, width=10**6)
+    # No regularisers reads as before integrators had them, so older checkpoints resume.
+    text = re.sub(r"regularisers=\(\), |, regularisers=\(\)|regularisers=\(\)", "", text)
     return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
