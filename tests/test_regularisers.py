@@ -466,6 +466,41 @@ def test_polynomial_degree_zero_is_shared(getkey):
         np.testing.assert_array_equal(poly(jnp.asarray(t), u), shared(jnp.asarray(t), u))
     with pytest.raises(ValueError, match=r"Polynomial degree must be an int >= 0; got degree=-1"):
         pf.Polynomial(-1)
+    # The field binds the nodes to its depth; an unbound polynomial says so.
+    assert poly.schedule == pf.Polynomial(0, num_layers=3)
+    with pytest.raises(ValueError, match=r"Polynomial\(2\) places its nodes on \[0, num_layers\]"):
+        pf.Polynomial(2).weights(shared.blocks, jnp.asarray(0.5), jnp.asarray(0))
+
+
+class _UserSmooth(pf.AbstractSchedule):
+    """A user's schedule: one weight set scaled by a smooth function of depth."""
+
+    @property
+    def smooth(self):
+        return True
+
+    def num_nodes(self, num_layers):
+        return 1
+
+    def weights(self, stacked, t, layer):
+        arrays, static = eqx.partition(stacked, eqx.is_array)
+        scale = 1 + 0.1 * jnp.sin(jnp.asarray(t))
+        return eqx.combine(jax.tree.map(lambda x: scale.astype(x.dtype) * x[0], arrays), static)
+
+
+def test_pieces_follow_the_schedules_smooth_property(getkey):
+    # A schedule the library does not know is one piece with ParallelBlock because it says
+    # it is smooth; with SequentialBlock the half layers remain.
+    parallel = pf.Field(
+        4, 2, 3, key=getkey(), schedule=_UserSmooth(), composition=pf.ParallelBlock()
+    )
+    assert parallel.pieces() == pf.Pieces(width=3.0, branches=(0,), periods=1)
+    sequential = pf.Field(4, 2, 3, key=getkey(), schedule=_UserSmooth())
+    assert sequential.pieces() == pf.Pieces(width=0.5, branches=(0, 1), periods=3)
+    interpolated = pf.Field(
+        4, 2, 3, key=getkey(), schedule=pf.Interpolated(), composition=pf.ParallelBlock()
+    )
+    assert interpolated.pieces() == pf.Pieces(width=1.0, branches=(0,), periods=3)
 
 
 def test_smooth_field_steps_across_layers(getkey):
