@@ -64,6 +64,7 @@ from . import diagnostics as diagnostics
 from . import placement as placement
 from . import regularisers as regularisers
 
+
 def __getattr__(name: str):
     # `pdeformer.data` (the LRA readers and generators) and `pdeformer.training` (which reads
     # it) load on first use: `import pdeformer` brings in the library's concepts only.
