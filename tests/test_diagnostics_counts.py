@@ -62,6 +62,8 @@ def test_counting_leaves_value_and_gradient_unchanged():
         assert jnp.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+# Compiles adaptive solves under value_and_grad with counting callbacks: the slow tier.
+@pytest.mark.slow
 def test_adaptive_forward_is_nfe_and_checkpoints_bound_recomputation():
     field, u0 = _field_and_state()
     short = pf.Continuous(diffrax.Tsit5(), _LONG)  # default adjoint: 16 checkpoints
@@ -80,6 +82,8 @@ def test_adaptive_forward_is_nfe_and_checkpoints_bound_recomputation():
     assert c16.backward_recomputed > call.backward_recomputed > 0
 
 
+# Compiles adaptive solves under value_and_grad with counting callbacks: the slow tier.
+@pytest.mark.slow
 def test_backsolve_evaluates_once_per_vjp():
     # The backward solve takes one jax.vjp of the rate per evaluation of its dynamics:
     # one evaluation and one VJP each, none of them the forward solve's.
