@@ -14,6 +14,9 @@ from test_reference import _case, _reference_encoder, _weights
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "studies"))
 from ablations import NoResidual  # noqa: E402
 
+# An experiments module (the stabilizer study), not the library: the integration tier.
+pytestmark = pytest.mark.integration
+
 
 def test_no_residual_equals_plain_encoder(getkey):
     """Each branch replaces the stream; pads keep their states."""

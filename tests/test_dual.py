@@ -36,6 +36,9 @@ def test_dual_classifier_is_the_shared_encoder_and_lra_head(getkey):
         pf.DualClassifier(20, 8, 2, 2, 1, key=getkey())
 
 
+# Training and evaluation end to end; the default tier trains a single-input model in
+# test_training.py and checks the dual model's forward pass above.
+@pytest.mark.integration
 def test_train_and_evaluate_a_dual_task(tmp_path):
     task = pf.data.load_task(
         "retrieval", num_train=32, num_val=16, num_test=16, max_length=32, min_length=16, seed=0

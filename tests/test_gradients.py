@@ -1,11 +1,14 @@
 """Gradients through depth: adjoints agree with each other and with finite differences."""
 
+import os
+
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pytest
 
 import pdeformer as pf
 from helpers import prefix_mask
@@ -51,7 +54,32 @@ def test_adjoints_agree(getkey):
         assert jnp.linalg.norm(rc) > 1e-3
 
 
-def test_default_adjoint_recomputes_exactly(getkey):
+@pytest.fixture(scope="module")
+def default_gradient():
+    """A tight adaptive solve under the default adjoint, differentiated once and shared by
+    the two tests below (its backward pass is the costly compile): the field, the state,
+    the flat parameters, the jitted loss of the flat parameters, its gradient there, and the
+    number of steps the solve took."""
+    key = jr.PRNGKey(int(os.environ["PDEFORMER_TEST_SEED"]))  # the session seed (conftest)
+    with jax.enable_x64(True):
+        field, x, mask = _setup(key)
+        depth = pf.Continuous(
+            diffrax.Tsit5(), diffrax.PIDController(rtol=1e-10, atol=1e-10), max_steps=256
+        )
+        assert depth.adjoint == diffrax.RecursiveCheckpointAdjoint(checkpoints=16)
+        params, static = eqx.partition(field, eqx.is_array)
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+        def loss_and_steps(theta):
+            sol = depth(eqx.combine(unravel(theta), static), x, mask)
+            return jnp.sum(sol.u**2), sol.stats.num_steps
+
+        loss = jax.jit(lambda theta: loss_and_steps(theta)[0])
+        g, steps = jax.jit(jax.grad(loss_and_steps, has_aux=True))(flat)
+        return field, x, mask, flat, loss, g, int(steps)
+
+
+def test_default_adjoint_recomputes_exactly(default_gradient):
     """The default keeps 16 checkpoints: a solve of more steps recomputes some of them in the
     backward pass, which must give the gradient of keeping every step, up to rounding.
 
@@ -66,38 +94,22 @@ def test_default_adjoint_recomputes_exactly(getkey):
     goes wrong (a step missed or repeated, a truncated tape) is off by far more.
     """
     with jax.enable_x64(True):
-        field, x, mask = _setup(getkey())
-        ctrl = diffrax.PIDController(rtol=1e-10, atol=1e-10)
-        depth = pf.Continuous(diffrax.Tsit5(), ctrl, max_steps=256)
-        assert depth.adjoint == diffrax.RecursiveCheckpointAdjoint(checkpoints=16)
-        steps = int(depth(field, x, mask).stats.num_steps)
+        field, x, mask, _, _, g, steps = default_gradient
         assert steps > pf.depth.DEFAULT_CHECKPOINTS  # so the backward pass recomputes
         every = pf.Continuous(
             diffrax.Tsit5(),
-            ctrl,
+            diffrax.PIDController(rtol=1e-10, atol=1e-10),
             diffrax.RecursiveCheckpointAdjoint(checkpoints=256),
             max_steps=256,
         )
-        g = _flat(_grad(field, x, mask, depth))
         g_every = _flat(_grad(field, x, mask, every))
         assert jnp.linalg.norm(g - g_every) <= 1e-8 * jnp.linalg.norm(g_every)
         assert jnp.linalg.norm(g_every) > 1e-3
 
 
-def test_gradient_matches_finite_differences(getkey):
+def test_gradient_matches_finite_differences(default_gradient):
     with jax.enable_x64(True):
-        field, x, mask = _setup(getkey())
-        depth = pf.Continuous(
-            diffrax.Tsit5(), diffrax.PIDController(rtol=1e-10, atol=1e-10), max_steps=256
-        )
-        params, static = eqx.partition(field, eqx.is_array)
-        flat, unravel = jax.flatten_util.ravel_pytree(params)
-
-        def loss(theta):
-            return jnp.sum(depth(eqx.combine(unravel(theta), static), x, mask).u ** 2)
-
-        loss = jax.jit(loss)
-        g = jax.jit(jax.grad(loss))(flat)
+        _, _, _, flat, loss, g, _ = default_gradient
         rng = np.random.default_rng(0)
         for _ in range(3):
             v = jnp.asarray(rng.standard_normal(flat.shape))

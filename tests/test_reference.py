@@ -355,6 +355,10 @@ def test_one_smooth_piece_takes_one_step(getkey):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+# Long mathematics: a tight adaptive solve and a fine constant-step one, one solve per layer.
+# The default tier runs adaptive solves with between-layer maps in test_insertion.py
+# (test_gradients_reach_every_point[continuous]) and their exact discrete limits here.
+@pytest.mark.slow
 def test_insertion_points_adaptive_converges(getkey):
     """An adaptive solve of a field with between-layer maps (one solve per layer) agrees with
     a fine constant-step solve, final and saved states alike, in float64."""

@@ -55,5 +55,7 @@ def test_term_acts_beside_the_ffn(getkey):
     a = jax.jit(lambda f: pf.Discrete()(f, x, mask).u)(field)
     b = jax.jit(lambda f: euler(f, x, mask).u)(field)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    grads = eqx.filter_grad(lambda f: jnp.sum(pf.Continuous()(f, x, mask).u ** 2))(field)
+    # Through diffrax's fixed-step loop: a backward pass through an adaptive solve would
+    # compile for long and reach the same weights through the same rate.
+    grads = eqx.filter_jit(eqx.filter_grad(lambda f: jnp.sum(euler(f, x, mask).u ** 2)))(field)
     assert bool(jnp.all(jnp.abs(grads.blocks.terms[0].weight).sum(-1) > 0))

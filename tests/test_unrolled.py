@@ -59,10 +59,19 @@ def _controller(name):
     return diffrax.PIDController(rtol=RTOL[name], atol=RTOL[name] / 100)
 
 
-# Heun in the slow run only: its step is also checked one step at a time below.
-@pytest.mark.parametrize("name", [pytest.param("Heun", marks=pytest.mark.slow), "Dopri5"])
+# Bosh3 by default: first-same-as-last across rejected steps, as Dopri5, with four stages to
+# unroll instead of seven (Dopri5's step is checked one step at a time below). Heun and
+# Dopri5 in the slow run.
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("Heun", marks=pytest.mark.slow),
+        "Bosh3",
+        pytest.param("Dopri5", marks=pytest.mark.slow),
+    ],
+)
 def test_same_solution_as_the_wrapped_solver(name, seed):
-    # Tight tolerances from a first step of one piece: steps are rejected, so Dopri5's
+    # Tight tolerances from a first step of one piece: steps are rejected, so an FSAL method's
     # first-same-as-last state is also checked across rejections.
     with jax.enable_x64(True):
         field, u0, mask = _problem(seed)
@@ -83,6 +92,11 @@ def test_same_solution_as_the_wrapped_solver(name, seed):
         assert jnp.allclose(per_sequence(unrolled), per_sequence(base), rtol=0, atol=1e-12)
 
 
+# The whole solve differentiated: compiles a backward pass through two adaptive solves of a
+# Transformer field. The default tier differentiates one step of each method below
+# (`test_one_step_has_the_wrapped_solvers_gradient`); this slow test and
+# `test_same_method_with_dense_output_gradients` differentiate whole solves.
+@pytest.mark.slow
 def test_same_gradient_as_the_wrapped_solver(seed):
     with jax.enable_x64(True):
         field, u0, mask = _problem(seed)
@@ -195,6 +209,45 @@ def test_one_step_equals_the_wrapped_solvers(name, x64):
                         g, w = np.asarray(g), np.asarray(w)
                         assert g.dtype == w.dtype and g.shape == w.shape
                         assert np.allclose(g, w, **tol), (name, made_jump)
+
+
+@pytest.mark.parametrize("name", ["Heun", "Dopri5"])
+def test_one_step_has_the_wrapped_solvers_gradient(name):
+    """Reverse mode through one step, from a first step (a fresh first stage) and from a
+    stored last stage: the gradients with respect to the state, the stored stage and the
+    step's end are the wrapped solver's."""
+    with jax.enable_x64(True):
+        t0, t1 = _just_before_one(np.float64)
+        t0 = jnp.asarray(t0)
+        y0 = (jnp.linspace(-1, 1, 5), {"b": jnp.full(3, 0.5)})
+        term = diffrax.ODETerm(_rate)
+        solver = getattr(diffrax, name)()
+        unrolled = pf.Unrolled(solver)
+
+        def loss(method, y, f_last, t1, first):
+            state = None if f_last is None else (jnp.array(first), f_last)
+            y1, y_error, dense, _, _ = method.step(term, t0, t1, y, None, state, jnp.array(False))
+            leaves = jax.tree.leaves((y1, y_error, dense["k"]))
+            return sum(jnp.sum(jnp.sin(x) * (i + 1)) for i, x in enumerate(leaves))
+
+        fsal = solver.init(term, t0, jnp.asarray(t1), y0, None) is not None
+        f_last = term.vf(t0, y0, None) if fsal else None
+        for first in (True, False) if fsal else (False,):
+            args = (y0, f_last, jnp.asarray(t1), first)
+            argnums = (1, 2, 3) if fsal else (1, 3)
+            # Compiled (the method and `first` static): op by op, reverse mode through the
+            # stages dispatches every primitive on its own.
+            want = eqx.filter_jit(jax.grad(loss, argnums))(solver, *args)
+            got = eqx.filter_jit(jax.grad(loss, argnums))(unrolled, *args)
+            assert jax.tree.structure(got) == jax.tree.structure(want)
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                assert np.allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12), first
+            # Something reaches every input (a dropped stage would show here), except the
+            # stored stage on a first step, where the first stage is evaluated afresh.
+            for i, grad in enumerate(got):
+                recomputed = fsal and first and i == 1
+                for g in jax.tree.leaves(grad):
+                    assert (float(jnp.max(jnp.abs(g))) > 0) != recomputed, (first, i)
 
 
 def test_counts_and_refusals():
