@@ -296,6 +296,39 @@ def write(
     return markdown
 
 
+def run_mode(
+    config: Any,
+    modes: dict[str, Callable[[Any], dict[str, Any]]],
+    tables: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]],
+    titles: dict[str, str],
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the mode `config.mode` of a benchmark with modes and write its page.
+
+    **Arguments:**
+
+    - `config`: a frozen config with `mode`, `out`, and one settings field per mode, named
+      after it.
+    - `modes`, `tables`, `titles`: per mode, the function of its settings returning its
+      figures, the function of `(result, settings as a dict)` returning its Markdown
+      tables, and its page's title.
+    - `log`: where to say what was written.
+
+    **Returns:**
+
+    `{"mode": ..., **figures, "meta": ...}`, as written to `results.json`.
+    """
+    record = meta(config)
+    start = time.perf_counter()
+    settings = getattr(config, config.mode)
+    result = {"mode": config.mode, **modes[config.mode](settings), "meta": record}
+    record["wall_s"] = time.perf_counter() - start
+    body = tables[config.mode](result, dataclasses.asdict(settings))
+    write(config.out, result, titles[config.mode], body, log=log)
+    return result
+
+
 def pyplot(log: Callable[[str], None]):
     """`matplotlib.pyplot` with the file-only Agg backend, or `None` if not installed."""
     try:

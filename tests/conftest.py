@@ -2,20 +2,7 @@
 
 Runtime type checking of the library's jaxtyping annotations with beartype is switched on
 by `--jaxtyping-packages=pdeformer,beartype.beartype` in pyproject.toml's pytest options.
-
-XLA compiles the tests' programs with its backend optimisations off
-(`JAX_DISABLE_MOST_OPTIMIZATIONS=1`, unless the environment already sets it): most of the
-suite's time is compiling, and the tests check what a program computes, not how fast.
-`JAX_DISABLE_MOST_OPTIMIZATIONS=0 python -m pytest` runs them fully optimised.
-
-For the same reason XLA's CPU backend generates their code with its classic emitters
-(`--xla_cpu_use_fusion_emitters=false` is added to `XLA_FLAGS`): on the suite's small
-programs its newer fusion emitters were slower to compile (three test files took about a
-third longer with them; docs/architecture.md, *Test configuration*). Unoptimised, the
-classic emitters can round the same operations differently in two programs, so the tests
-that claim two programs agree bit for bit compile them with the default emitters
-(`helpers.default_codegen_jit`). A user's `XLA_FLAGS` that names the flag is left as it is,
-and a JAX whose XLA does not know the flag runs the tests without it.
+The tests compile with JAX's and XLA's default settings, the programs a user's JAX builds.
 """
 
 import importlib
@@ -25,24 +12,9 @@ import random
 import sys
 from pathlib import Path
 
-# Before JAX is imported, and in the environment so that the subprocesses some tests start
-# (several devices, several processes, experiment scripts) inherit it.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-
-from helpers import CLASSIC_EMITTERS, FUSION_EMITTERS, xla_accepts  # noqa: E402
-
-_flags = os.environ.get("XLA_FLAGS", "")
-if FUSION_EMITTERS not in _flags and "PDEFORMER_TEST_XLA_PROBE" not in os.environ:
-    # pytest-xdist's workers inherit the outcome below and skip the probe.
-    _with = f"{_flags} {CLASSIC_EMITTERS}".strip()
-    _accepted = xla_accepts(_with)
-    os.environ["PDEFORMER_TEST_XLA_PROBE"] = "accepted" if _accepted else "refused"
-    if _accepted:
-        os.environ["XLA_FLAGS"] = _with
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import numpy as np
+import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
@@ -53,10 +25,7 @@ os.environ["PDEFORMER_TEST_SEED"] = str(SEED)
 
 
 def pytest_report_header(config):
-    return [
-        f"pdeformer test seed: {SEED} (replay with PDEFORMER_TEST_SEED={SEED})",
-        f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}",
-    ]
+    return [f"pdeformer test seed: {SEED} (replay with PDEFORMER_TEST_SEED={SEED})"]
 
 
 @pytest.fixture

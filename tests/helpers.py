@@ -2,8 +2,6 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -52,26 +50,10 @@ def dot_precisions(text: str) -> list[str]:
     )
 
 
-FUSION_EMITTERS = "xla_cpu_use_fusion_emitters"
-CLASSIC_EMITTERS = f"--{FUSION_EMITTERS}=false"  # conftest.py adds it to XLA_FLAGS
-
-
-def xla_accepts(flags: str) -> bool:
-    """Whether XLA starts with `XLA_FLAGS=flags`: it aborts the process on a flag it does
-    not know, so a child process is asked."""
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    probe = [sys.executable, "-c", "import jax; jax.devices()"]
-    try:
-        return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
-
-
 def cpu_devices_env(devices: int) -> dict[str, str]:
     """The environment for a child process with `devices` virtual CPU devices.
 
-    It keeps the tests' own `XLA_FLAGS` (conftest.py's compile settings) and adds the
-    device count.
+    It keeps the environment's `XLA_FLAGS` and adds the device count.
     """
     flag = f"--xla_force_host_platform_device_count={devices}"
     flags = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
@@ -79,14 +61,5 @@ def cpu_devices_env(devices: int) -> dict[str, str]:
 
 
 def default_codegen_jit(fn):
-    """`jax.jit(fn)` compiled with XLA's default CPU code generation.
-
-    The suite compiles with XLA's classic CPU emitters (conftest.py) for speed. Under them,
-    unoptimised, the same operations can round differently in two different programs, so the
-    tests that claim two programs agree bit for bit (`Continuous(Euler, dt=1/2)` against
-    `Discrete()`) compile both with XLA's default emitters. The option is passed only where
-    `XLA_FLAGS` names the flag: an XLA that started with it knows it.
-    """
-    named = FUSION_EMITTERS in os.environ.get("XLA_FLAGS", "")
-    options = {FUSION_EMITTERS: True} if named else None
-    return jax.jit(fn, compiler_options=options)
+    """`jax.jit(fn)`: the tests compile with XLA's default settings throughout."""
+    return jax.jit(fn)

@@ -26,14 +26,19 @@ def test_bench_memory_smoke(experiments, tmp_path):
     # The same solve however it is differentiated.
     assert len({step["nfe"] for step in steps.values()}) == 1
     taken = {r["variant"]: r for r in result["steps_taken_sweep"]}
-    unrolled = "Unrolled stages, RecursiveCheckpoint (16, default)"
-    kept = "KeepResiduals (slots = 2x steps)"
-    both = "Unrolled stages, KeepResiduals (slots = 2x steps)"
-    assert set(taken) == set(steps) | {unrolled, kept, both}
-    # Unrolled stages, residuals kept: the same solve, the same steps and evaluations.
-    default = taken["RecursiveCheckpoint (16, default)"]
-    for other in (unrolled, kept, both):
+    unrolled, bounded = module.UNROLLED, module.BOUNDED
+    assert set(taken) == set(steps) | {unrolled, bounded}
+    # Three stage loops of one method: the same solve, the same steps and evaluations.
+    default = taken[module.DEFAULT]
+    for other in (unrolled, bounded):
         assert (taken[other]["steps"], taken[other]["nfe"]) == (default["steps"], default["nfe"])
+    ratios = result["unrolled_ratios"]["0.25"]
+    assert ratios["vs_tsit5"] == pytest.approx(taken[unrolled]["time_ms"] / default["time_ms"])
+    assert ratios["vs_tsit5_bounded"] == pytest.approx(
+        taken[unrolled]["time_ms"] / taken[bounded]["time_ms"]
+    )
+    row = f"| 0.25 | {ratios['vs_tsit5']:.2f} | {ratios['vs_tsit5_bounded']:.2f} |"
+    assert row in (tmp_path / "results.md").read_text()
     for row in taken.values():
         # One layer, steps no longer than 1/4: at least four of them.
         assert row["dtmax"] == 0.25 and row["steps"] >= 4 and row["temp_mib"] > 0
@@ -71,6 +76,14 @@ def test_direct_adjoint_is_not_run_above_its_budget(experiments):
         }
     )
     assert "| Direct (bounded loop) | 0.5 | 16 | 8 | 487.5 | 538 (min 459) |" in table
+
+
+def test_euler_backsolve_arm_is_gone(experiments):
+    """A fixed-step solve with BacksolveAdjoint is refused by the library: not an arm."""
+    module = experiments("bench/memory")
+    assert "Euler 1/2, Backsolve" not in module.layer_variants(module.SMOKE)
+    for make in module.layer_variants(module.SMOKE).values():
+        make()  # every arm constructs
 
 
 def test_variants_flag(experiments):

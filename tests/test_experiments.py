@@ -17,6 +17,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -189,6 +191,13 @@ def test_stabilizers_smoke(experiments, tmp_path, monkeypatch):
         assert (tmp_path / name).is_file()
     arms = {a["name"]: a for a in saved["arms"]}
     assert set(arms) == {"residual + norm", "neither"}
+    # The ablated arms replace the state: the experiment's own NoResidual, not the library's.
+    assert [type(arm.depth()).__name__ for arm in module.ARMS] == [
+        "Discrete",
+        "NoResidual",
+        "Discrete",
+        "NoResidual",
+    ]
     num_layers = saved["meta"]["config"]["setup"]["num_layers"]
     for arm in arms.values():
         s = arm["summary"]
@@ -422,15 +431,15 @@ def test_presets_and_overrides(experiments):
 def test_every_script_has_the_three_presets(experiments):
     """Every study and benchmark offers `smoke`, `quick` and `full`, each a frozen config
     with an output directory, and a `main(config)`."""
-    # The scripts: every module of the two rooms that runs from the command line
-    # (`ablations.py` is a module of arms the stabilizer study imports).
+    # A script is a file that runs as `__main__`; `studies/ablations.py` is a module the
+    # stabilizer study imports.
     names = [
-        f"{room}/{p.stem}"
-        for room in ("studies", "bench")
-        for p in sorted((ROOT / "experiments" / room).glob("[!_]*.py"))
-        if "_cli.run(" in p.read_text()
+        f"{folder}/{p.stem}"
+        for folder in ("studies", "bench")
+        for p in sorted((ROOT / "experiments" / folder).glob("[!_]*.py"))
+        if 'if __name__ == "__main__":' in p.read_text()
     ]
-    assert len(names) == 4 + 6
+    assert len(names) == 4 + 6 and "studies/ablations" not in names
     for name in names:
         module = experiments(name)
         assert set(module.PRESETS) == {"smoke", "quick", "full"}, name

@@ -52,8 +52,19 @@ def test_adjoints_agree(getkey):
 
 
 def test_default_adjoint_recomputes_exactly(getkey):
-    # The default keeps 16 checkpoints: a solve of more steps recomputes some of them in
-    # the backward pass, which must give the gradient of keeping every step.
+    """The default keeps 16 checkpoints: a solve of more steps recomputes some of them in the
+    backward pass, which must give the gradient of keeping every step, up to rounding.
+
+    Not asked bit for bit: a recomputed step runs inside the backward pass's loop, another
+    program than the forward solve, where XLA may fuse and order its sums differently; the
+    adaptive controller's error estimate (a difference of two nearly equal solutions at rtol
+    1e-10) then differs in its last bits, a step size may move, and the gradient with it. With
+    XLA's default settings the two gradients were equal bit for bit on the newest versions
+    and on the dependency floors (jax 0.8.0, equinox 0.13.3) for every seed tried; with the
+    LLVM optimisations off and XLA's classic CPU emitters they differed by up to 8.4e-10
+    relative on the floors. The bound, 1e-8, admits such reordering; a recomputation that
+    goes wrong (a step missed or repeated, a truncated tape) is off by far more.
+    """
     with jax.enable_x64(True):
         field, x, mask = _setup(getkey())
         ctrl = diffrax.PIDController(rtol=1e-10, atol=1e-10)
@@ -69,7 +80,7 @@ def test_default_adjoint_recomputes_exactly(getkey):
         )
         g = _flat(_grad(field, x, mask, depth))
         g_every = _flat(_grad(field, x, mask, every))
-        assert jnp.linalg.norm(g - g_every) <= 1e-12 * jnp.linalg.norm(g_every)
+        assert jnp.linalg.norm(g - g_every) <= 1e-8 * jnp.linalg.norm(g_every)
         assert jnp.linalg.norm(g_every) > 1e-3
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from helpers import cpu_devices_env
 
+pytestmark = pytest.mark.integration
+
 WORKER = Path(__file__).with_name("multihost_worker.py")
 MARK = "multihost-result: "  # as in the worker
 

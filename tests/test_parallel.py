@@ -24,6 +24,8 @@ from pdeformer.cli import main as cli_main
 from pdeformer.data import Batch
 from pdeformer.training import DataParallel, to_host
 
+pytestmark = pytest.mark.integration
+
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
 

@@ -407,6 +407,12 @@ def test_cli_failed_resume_leaves_run_json_untouched(cli_run, capsys, tmp_path):
         ),
         (["--bogus"], r"Unrecognized options: --bogus"),
         (["--solver", "rk4"], r"invalid choice 'rk4' for argument '--solver'"),
+        (
+            ["--depth", "continuous", "--step-size", "0.25", "--adjoint", "backsolve"],
+            r"--adjoint backsolve needs the adaptive controller; got --step-size 0\.25, a "
+            r"fixed-step solve, which is differentiated through its steps\. Pass --adjoint "
+            r"recursive \(the default\) or direct, or drop --step-size\.$",
+        ),
     ],
 )
 def test_cli_usage_errors_are_one_line_with_status_2(tmp_path, capsys, argv, message):

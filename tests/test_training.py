@@ -143,6 +143,7 @@ def test_config_validation_says_the_fix():
         TrainConfig(clip_norm=0.0)
 
 
+@pytest.mark.integration  # the command line end to end: trains, checkpoints, evaluates
 def test_cli_help_train_and_evaluate(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["--help"])

@@ -10,9 +10,12 @@ cost in time. Three sweeps:
 
 - **layers**: depth `L` of the default field (per-layer weights, sequential blocks) under
   `Discrete()`, fixed-step Euler with step 1/2 (the same function), and adaptive Tsit5,
-  each differentiated by the library's default adjoint (`RecursiveCheckpointAdjoint` with
-  16 checkpoints, `pdeformer.depth.DEFAULT_CHECKPOINTS`) and by `BacksolveAdjoint`, and
-  the adaptive solve also by diffrax's default `RecursiveCheckpointAdjoint()`;
+  the last differentiated by the library's default adjoint (`RecursiveCheckpointAdjoint`
+  with 16 checkpoints, `pdeformer.depth.DEFAULT_CHECKPOINTS`), by diffrax's default
+  `RecursiveCheckpointAdjoint()` and by `BacksolveAdjoint`. (Fixed-step Euler with
+  `BacksolveAdjoint` is no longer an arm: `Continuous` refuses a fixed-step solve with any
+  adjoint but `RecursiveCheckpointAdjoint` or `DirectAdjoint`, since fixed-step solves are
+  differentiated through their steps, like `Discrete()`.)
 - **max_steps**: an adaptive Tsit5 solve of a fixed field with growing `max_steps` (the
   solver's step budget, which sizes the checkpointing adjoint's buffers), for the library's
   default (16 checkpoints), diffrax's `RecursiveCheckpointAdjoint()` (about
@@ -26,8 +29,12 @@ cost in time. Three sweeps:
   step `dtmax`, for the two checkpoint counts: what 16 checkpoints cost once the steps
   outnumber them and the backward pass recomputes some; beside them `DirectAdjoint` at a
   budget of twice the steps the solve needs (`2 * ceil(layers / min(dtmax, 1/2))`), and
-  `pf.KeepResidualsAdjoint` with that many slots (every step's residuals kept from the
-  forward pass, no step recomputed), with the standard and the unrolled method.
+  the same method with its stage loop done three ways: diffrax's default `Tsit5()` (a
+  checkpointed stage loop, `scan_kind="checkpointed"`), `Tsit5(scan_kind="bounded")`
+  (diffrax's other stage loop that reverse mode can differentiate; `scan_kind="lax"`
+  cannot be) and `pf.Unrolled(Tsit5())` (stages unrolled in Python). `unrolled_ratios`
+  gives, per `dtmax`, the interleaved median time of the unrolled arm over each of the
+  other two.
 
 XLA's analysis is exact for the compiled program and the same on every backend that
 reports it (CPU and GPU); it is not a measured resident set size.
@@ -125,8 +132,7 @@ SMOKE = Config(
         "RecursiveCheckpoint (16, default)",
         "Direct (bounded loop)",
         "Unrolled stages, RecursiveCheckpoint (16, default)",
-        "KeepResiduals (slots = 2x steps)",
-        "Unrolled stages, KeepResiduals (slots = 2x steps)",
+        "Bounded stages, RecursiveCheckpoint (16, default)",
     ),
     dtmax=(0.25,),
 )
@@ -176,6 +182,12 @@ def _measure(config: Config, field, u0, depth, timed: bool = True) -> dict[str, 
     return memory | {"time_ms": 1e3 * statistics.median(times)}
 
 
+# The steps-taken sweep's three stage loops of the same Tsit5 solve.
+DEFAULT = "RecursiveCheckpoint (16, default)"
+UNROLLED = "Unrolled stages, RecursiveCheckpoint (16, default)"
+BOUNDED = "Bounded stages, RecursiveCheckpoint (16, default)"
+
+
 def _adaptive(config: Config, adjoint, max_steps: int = 4096) -> pf.Continuous:
     return pf.Continuous(
         diffrax.Tsit5(),
@@ -185,16 +197,16 @@ def _adaptive(config: Config, adjoint, max_steps: int = 4096) -> pf.Continuous:
     )
 
 
-def _euler_half(adjoint) -> pf.Continuous:
-    return pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), adjoint, dt0=0.5)
+def _euler_half() -> pf.Continuous:
+    # Differentiated through its steps, as every fixed-step solve is.
+    return pf.Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=0.5)
 
 
 def layer_variants(config: Config) -> dict[str, Callable[[], pf.AbstractDepth]]:
     rc, bs = diffrax.RecursiveCheckpointAdjoint, diffrax.BacksolveAdjoint
     return {
         "Discrete": pf.Discrete,
-        "Euler 1/2, RecursiveCheckpoint": lambda: _euler_half(None),
-        "Euler 1/2, Backsolve": lambda: _euler_half(bs()),
+        "Euler 1/2, RecursiveCheckpoint": _euler_half,
         "Tsit5 adaptive, RecursiveCheckpoint (16, default)": lambda: _adaptive(config, None),
         "Tsit5 adaptive, RecursiveCheckpoint (diffrax default)": lambda: _adaptive(config, rc()),
         "Tsit5 adaptive, Backsolve": lambda: _adaptive(config, bs()),
@@ -220,14 +232,15 @@ def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDep
     """Adaptive Tsit5 at `max_steps=4096` made to take more steps by a largest step `dtmax`:
     where 16 checkpoints no longer hold every step and the backward pass recomputes.
     `pf.Unrolled(Tsit5())` is the same method with its stages unrolled (each stage's
-    intermediates kept for the step being differentiated, not recomputed).
-    `DirectAdjoint` gets twice the steps the solve needs (at least two per layer, one per
-    smooth half-layer, and `layers / dtmax`) as its budget, which sizes what it stores
-    (rounded up to a power of 16 by its loop); `pf.KeepResidualsAdjoint` gets as many
-    slots, each holding one loop iteration's residuals.
+    intermediates kept for the step being differentiated, not recomputed);
+    `Tsit5(scan_kind="bounded")` is the same method with its stages in diffrax's bounded
+    loop, the other reverse-differentiable choice diffrax offers. `DirectAdjoint` gets
+    twice the steps the solve needs (at least two per layer, one per smooth half-layer,
+    and `layers / dtmax`) as its budget, which sizes what it stores (rounded up to a power
+    of 16 by its loop).
 
-    The last three variants are this benchmark's only uses of `pf.Unrolled` and
-    `pf.KeepResidualsAdjoint`: where the library drops them, drop them here."""
+    The unrolled variant is this benchmark's only use of `pf.Unrolled`: where the library
+    drops it, drop it here (and `unrolled_ratios`)."""
     rc = diffrax.RecursiveCheckpointAdjoint
 
     def make(adjoint, dtmax, max_steps=4096, solver=None):
@@ -245,18 +258,11 @@ def taken_variants(config: Config) -> dict[str, Callable[[float], pf.AbstractDep
         return 2 * math.ceil(config.fixed_layers / min(dtmax, 0.5))
 
     return {
-        "RecursiveCheckpoint (16, default)": lambda d: make(None, d),
+        DEFAULT: lambda d: make(None, d),
         "RecursiveCheckpoint (diffrax default)": lambda d: make(rc(), d),
         "Direct (bounded loop)": lambda d: make(diffrax.DirectAdjoint(), d, direct_budget(d)),
-        "Unrolled stages, RecursiveCheckpoint (16, default)": lambda d: make(
-            None, d, solver=pf.Unrolled(diffrax.Tsit5())
-        ),
-        "KeepResiduals (slots = 2x steps)": lambda d: make(
-            pf.KeepResidualsAdjoint(slots=direct_budget(d)), d
-        ),
-        "Unrolled stages, KeepResiduals (slots = 2x steps)": lambda d: make(
-            pf.KeepResidualsAdjoint(slots=direct_budget(d)), d, solver=pf.Unrolled(diffrax.Tsit5())
-        ),
+        UNROLLED: lambda d: make(None, d, solver=pf.Unrolled(diffrax.Tsit5())),
+        BOUNDED: lambda d: make(None, d, solver=diffrax.Tsit5(scan_kind="bounded")),
     }
 
 
@@ -266,7 +272,7 @@ def main(config: Config) -> dict[str, Any]:
     **Returns:**
 
     `layers_sweep`, `max_steps_sweep`, `steps_taken_sweep` (a row per variant and size),
-    `growth` and `meta`.
+    `unrolled_ratios`, `growth` and `meta`.
 
     **Raises:**
 
@@ -346,6 +352,7 @@ def main(config: Config) -> dict[str, Any]:
         "layers_sweep": layer_rows,
         "max_steps_sweep": step_rows,
         "steps_taken_sweep": taken_rows,
+        "unrolled_ratios": unrolled_ratios(taken_rows),
         "growth": _growth(layer_rows, "layers") | _growth(step_rows, "max_steps"),
         "meta": meta,
     }
@@ -353,6 +360,25 @@ def main(config: Config) -> dict[str, Any]:
     title = "Peak memory of a training step against depth"
     report.write(config.out, result, title, markdown(result), log=log)
     return result
+
+
+def unrolled_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per `dtmax` (keyed by its `%g` text): the unrolled arm's interleaved median time
+    over that of diffrax's default `Tsit5()` (`vs_tsit5`) and of `Tsit5(scan_kind="bounded")`
+    (`vs_tsit5_bounded`), where those arms ran."""
+    out: dict[str, dict[str, float]] = {}
+    by_key = {(r["variant"], r["dtmax"]): r for r in rows}
+    for (name, d), row in by_key.items():
+        if name != UNROLLED:
+            continue
+        ratios = {
+            label: row["time_ms"] / by_key[(other, d)]["time_ms"]
+            for label, other in (("vs_tsit5", DEFAULT), ("vs_tsit5_bounded", BOUNDED))
+            if (other, d) in by_key
+        }
+        if ratios:
+            out[f"{d:g}"] = ratios
+    return out
 
 
 def _growth(rows: list[dict[str, Any]], axis: str) -> dict[str, dict[str, float]]:
@@ -392,6 +418,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['temp_mib']:.1f} | "
             f"{r['time_ms']:.0f} (min {r['time_ms_min']:.0f}) |"
         )
+    ratios = result.get("unrolled_ratios") or {}
+    if ratios:
+        lines += [
+            "",
+            "| dtmax | Unrolled / Tsit5() | Unrolled / Tsit5(scan_kind='bounded') |",
+            "|---|---|---|",
+        ]
+        for d, r in ratios.items():
+            cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("vs_tsit5", "vs_tsit5_bounded")]
+            lines.append(f"| {d} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 

@@ -21,10 +21,8 @@ Two side-by-side comparisons in one run, forward + backward, float32, equal weig
    measured against a float64 reference (torchdiffeq's `dopri8` at rtol 1e-10, atol 1e-12,
    same jumps), so that a faster solve cannot come from a less accurate one. torchdiffeq's
    `odeint_adjoint` (continuous adjoint, its backward solve also told the jumps) is timed
-   too, as a second PyTorch arm. Two more pdeformer arms take the same steps:
-   `pf.Unrolled(diffrax.Dopri5())` (stages unrolled) and
-   `pf.KeepResidualsAdjoint(slots=KEPT_SLOTS)` (every step's residuals kept, as PyTorch's
-   autograd does, instead of recomputing the step in the backward pass). NFE: pdeformer's
+   too, as a second PyTorch arm. One more pdeformer arm takes the same steps:
+   `pf.Unrolled(diffrax.Dopri5())` (stages unrolled). NFE: pdeformer's
    exact `stats.nfe`; torchdiffeq: calls of the field's `forward` counted in the module.
 2. **`discrete_vs_pytorch`**: `pf.Discrete()` against `torch.nn.TransformerEncoder`
    (`norm_first=True`, dropout 0, the tanh-approximated GELU of `jax.nn.gelu`'s default,
@@ -90,9 +88,6 @@ TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
 # On a GPU only the continuous comparison has a target.
 TARGETS_GPU = {"pdeformer_vs_torchdiffeq": 0.5}
 TORCH_DEVICES = ("auto", "cpu", "cuda")
-# Slots of the `KeepResidualsAdjoint` arm: loop iterations (accepted and rejected steps) it
-# can differentiate. The comparison's solves take 8 steps at both of its tolerances.
-KEPT_SLOTS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,9 +498,9 @@ def _continuous(
         "hidden": c.ode_hidden,
     }
 
-    def jitted(solver, rtol: float, atol: float, adjoint=None):
+    def jitted(solver, rtol: float, atol: float):
         """The pdeformer forward solve and its value-and-gradient, jitted."""
-        depth = pf.Continuous(solver, diffrax.PIDController(rtol=rtol, atol=atol), adjoint)
+        depth = pf.Continuous(solver, diffrax.PIDController(rtol=rtol, atol=atol))
 
         def solve(p, u):
             return depth(eqx.combine(p, static), u)
@@ -519,15 +514,11 @@ def _continuous(
     def one_tolerance(rtol: float, repeats: int, adjoint_repeats: int):
         atol = rtol / 10
         fwd, grad = jitted(diffrax.Dopri5(), rtol, atol)
-        # The two arms below are this benchmark's only uses of `pf.Unrolled` and
-        # `pf.KeepResidualsAdjoint`: where the library drops them, drop them here (and their
-        # ratios in `main`).
         # The same method with its stages unrolled (`pf.Unrolled`): reverse mode keeps each
-        # stage's intermediates instead of recomputing them.
+        # stage's intermediates instead of recomputing them. This arm is the benchmark's only
+        # use of `pf.Unrolled`: where the library drops it, drop it here (and its ratios in
+        # `main`).
         fwd_u, grad_u = jitted(pf.Unrolled(diffrax.Dopri5()), rtol, atol)
-        # The default method, its steps' residuals kept from the forward pass.
-        kept_adjoint = pf.KeepResidualsAdjoint(slots=KEPT_SLOTS)
-        fwd_k, grad_k = jitted(diffrax.Dopri5(), rtol, atol, kept_adjoint)
         options = dict(
             jump_t=dev.tensor(jump_ts, dtype=torch.float64),
             step_t=dev.tensor([t1], dtype=torch.float64),
@@ -583,15 +574,9 @@ def _continuous(
         (value_u, sol_u), grads_u = jax.block_until_ready(grad_u(params, u0))
         compile_unrolled_s = time.perf_counter() - t0
         jax.block_until_ready(fwd_u(params, u0))
-        _log(f"rtol {rtol:g}: compiling pdeformer with KeepResidualsAdjoint")
-        t0 = time.perf_counter()
-        (value_k, sol_k), grads_k = jax.block_until_ready(grad_k(params, u0))
-        compile_kept_s = time.perf_counter() - t0
-        jax.block_until_ready(fwd_k(params, u0))
         for _ in range(c.warmup):
             jax.block_until_ready(grad(params, u0))
             jax.block_until_ready(grad_u(params, u0))
-            jax.block_until_ready(grad_k(params, u0))
             torch_grad()
 
         # Counts: pdeformer's exact statistics; torchdiffeq's from the module's counters.
@@ -614,7 +599,6 @@ def _continuous(
             {
                 "pdeformer": lambda: jax.block_until_ready(grad(params, u0)),
                 "pdeformer_unrolled": lambda: jax.block_until_ready(grad_u(params, u0)),
-                "pdeformer_kept": lambda: jax.block_until_ready(grad_k(params, u0)),
                 "torchdiffeq": torch_grad,
             },
             repeats,
@@ -625,7 +609,6 @@ def _continuous(
             {
                 "pdeformer": lambda: jax.block_until_ready(fwd(params, u0)),
                 "pdeformer_unrolled": lambda: jax.block_until_ready(fwd_u(params, u0)),
-                "pdeformer_kept": lambda: jax.block_until_ready(fwd_k(params, u0)),
                 "torchdiffeq": torch_fwd,
             },
             max(1, repeats // 2 + 1),
@@ -645,7 +628,7 @@ def _continuous(
         u_torch = out_torch.cpu().numpy()
         jax_grads = _grads_as_torch_names(grads)
         grad_rel = _max_rel_diff((jax_grads[n], tgrads[n]) for n in tgrads)
-        names = ("pdeformer", "pdeformer_unrolled", "pdeformer_kept", "torchdiffeq")
+        names = ("pdeformer", "pdeformer_unrolled", "torchdiffeq")
         times = {f"{n}_fwd_bwd_ms": _median_ms(samples[n]) for n in names}
         times.update({f"{n}_fwd_ms": _median_ms(fwd_samples[n]) for n in names})
         times_min = {f"{n}_fwd_bwd_ms": 1e3 * min(samples[n]) for n in names}
@@ -665,13 +648,10 @@ def _continuous(
             "ratio": times["pdeformer_fwd_bwd_ms"] / times["torchdiffeq_fwd_bwd_ms"],
             "ratio_unrolled": times["pdeformer_unrolled_fwd_bwd_ms"]
             / times["torchdiffeq_fwd_bwd_ms"],
-            "ratio_kept": times["pdeformer_kept_fwd_bwd_ms"] / times["torchdiffeq_fwd_bwd_ms"],
             "times_ms": times,
             "ratio_of_min_times": times_min["pdeformer_fwd_bwd_ms"]
             / times_min["torchdiffeq_fwd_bwd_ms"],
             "ratio_unrolled_of_min_times": times_min["pdeformer_unrolled_fwd_bwd_ms"]
-            / times_min["torchdiffeq_fwd_bwd_ms"],
-            "ratio_kept_of_min_times": times_min["pdeformer_kept_fwd_bwd_ms"]
             / times_min["torchdiffeq_fwd_bwd_ms"],
             "unrolled": {
                 "nfe": int(sol_u.stats.nfe),
@@ -682,16 +662,6 @@ def _continuous(
                     zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads), strict=True)
                 ),
                 "compile_s": compile_unrolled_s,
-            },
-            "kept": {
-                "adjoint": f"pf.KeepResidualsAdjoint(slots={kept_adjoint.slots})",
-                "nfe": int(sol_k.stats.nfe),
-                "steps": int(sol_k.stats.num_steps),
-                "loss": float(value_k),
-                "grad_max_rel_diff_vs_dopri5": _max_rel_diff(
-                    zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads), strict=True)
-                ),
-                "compile_s": compile_kept_s,
             },
             "times_ms_min": times_min,
             "memory_faults_fwd_bwd": counter_medians(counters),
@@ -762,7 +732,6 @@ def _continuous(
     arms = (
         ("pdeformer", "pdeformer"),
         ("pdeformer_unrolled", "pdeformer"),  # the same method: the same counts
-        ("pdeformer_kept", "pdeformer"),
         ("torchdiffeq", "torchdiffeq"),
     )
     for key, lib in arms:
@@ -1007,13 +976,11 @@ def main(config: BenchConfig) -> dict[str, Any]:
     ratios = {
         "pdeformer_vs_torchdiffeq": ode["tolerances"][0]["ratio"],
         "pdeformer_unrolled_vs_torchdiffeq": ode["tolerances"][0]["ratio_unrolled"],
-        "pdeformer_kept_vs_torchdiffeq": ode["tolerances"][0]["ratio_kept"],
         "discrete_vs_pytorch": disc["ratio"],
     }
     ratios_min = {
         "pdeformer_vs_torchdiffeq": ode["tolerances"][0]["ratio_of_min_times"],
         "pdeformer_unrolled_vs_torchdiffeq": ode["tolerances"][0]["ratio_unrolled_of_min_times"],
-        "pdeformer_kept_vs_torchdiffeq": ode["tolerances"][0]["ratio_kept_of_min_times"],
         "discrete_vs_pytorch": disc["times_ms_min"]["pdeformer"] / disc["times_ms_min"]["pytorch"],
     }
     targets = targets_for(backend, device)
@@ -1055,8 +1022,7 @@ def summary(result: dict[str, Any]) -> str:
             f"{e['pdeformer']:.1e}), torchdiffeq {t['torchdiffeq_fwd_bwd_ms']:.0f} ms (NFE "
             f"{n['torchdiffeq']['nfe']}, error {e['torchdiffeq']:.1e}), ratio {run['ratio']:.2f}; "
             f"Unrolled(Dopri5()) {t['pdeformer_unrolled_fwd_bwd_ms']:.0f} ms, ratio "
-            f"{run['ratio_unrolled']:.2f}; KeepResidualsAdjoint "
-            f"{t['pdeformer_kept_fwd_bwd_ms']:.0f} ms, ratio {run['ratio_kept']:.2f}"
+            f"{run['ratio_unrolled']:.2f}"
         )
     print(
         f"discrete: pdeformer {disc['times_ms']['pdeformer']:.0f} ms, PyTorch "

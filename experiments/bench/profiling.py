@@ -603,14 +603,7 @@ def main(config: Config) -> dict[str, Any]:
 
     The mode's figures and `meta` (command, date, machine, settings, wall time).
     """
-    meta = report.meta(config)
-    start = time.perf_counter()
-    settings = getattr(config, config.mode)
-    result = {"mode": config.mode, **MODES[config.mode](settings), "meta": meta}
-    meta["wall_s"] = time.perf_counter() - start
-    body = TABLES[config.mode](result, dataclasses.asdict(settings))
-    report.write(config.out, result, TITLES[config.mode], body, log=_log)
-    return result
+    return report.run_mode(config, MODES, TABLES, TITLES, log=_log)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ This script tests both claims on one small model trained on offline ListOps, in 
 
 - `residual + norm`: the standard pre-LN Transformer, `Discrete()`;
 - `no residual`: each sub-step replaces the state, `u <- A(N u)`, `u <- R(N' u)`
-  (`Discrete(residual=False)`);
+  (`NoResidual()` of `experiments/studies/ablations.py`);
 - `no norm`: every norm of the field and the final norm are `Identity`;
 - `neither`: both.
 
@@ -54,22 +54,13 @@ from _common import (  # noqa: E402
     gate_section,
     gate_verdict,
 )
+from ablations import NoResidual  # noqa: E402
 from pdeformer import Discrete, Identity  # noqa: E402
 from pdeformer.data import ListOpsConfig, iterate_batches, iterate_forever  # noqa: E402
 from pdeformer.training import TrainConfig, evaluate, make_optimizer, train_step  # noqa: E402
 from report import fmt  # noqa: E402
 
 _log = report.logger("stabilizers")
-
-
-def no_residual_integrator():
-    """The `no residual` arms' integrator: each half-layer replaces the state.
-
-    The one place this study depends on how the library offers the ablation (today
-    `Discrete(residual=False)`; the ablation is moving out of the library into
-    `experiments/studies/ablations.py` as `NoResidual`).
-    """
-    return Discrete(residual=False)
 
 
 LAYER_STATS = ("cos_to_input", "rel_distance", "rms", "max_token_norm", "token_uniformity")
@@ -83,8 +74,8 @@ class Arm:
     **Arguments:**
 
     - `name`: its label.
-    - `residual`: keep the residual connection (`Discrete()`; without it
-      `no_residual_integrator()`).
+    - `residual`: keep the residual connection (`Discrete()`; without it `NoResidual()`,
+      whose half-layers replace the state).
     - `norm`: keep the norms; without them every norm of the field and the encoder's final
       norm are `Identity`.
     """
@@ -93,9 +84,9 @@ class Arm:
     residual: bool
     norm: bool
 
-    def depth(self) -> Discrete:
+    def depth(self) -> Discrete | NoResidual:
         """The integrator in depth of this arm."""
-        return Discrete() if self.residual else no_residual_integrator()
+        return Discrete() if self.residual else NoResidual()
 
     def encoder_kwargs(self) -> dict[str, Any]:
         """The model's norm constructors for this arm."""
@@ -578,7 +569,7 @@ def _markdown(results: dict[str, Any]) -> str:
         f"- model: dim {setup['dim']}, {setup['num_heads']} heads, {setup['num_layers']} "
         'layers, pre-LN, sinusoidal positions, mean pooling; "no norm" replaces every norm of '
         'the field and the final norm by the identity; "no residual" is '
-        "`no_residual_integrator()` (each half-layer replaces the state)",
+        "`NoResidual()` of `experiments/studies/ablations.py` (each half-layer replaces the state)",
         f"- training: AdamW, peak learning rates {', '.join(f'{lr:g}' for lr in lrs)} (one set "
         f"of runs each), linear warm-up {tr['warmup_steps']} steps, cosine decay to 0, "
         f"{tr['total_steps']} steps, batch {tr['batch_size']}, weight decay "

@@ -319,7 +319,7 @@ def _targets(summary: dict[str, Any], gate_passed: bool) -> list[str]:
     nfe = summary["nfe_reduction_from_regularisation"]
     dacc = summary["accuracy_change_from_regularisation"]
     comp = summary["depth_compression"]
-    lines = ["## Targets", ""]
+    lines = ["## Summary", ""]
     if not gate_passed:
         lines += [
             "**Not assessed: the discrete baseline failed the learning gate.** The numbers "

@@ -28,8 +28,6 @@ from .field import PieceRate as PieceRate
 from .field import Pieces as Pieces
 from .field import SequentialBlock as SequentialBlock
 from .field import Shared as Shared
-from .host import cpu_allocator_tuned as cpu_allocator_tuned
-from .host import tune_cpu_allocator as tune_cpu_allocator
 from .models import AbstractPooling as AbstractPooling
 from .models import AbstractPositions as AbstractPositions
 from .models import Classifier as Classifier
@@ -56,7 +54,15 @@ from .unrolled import Unrolled as Unrolled
 
 __version__ = "0.1.0"
 
-from . import data as data
 from . import diagnostics as diagnostics
 from . import placement as placement
-from . import training as training
+
+
+def __getattr__(name: str):
+    # `pdeformer.data` (the LRA readers and generators) and `pdeformer.training` (which reads
+    # it) load on first use: `import pdeformer` brings in the library's concepts only.
+    if name in ("data", "training"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

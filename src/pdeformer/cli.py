@@ -274,6 +274,14 @@ class DepthConfig:
             "Pass e.g. 0.25.",
         )
         _require(self.max_steps >= 1, f"--max-steps must be >= 1; got {self.max_steps}.")
+        # Checked here, before any data is built: Continuous refuses the pair too, in the
+        # library's terms rather than the command line's.
+        _require(
+            self.step_size is None or self.adjoint != "backsolve",
+            f"--adjoint backsolve needs the adaptive controller; got --step-size "
+            f"{self.step_size}, a fixed-step solve, which is differentiated through its steps. "
+            "Pass --adjoint recursive (the default) or direct, or drop --step-size.",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

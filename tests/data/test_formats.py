@@ -1,18 +1,21 @@
 import pickle
+import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pdeformer.data import (
     ListOpsConfig,
     generate_listops,
+    load_pathfinder,
     load_task,
     read_aan_tsv,
     read_listops_tsv,
     read_pathfinder_metadata,
     write_listops_tsv,
 )
-from pdeformer.data._png import encode_png, rgb_to_gray_tf
+from pdeformer.data.image import rgb_to_gray_tf
 
 EXAMPLE = "( ( ( ( ( [MAX 2 ) 9 ) ( ( ( [MIN 4 ) 7 ) ] ) ) 0 ) ] )"
 
@@ -67,6 +70,18 @@ def test_listops_bad_header(tmp_path):
     p.write_text(f"{EXAMPLE}\t9\n")
     with pytest.raises(ValueError, match=r"basic_train.tsv:1: expected the header"):
         read_listops_tsv(p)
+    p.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"basic_train.tsv:1: expected the header"):
+        read_listops_tsv(p)
+
+
+def test_listops_undecodable_bytes_name_the_file_and_line(tmp_path):
+    p = tmp_path / "basic_train.tsv"
+    p.write_bytes(b"Source\tTarget\n( [MAX 2 9 ] )\t9\n( [MAX \xff 2 ) ] )\t2\n")
+    with pytest.raises(
+        ValueError, match=r"basic_train.tsv:3: not valid UTF-8 text \(byte 0xff at column 8\)"
+    ):
+        read_listops_tsv(p)
 
 
 # ---------------------------------------------------------------- AAN
@@ -93,6 +108,16 @@ def test_aan_reader(tmp_path):
     assert task.train.tokens2[0, 0] == 0xC3 + 1 and task.train.tokens.dtype == np.uint16
 
 
+def test_aan_undecodable_bytes_name_the_file_and_line(tmp_path):
+    p = tmp_path / "new_aan_pairs.train.tsv"
+    p.write_bytes(b"1\tid1\tid2\tab c\tde\n0\tid3\tid4\tab\xffc\tde\n")
+    with pytest.raises(
+        ValueError,
+        match=r"new_aan_pairs.train.tsv:2: not valid UTF-8 text \(byte 0xff at column 13\)",
+    ):
+        read_aan_tsv(p)
+
+
 def test_aan_missing_column(tmp_path):
     d = _write_aan(tmp_path, bad_row="1\tid5\tid6\tonly one text")
     with pytest.raises(ValueError, match=r"new_aan_pairs.train.tsv:3: expected 5"):
@@ -115,7 +140,10 @@ def _write_pathfinder(root, n=10, res=32, empty=(), meta_extra=None):
     for k in range(n):
         img = rng.integers(0, 256, size=(res, res)).astype(np.uint8)
         path = base / "imgs" / "0" / f"sample_{k}.png"
-        path.write_bytes(b"" if k in empty else encode_png(img, k % 5))
+        if k in empty:
+            path.write_bytes(b"")
+        else:
+            Image.fromarray(img).save(path)
         lines.append(_meta_line(k, k % 2))
         if k not in empty:
             imgs.append(img)
@@ -125,12 +153,9 @@ def _write_pathfinder(root, n=10, res=32, empty=(), meta_extra=None):
     return base, np.stack(imgs)
 
 
-@pytest.mark.parametrize("use_pillow", [False, True])
-def test_pathfinder_reader_and_split(tmp_path, use_pillow):
-    if use_pillow:
-        pytest.importorskip("PIL")
+def test_pathfinder_reader_and_split(tmp_path):
     _, imgs = _write_pathfinder(tmp_path, n=11, empty=(4,))
-    task = load_task("pathfinder", tmp_path, use_pillow=use_pillow)
+    task = load_task("pathfinder", tmp_path)
     assert (len(task.train), len(task.val), len(task.test)) == (8, 1, 1)  # 80/10/10 of 10
     got = np.concatenate([task.train.tokens, task.val.tokens, task.test.tokens])
     np.testing.assert_array_equal(got, imgs.reshape(10, -1))
@@ -143,7 +168,7 @@ def test_pathfinder_reader_and_split(tmp_path, use_pillow):
 
 def test_pathx_and_difficulty_alias(tmp_path):
     _write_pathfinder(tmp_path, n=10, res=128)
-    task = load_task("pathx", tmp_path, difficulty="hard", use_pillow=False)
+    task = load_task("pathx", tmp_path, difficulty="hard")
     assert task.name == "pathx" and task.train.tokens.shape == (8, 128 * 128)
     with pytest.raises(FileNotFoundError, match="curv_baseline"):
         load_task("pathx", tmp_path, difficulty="baseline")
@@ -155,19 +180,79 @@ def test_pathfinder_malformed(tmp_path):
         read_pathfinder_metadata(base / "metadata" / "0.npy")
 
 
+def test_pathfinder_undecodable_metadata_names_the_file_and_line(tmp_path):
+    base, _ = _write_pathfinder(tmp_path, n=3)
+    meta = base / "metadata" / "0.npy"
+    meta.write_bytes(meta.read_bytes().replace(b"sample_1.png 1", b"sample_1.png \xff"))
+    with pytest.raises(
+        ValueError, match=r"0.npy:2: not valid UTF-8 text \(byte 0xff at column 21\)"
+    ):
+        load_task("pathfinder", tmp_path)
+
+
+def test_pathfinder_binary_npy_metadata_is_refused(tmp_path):
+    base, _ = _write_pathfinder(tmp_path, n=3)
+    np.save(base / "metadata" / "0.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"0.npy:1: a binary NumPy array, not Pathfinder"):
+        load_task("pathfinder", tmp_path)
+
+
 def test_pathfinder_empty_image_raises_when_not_skipped(tmp_path):
     _write_pathfinder(tmp_path, n=3, empty=(1,))
     with pytest.raises(ValueError, match=r"sample_1.png: PNG file is empty"):
-        load_task("pathfinder", tmp_path, skip_empty=False, use_pillow=False)
+        load_task("pathfinder", tmp_path, skip_empty=False)
 
 
 def test_pathfinder_wrong_size(tmp_path):
-    from pdeformer.data import load_pathfinder
-
     _write_pathfinder(tmp_path, n=3)
     (tmp_path / "pathfinder32").rename(tmp_path / "pathfinder64")
     with pytest.raises(ValueError, match=r"sample_0.png: expected a 64x64"):
-        load_pathfinder(tmp_path, 64, use_pillow=False)
+        load_pathfinder(tmp_path, 64)
+
+
+def test_pathfinder_colour_png_is_gray_with_tf_weights(tmp_path):
+    base, imgs = _write_pathfinder(tmp_path, n=10)
+    rgb = np.random.default_rng(1).integers(0, 256, size=(32, 32, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(base / "imgs" / "0" / "sample_9.png")
+    task = load_task("pathfinder", tmp_path)
+    np.testing.assert_array_equal(task.test.tokens[0], rgb_to_gray_tf(rgb).reshape(-1))
+    np.testing.assert_array_equal(task.train.tokens, imgs[:8].reshape(8, -1))
+
+
+def test_pathfinder_corrupt_png_names_the_file(tmp_path):
+    base, _ = _write_pathfinder(tmp_path, n=3)
+    (base / "imgs" / "0" / "sample_2.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with pytest.raises(ValueError, match=r"sample_2.png: cannot decode the PNG image"):
+        load_task("pathfinder", tmp_path)
+
+
+def test_pathfinder_without_pillow_says_what_to_install(tmp_path, monkeypatch):
+    _write_pathfinder(tmp_path, n=3)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as if Pillow were not installed
+    with pytest.raises(ImportError, match=r"sample_0.png: reading Pathfinder's PNG images needs"):
+        load_task("pathfinder", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("images", "sizes"), [(1, (0, 0, 1)), (3, (2, 0, 1)), (5, (4, 0, 1)), (10, (8, 1, 1))]
+)
+def test_pathfinder_few_images_give_empty_splits(tmp_path, images, sizes):
+    # 80/10/10 rounded down: a handful of images leaves the validation split (and, with one
+    # image, the training split) empty, each a split of size 0 with 1024 columns.
+    _write_pathfinder(tmp_path, n=images)
+    task = load_task("pathfinder", tmp_path)
+    assert (len(task.train), len(task.val), len(task.test)) == sizes
+    for split in (task.train, task.val, task.test):
+        assert split.tokens.shape == (len(split), 1024)
+
+
+def test_pathfinder_max_examples(tmp_path):
+    _write_pathfinder(tmp_path, n=10)
+    task = load_task("pathfinder", tmp_path, max_examples=3)
+    assert (len(task.train), len(task.val), len(task.test)) == (2, 0, 1)
+    assert task.val.tokens.shape == (0, 1024)
+    with pytest.raises(ValueError, match=r"max_examples must be >= 1, got 0"):
+        load_task("pathfinder", tmp_path, max_examples=0)
 
 
 # ---------------------------------------------------------------- IMDB and CIFAR
@@ -186,8 +271,21 @@ def test_imdb_reader(tmp_path):
     np.testing.assert_array_equal(task.train.tokens[0], np.frombuffer(b"neg revi", np.uint8) + 1)
 
 
-def test_cifar_reader_grayscale(tmp_path):
-    d = tmp_path / "cifar-10-batches-py"
+def test_imdb_undecodable_review_names_the_file_and_line(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("pos", "neg"):
+            d = tmp_path / "aclImdb" / split / cls
+            d.mkdir(parents=True)
+            (d / "0_7.txt").write_text("fine", encoding="utf-8")
+    (tmp_path / "aclImdb" / "train" / "pos" / "0_7.txt").write_bytes(b"one\ntwo \xff\n")
+    with pytest.raises(
+        ValueError, match=r"pos/0_7.txt:2: not valid UTF-8 text \(byte 0xff at column 5\)"
+    ):
+        load_task("text", tmp_path)
+
+
+def _write_cifar(root):
+    d = root / "cifar-10-batches-py"
     d.mkdir()
     rng = np.random.default_rng(0)
     raw = {}
@@ -197,6 +295,21 @@ def test_cifar_reader_grayscale(tmp_path):
         raw[name] = (data, labels)
         with open(d / name, "wb") as f:
             pickle.dump({b"data": data, b"labels": labels}, f)
+    return raw
+
+
+def test_rgb_to_gray_matches_tf_formula():
+    rgb = np.array([[255, 255, 255], [0, 0, 0], [255, 0, 0], [10, 200, 30]], np.uint8)
+    expected = [
+        int(np.float32(s) * np.float32(255.5))
+        for s in (rgb.astype(np.float32) / 255 * [0.2989, 0.5870, 0.1140]).sum(1)
+    ]
+    np.testing.assert_array_equal(rgb_to_gray_tf(rgb), expected)
+    assert rgb_to_gray_tf(rgb)[0] == 255
+
+
+def test_cifar_reader_grayscale(tmp_path):
+    raw = _write_cifar(tmp_path)
     task = load_task("image", tmp_path)
     assert (len(task.train), len(task.val), len(task.test)) == (18, 2, 4)
     data, labels = raw["test_batch"]
@@ -204,6 +317,24 @@ def test_cifar_reader_grayscale(tmp_path):
     np.testing.assert_array_equal(task.test.tokens, rgb_to_gray_tf(rgb).reshape(4, 1024))
     np.testing.assert_array_equal(task.test.labels, labels)
     assert np.all(task.test.lengths == 1024)
+
+
+@pytest.mark.parametrize(("val_fraction", "sizes"), [(0.0, (20, 0, 4)), (1.0, (0, 20, 4))])
+def test_cifar_val_fraction_at_the_ends_gives_an_empty_split(tmp_path, val_fraction, sizes):
+    _write_cifar(tmp_path)
+    task = load_task("image", tmp_path, val_fraction=val_fraction)
+    assert (len(task.train), len(task.val), len(task.test)) == sizes
+    for split in (task.train, task.val, task.test):
+        assert split.tokens.shape == (len(split), 1024)
+
+
+@pytest.mark.parametrize("val_fraction", [1.5, -0.5])
+def test_cifar_val_fraction_outside_unit_interval_is_refused(tmp_path, val_fraction):
+    _write_cifar(tmp_path)
+    with pytest.raises(
+        ValueError, match=rf"val_fraction must lie in \[0, 1\] .*, got {val_fraction}\."
+    ):
+        load_task("image", tmp_path, val_fraction=val_fraction)
 
 
 def test_cifar_malformed(tmp_path):

@@ -1,4 +1,8 @@
+import contextlib
+import dataclasses
+import itertools
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from pdeformer.data import (
     generate_pathfinder,
     generate_retrieval,
     generate_text,
+    listops,
     listops_to_source,
     load_task,
 )
@@ -114,6 +119,115 @@ def test_listops_reproducible_and_unique():
 def test_listops_config_validation():
     with pytest.raises(ValueError, match="min_length"):
         ListOpsConfig(min_length=100, max_length=100)
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    # A generator that draws forever fails the test instead of hanging the suite.
+    def fail(*_):
+        raise TimeoutError(f"still drawing after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_listops_refuses_lengths_no_tree_reaches():
+    # max_depth=1 leaves one digit, 1 token: no tree has 5 < length < 50.
+    with (
+        _deadline(20),
+        pytest.raises(
+            ValueError,
+            match=r"no tree is longer than min_length=5: with max_depth=1 and max_args=10 the "
+            r"longest has 1 tokens\. Lower min_length below 1, or raise max_depth or max_args",
+        ),
+    ):
+        generate_listops(100, ListOpsConfig(max_depth=1, min_length=5, max_length=50))
+
+
+def test_listops_refuses_a_gap_in_the_tree_lengths():
+    # With max_depth=2 and max_args=2 a tree is a digit (1 token) or [OP d d ] (4 tokens).
+    cfg = ListOpsConfig(max_depth=2, max_args=2, min_length=1, max_length=4)
+    with (
+        _deadline(20),
+        pytest.raises(
+            ValueError,
+            match=r"no ListOps tree with max_depth=2, max_args=2 has a length strictly between "
+            r"min_length=1 and max_length=4",
+        ),
+    ):
+        generate_listops(10, cfg)
+
+
+def test_listops_refuses_more_unique_trees_than_exist():
+    # 0 < length < 2 leaves the ten one-digit trees.
+    cfg = ListOpsConfig(min_length=0, max_length=2)
+    with (
+        _deadline(20),
+        pytest.raises(
+            ValueError,
+            match=r"generate_listops\(100, ...\) asks for 100 unique ListOps trees, but only 10 "
+            r"distinct trees .* remain \(10 exist, 0 already taken\)\. .* or pass unique=False",
+        ),
+    ):
+        generate_listops(100, cfg)
+    with (
+        _deadline(20),
+        pytest.raises(ValueError, match=r"num_train \+ num_val \+ num_test asks for 11 unique"),
+    ):
+        load_task("listops", num_train=8, num_val=2, num_test=1, min_length=0, max_length=2)
+    split = generate_listops(10, cfg, seed=0)  # all ten: feasible, and drawn
+    assert sorted(split.labels.tolist()) == list(range(10))
+    assert len(generate_listops(100, dataclasses.replace(cfg, unique=False))) == 100
+
+
+def test_listops_gives_up_on_trees_too_rare_to_draw(monkeypatch):
+    # Admissible trees exist (a root operator with 9 or 10 digits) but one draw in millions
+    # makes one at this op_prob: the generator stops after _MAX_MISSES draws in a row.
+    monkeypatch.setattr(listops, "_MAX_MISSES", 1000)
+    cfg = ListOpsConfig(max_depth=2, min_length=10, max_length=13, op_prob=1e-6)
+    with (
+        _deadline(20),
+        pytest.raises(
+            ValueError,
+            match=r"drew 1,000 trees in a row without a new one with 10 < length < 13 .*"
+            r"op_prob=1e-06\): such trees are too rare",
+        ),
+    ):
+        generate_listops(5, cfg)
+
+
+def _tree_shapes(levels, max_args, budget):
+    # Every tree shape of at most `budget` tokens whose root sits `levels` levels above
+    # max_depth, by brute force, as (tokens, leaves, operators): a leaf is a digit, a node an
+    # operator with 2..max_args children and its closing `]`.
+    shapes = [(1, 1, 0)]
+    if levels == 0 or budget < 4:
+        return shapes
+    children = _tree_shapes(levels - 1, max_args, budget - 2)
+    for k in range(2, max_args + 1):
+        for args in itertools.product(children, repeat=k):
+            tokens = 2 + sum(a[0] for a in args)
+            if tokens <= budget:
+                shapes.append((tokens, sum(a[1] for a in args), 1 + sum(a[2] for a in args)))
+    return shapes
+
+
+@pytest.mark.parametrize(
+    ("max_depth", "max_args", "min_length", "max_length"),
+    [(2, 3, 0, 8), (3, 2, 3, 11), (3, 3, 5, 12), (4, 2, 10, 14)],
+)
+def test_listops_distinct_tree_count_matches_enumeration(
+    max_depth, max_args, min_length, max_length
+):
+    # A token sequence is one tree: each shape stands for 10**leaves * 4**operators of them.
+    shapes = _tree_shapes(max_depth - 1, max_args, max_length - 1)
+    expected = sum(10**n * 4**m for t, n, m in shapes if min_length < t < max_length)
+    assert listops._distinct_trees(max_depth, max_args, min_length, max_length) == expected
 
 
 # ---------------------------------------------------------------- Pathfinder
@@ -239,6 +353,46 @@ def test_load_task_offline_all_names(name):
         assert task.train.tokens.shape[1] == 128 * 128
     with pytest.raises(ValueError, match="unsupported option|must be"):
         load_task(name, bogus_option=1)
+
+
+_SMALL = {
+    "listops": dict(min_length=10, max_length=60),
+    "text": dict(min_length=100, max_length=120),
+    "retrieval": dict(min_length=50, max_length=60),
+    "pathfinder": {},
+    "pathx": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SMALL))
+def test_offline_task_with_an_empty_split(name):
+    # load_task("pathfinder", None, num_train=8, num_val=0, num_test=4) once crashed in a
+    # reshape; an empty split is a split of size 0 with the task's columns.
+    task = load_task(name, None, num_train=8, num_val=0, num_test=4, **_SMALL[name])
+    assert (len(task.train), len(task.val), len(task.test)) == (8, 0, 4)
+    assert task.val.tokens.shape[0] == task.val.lengths.shape[0] == task.val.labels.shape[0] == 0
+    if name in ("pathfinder", "pathx"):  # every image has the same number of pixels
+        assert task.val.tokens.shape == (0, task.test.tokens.shape[1])
+    assert task.val.dual == task.test.dual
+
+
+@pytest.mark.parametrize(
+    "config", [ListOpsConfig, SyntheticTextConfig, SyntheticRetrievalConfig, PathfinderConfig]
+)
+def test_negative_split_size_is_refused(config):
+    with pytest.raises(
+        ValueError, match=r"num_val must be >= 0 \(0 gives an empty split\), got -1"
+    ):
+        config(num_val=-1)
+
+
+def test_digits_standin_with_an_empty_validation_split():
+    pytest.importorskip("sklearn")
+    task = load_task("image", val_fraction=0.0)
+    assert len(task.val) == 0 and task.val.tokens.shape == (0, 1024)
+    assert len(task.train) + len(task.test) == 1797
+    with pytest.raises(ValueError, match=r"need 0 <= val_fraction, test_fraction and their sum"):
+        load_task("image", val_fraction=-0.1)
 
 
 def test_load_task_unknown_name():

@@ -123,8 +123,8 @@ def load_task(name: str, data_dir: str | Path | None = None, **options: Any) -> 
     - `options`: offline: `seed` plus the fields of the task's config (`ListOpsConfig`,
       `SyntheticTextConfig`, `SyntheticRetrievalConfig`, `PathfinderConfig`; `difficulty`
       for pathfinder/pathx) or `config=`; image stand-in: `seed`, `size`. Official:
-      `max_length` (listops, text, retrieval), `difficulty`, `max_examples`, `skip_empty`,
-      `use_pillow` (pathfinder, pathx), `val_fraction` (image).
+      `max_length` (listops, text, retrieval), `difficulty`, `max_examples`, `skip_empty`
+      (pathfinder, pathx), `val_fraction` (image).
 
     **Returns:**
 

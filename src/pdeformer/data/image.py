@@ -13,7 +13,6 @@ import numpy as np
 from jaxtyping import UInt8
 
 from ._common import CIFAR_SOURCE, require_files
-from ._png import rgb_to_gray_tf
 from .batching import Split, TaskData
 
 __all__ = [
@@ -21,6 +20,7 @@ __all__ = [
     "load_cifar10",
     "make_digits_task",
     "read_cifar_batch",
+    "rgb_to_gray_tf",
     "upsample_digits",
 ]
 
@@ -29,13 +29,34 @@ _CIFAR_FILES = [*_CIFAR_TRAIN, "test_batch"]
 
 
 def _image_split(images: np.ndarray, labels: np.ndarray) -> Split:
-    n = images.shape[0]
-    tokens = np.ascontiguousarray(images.reshape(n, -1).astype(np.uint8))
+    n, height, width = images.shape
+    tokens = np.ascontiguousarray(images.reshape(n, height * width).astype(np.uint8))
     return Split(
         tokens=tokens,
         lengths=np.full(n, tokens.shape[1], dtype=np.int32),
         labels=labels.astype(np.int32),
     )
+
+
+def rgb_to_gray_tf(rgb: UInt8[np.ndarray, "*batch 3"]) -> UInt8[np.ndarray, "*batch"]:
+    """Grayscale conversion matching `tf.image.rgb_to_grayscale` on uint8 input.
+
+    TensorFlow converts to float32 in [0, 1], takes the dot product with
+    `(0.2989, 0.5870, 0.1140)`, then converts back by multiplying by 255.5 and truncating with
+    saturation. LRA then casts to int32, which leaves these values unchanged.
+
+    **Arguments:**
+
+    - `rgb`: uint8 array whose last axis holds R, G, B.
+
+    **Returns:**
+
+    A uint8 array with the last axis removed.
+    """
+    flt = rgb.astype(np.float32) * np.float32(1.0 / 255.0)
+    weights = np.asarray([0.2989, 0.5870, 0.1140], dtype=np.float32)
+    gray = (flt * weights).sum(axis=-1, dtype=np.float32) * np.float32(255.5)
+    return np.clip(gray, 0.0, 255.0).astype(np.uint8)
 
 
 def cifar_to_gray(rows: UInt8[np.ndarray, "n 3072"]) -> UInt8[np.ndarray, "n 32 32"]:
@@ -102,7 +123,8 @@ def load_cifar10(data_dir: str | Path, val_fraction: float = 0.1) -> TaskData:
     **Arguments:**
 
     - `data_dir`: directory containing `cifar-10-batches-py/`, or that directory itself.
-    - `val_fraction`: trailing fraction of the training set used for validation.
+    - `val_fraction`: trailing fraction of the training set used for validation, in
+      `[0, 1]` (0 gives an empty validation split).
 
     **Returns:**
 
@@ -110,8 +132,14 @@ def load_cifar10(data_dir: str | Path, val_fraction: float = 0.1) -> TaskData:
 
     **Raises:**
 
-    `FileNotFoundError` listing the expected files and where to download them.
+    `ValueError` for a `val_fraction` outside `[0, 1]`; `FileNotFoundError` listing the
+    expected files and where to download them.
     """
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(
+            f"val_fraction must lie in [0, 1] (the trailing fraction of the training batches "
+            f"kept for validation; LRA uses 0.1), got {val_fraction}."
+        )
     root = Path(data_dir)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
@@ -172,7 +200,8 @@ def make_digits_task(
 
     - `seed`: seed of the stratified split.
     - `size`: image side (32 gives LRA Image's 1024-token sequences).
-    - `val_fraction`, `test_fraction`: per-class fractions for val and test.
+    - `val_fraction`, `test_fraction`: per-class fractions for val and test (0 gives an empty
+      split).
 
     **Returns:**
 
@@ -180,7 +209,8 @@ def make_digits_task(
 
     **Raises:**
 
-    `ImportError` if scikit-learn is missing.
+    `ImportError` if scikit-learn is missing; `ValueError` for fractions below 0 or summing
+    to more than 1.
     """
     try:
         from sklearn.datasets import load_digits
@@ -188,10 +218,10 @@ def make_digits_task(
         raise ImportError(
             "The offline image stand-in needs scikit-learn: pip install pdeformer[data]"
         ) from exc
-    if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction <= 1):
         raise ValueError(
-            f"need 0 < val_fraction, test_fraction and their sum < 1, got {val_fraction}, "
-            f"{test_fraction}."
+            f"need 0 <= val_fraction, test_fraction and their sum <= 1 (0 gives an empty "
+            f"split), got {val_fraction}, {test_fraction}."
         )
     digits = load_digits()
     images = upsample_digits(np.asarray(digits.images), size)

@@ -13,12 +13,20 @@ not stable across runs):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
 from jaxtyping import Int32
 
-from ._common import LRA_SOURCE, check_positive, make_rng, require_files
+from ._common import (
+    LRA_SOURCE,
+    check_positive,
+    check_split_sizes,
+    make_rng,
+    read_lines,
+    require_files,
+)
 from .batching import Split, TaskData, pad_sequences
 
 __all__ = [
@@ -90,9 +98,16 @@ class ListOpsConfig:
             )
         if not 0.0 < self.op_prob < 1.0:
             raise ValueError(f"op_prob must lie in (0, 1), got {self.op_prob}.")
-        for name in ("num_train", "num_val", "num_test"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        check_split_sizes(self)
+        longest = 1  # a digit; then an operator with max_args children of the level below
+        for _ in range(self.max_depth - 1):
+            longest = min(2 + self.max_args * longest, self.max_length)
+        if longest <= self.min_length:
+            raise ValueError(
+                f"no tree is longer than min_length={self.min_length}: with max_depth="
+                f"{self.max_depth} and max_args={self.max_args} the longest has {longest} "
+                f"tokens. Lower min_length below {longest}, or raise max_depth or max_args."
+            )
 
 
 def _apply(op: int, vals: list[int]) -> int:
@@ -108,6 +123,57 @@ def _apply(op: int, vals: list[int]) -> int:
     return sum(vals) % 10
 
 
+_COUNT_CAP = 1e15  # distinct trees are counted up to this many (float64 stays exact below)
+_MAX_MISSES = 200_000  # draws in a row without a new tree before the generator gives up
+
+
+@functools.cache
+def _distinct_trees(max_depth: int, max_args: int, min_length: int, max_length: int) -> float:
+    # Trees are their token sequences. counts[n] is the number of trees of n tokens whose root
+    # sits `level` levels above max_depth: a digit (10 of length 1), or one of 4 operators with
+    # 2..max_args children of the level below and a closing `]` (2 + their lengths).
+    leaf = np.zeros(max_length)
+    leaf[1] = 10.0
+    counts = leaf
+    for _ in range(max_depth - 1):
+        children = counts
+        operands = np.zeros(max_length)
+        for _ in range(2, max_args + 1):
+            children = np.minimum(np.convolve(children, counts)[:max_length], _COUNT_CAP)
+            operands += children
+        with_op = np.zeros(max_length)
+        with_op[2:] = 4.0 * operands[:-2]
+        counts = np.minimum(leaf + with_op, _COUNT_CAP)
+        if counts[min_length + 1 :].sum() >= _COUNT_CAP:
+            break  # a deeper tree only adds to the count
+    return float(min(counts[min_length + 1 :].sum(), _COUNT_CAP))
+
+
+def _check_supply(cfg: ListOpsConfig, count: int, seen: set[bytes], what: str) -> None:
+    # Refuse, before drawing, a request that no number of draws could satisfy.
+    if count == 0:
+        return
+    lo, hi = cfg.min_length, cfg.max_length
+    setting = f"max_depth={cfg.max_depth}, max_args={cfg.max_args}"
+    total = _distinct_trees(cfg.max_depth, cfg.max_args, lo, hi)
+    if total == 0:
+        raise ValueError(
+            f"no ListOps tree with {setting} has a length strictly between min_length={lo} "
+            f"and max_length={hi} (tree lengths skip values). Widen that range, or raise "
+            "max_depth or max_args."
+        )
+    if not cfg.unique:
+        return
+    taken = sum(1 for key in seen if lo < len(key) < hi)
+    if count > total - taken:
+        raise ValueError(
+            f"{what} asks for {count} unique ListOps trees, but only {total - taken:.0f} "
+            f"distinct trees with {setting} and {lo} < length < {hi} remain "
+            f"({total:.0f} exist, {taken} already taken). Widen (min_length, max_length), "
+            "raise max_depth or max_args, ask for fewer examples, or pass unique=False."
+        )
+
+
 def _sample_trees(
     rng: np.random.Generator, cfg: ListOpsConfig, count: int, seen: set[bytes]
 ) -> tuple[list[bytes], list[int]]:
@@ -120,7 +186,17 @@ def _sample_trees(
     labels: list[int] = []
     buf: list[float] = []
     i = 0
+    misses = 0
     while len(out) < count:
+        if misses == _MAX_MISSES:
+            raise ValueError(
+                f"the ListOps generator drew {_MAX_MISSES:,} trees in a row without a new one "
+                f"with {lo} < length < {hi} (max_depth={max_depth}, max_args={max_args}, "
+                f"op_prob={p}): such trees are too rare at these settings. Widen (min_length, "
+                "max_length), change op_prob, ask for fewer examples"
+                + (", or pass unique=False." if cfg.unique else ".")
+            )
+        misses += 1
         toks = bytearray()
         stack: list[tuple[int, int, list[int]]] = []
         depth = 1
@@ -163,6 +239,7 @@ def _sample_trees(
             seen.add(key)
         out.append(key)
         labels.append(value)
+        misses = 0
     return out, labels
 
 
@@ -191,9 +268,16 @@ def generate_listops(
     **Returns:**
 
     A `Split` with uint8 tokens (ids per `LISTOPS_VOCAB`).
+
+    **Raises:**
+
+    `ValueError` naming the settings to change if no tree has an admissible length, if fewer
+    distinct trees exist than `unique` examples are asked for, or if 200,000 draws in a row
+    bring no new tree (admissible trees too rare to draw).
     """
     rng = make_rng(seed)
     seen = set() if exclude is None else exclude
+    _check_supply(config, num_examples, seen, f"generate_listops({num_examples}, ...)")
     trees, labels = _sample_trees(rng, config, num_examples, seen)
     tokens, lengths = pad_sequences(trees, max_length=config.max_length)
     return Split(tokens=tokens, lengths=lengths, labels=np.asarray(labels, dtype=np.int32))
@@ -210,9 +294,15 @@ def make_listops_task(config: ListOpsConfig = ListOpsConfig(), seed: int = 0) ->
     **Returns:**
 
     `TaskData` with vocab size 16 and 10 classes.
+
+    **Raises:**
+
+    `ValueError` as `generate_listops`, for the three splits together.
     """
     rng = np.random.default_rng(seed)
     seen: set[bytes] = set()
+    total = config.num_train + config.num_val + config.num_test
+    _check_supply(config, total, seen, "num_train + num_val + num_test")
     splits = [
         generate_listops(n, config, rng, seen)
         for n in (config.num_train, config.num_val, config.num_test)
@@ -358,43 +448,40 @@ def read_listops_tsv(path: str | Path, max_length: int | None = 2000) -> Split:
 
     **Raises:**
 
-    `FileNotFoundError` if missing; `ValueError` naming the file and line for a wrong header,
-    a row without exactly two tab-separated columns, a non-integer or out-of-range target, an
-    empty source or an unknown token.
+    `FileNotFoundError` if missing; `ValueError` naming the file and line for bytes that are
+    not UTF-8, a wrong header, a row without exactly two tab-separated columns, a non-integer
+    or out-of-range target, an empty source or an unknown token.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ListOps file not found: {path}.")
     seqs: list[np.ndarray] = []
     labels: list[int] = []
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\r\n")
-        if header.split("\t") != ["Source", "Target"]:
+    lines = read_lines(path)
+    header = next(lines, (1, ""))[1]
+    if header.split("\t") != ["Source", "Target"]:
+        raise ValueError(f"{path}:1: expected the header 'Source\\tTarget', got {header[:80]!r}.")
+    for lineno, line in lines:
+        if not line:
+            continue
+        cols = line.split("\t")
+        if len(cols) != 2:
             raise ValueError(
-                f"{path}:1: expected the header 'Source\\tTarget', got {header[:80]!r}."
+                f"{path}:{lineno}: expected 2 tab-separated columns (Source, Target), got "
+                f"{len(cols)}."
             )
-        for lineno, line in enumerate(f, start=2):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            cols = line.split("\t")
-            if len(cols) != 2:
-                raise ValueError(
-                    f"{path}:{lineno}: expected 2 tab-separated columns (Source, Target), got "
-                    f"{len(cols)}."
-                )
-            where = f"{path}:{lineno}"
-            try:
-                label = int(cols[1])
-            except ValueError:
-                raise ValueError(f"{where}: Target {cols[1]!r} is not an integer.") from None
-            if not 0 <= label <= 9:
-                raise ValueError(f"{where}: Target must be 0-9, got {label}.")
-            ids = encode_listops(cols[0], where)
-            if not ids:
-                raise ValueError(f"{where}: Source has no tokens.")
-            seqs.append(np.asarray(ids, dtype=np.uint8))
-            labels.append(label)
+        where = f"{path}:{lineno}"
+        try:
+            label = int(cols[1])
+        except ValueError:
+            raise ValueError(f"{where}: Target {cols[1]!r} is not an integer.") from None
+        if not 0 <= label <= 9:
+            raise ValueError(f"{where}: Target must be 0-9, got {label}.")
+        ids = encode_listops(cols[0], where)
+        if not ids:
+            raise ValueError(f"{where}: Source has no tokens.")
+        seqs.append(np.asarray(ids, dtype=np.uint8))
+        labels.append(label)
     if not seqs:
         raise ValueError(f"{path}: no examples after the header.")
     tokens, lengths = pad_sequences(seqs, max_length=max_length)

@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int32, UInt8
 
-from ._common import LRA_SOURCE, check_positive, make_rng
-from ._png import read_png
+from ._common import LRA_SOURCE, check_positive, check_split_sizes, make_rng, read_lines
 from .batching import Split, TaskData
 
 __all__ = [
@@ -102,6 +101,7 @@ class PathfinderConfig:
         check_positive("resolution", self.resolution)
         check_positive("contour_length", self.contour_length)
         check_positive("supersample", self.supersample)
+        check_split_sizes(self)
         if self.num_angles < 3:
             raise ValueError(f"num_angles must be >= 3, got {self.num_angles}.")
         for name in ("paddle_length", "thickness", "clearance", "seed_distance", "continuity"):
@@ -474,8 +474,10 @@ def generate_pathfinder(
 
 
 def _images_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    # Rows of pixels, whether the images come as (n, h, w) or already flat; the explicit row
+    # width keeps an empty split's shape, which reshape(n, -1) cannot infer.
     n = images.shape[0]
-    tokens = np.ascontiguousarray(images.reshape(n, -1))
+    tokens = np.ascontiguousarray(images.reshape(n, math.prod(images.shape[1:])))
     return Split(tokens, np.full(n, tokens.shape[1], np.int32), labels.astype(np.int32))
 
 
@@ -530,13 +532,19 @@ def read_pathfinder_metadata(path: str | Path) -> list[tuple[str, str, int]]:
 
     **Raises:**
 
-    `ValueError` naming the file and line for a row without 11 fields or a label not 0/1.
+    `ValueError` naming the file and line for bytes that are not UTF-8 (a binary `.npy` file
+    among them), a row without 11 fields or a label not 0/1.
     """
     path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise ValueError(
+                f"{path}:1: a binary NumPy array, not Pathfinder metadata; the official "
+                "metadata files are text lines despite their .npy extension (11 space-separated "
+                "fields each)."
+            )
     rows = []
-    text = path.read_text(encoding="utf-8")
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
+    for lineno, line in read_lines(path):
         if not line.strip():
             continue
         f = line.split(" ")
@@ -548,6 +556,28 @@ def read_pathfinder_metadata(path: str | Path) -> list[tuple[str, str, int]]:
             raise ValueError(f"{path}:{lineno}: label field must be 0 or 1, got {f[3]!r}.")
         rows.append((f[0], f[1], int(f[3])))
     return rows
+
+
+def _read_png(path: Path) -> UInt8[np.ndarray, "h w"]:
+    # An 8-bit grayscale image; colour images are reduced to gray with the weights LRA's
+    # TensorFlow pipeline uses (Pillow's own "L" conversion rounds other weights).
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError(
+            f"{path}: reading Pathfinder's PNG images needs Pillow; install it with "
+            "`pip install pillow` (or `pip install 'pdeformer[data]'`)."
+        ) from None
+    from .image import rgb_to_gray_tf
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGB", "RGBA"):
+                return rgb_to_gray_tf(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot decode the PNG image ({exc}).") from None
 
 
 def _batch_key(p: Path) -> tuple[int, str]:
@@ -562,13 +592,13 @@ def load_pathfinder(
     *,
     max_examples: int | None = None,
     skip_empty: bool = True,
-    use_pillow: bool | None = None,
 ) -> TaskData:
     """Load official Pathfinder / Path-X images with a deterministic 80/10/10 split.
 
     Metadata files are read in numeric batch order and lines in file order; the first 80% of
     the (non-empty) images are train, the next 10% val, the last 10% test, like LRA's TFDS
-    slicing. There is no official split, so numbers from other codebases use other test sets.
+    slicing (rounded down, so a handful of images leaves some splits empty). There is no
+    official split, so numbers from other codebases use other test sets.
 
     **Arguments:**
 
@@ -580,7 +610,6 @@ def load_pathfinder(
     - `max_examples`: read only the first this many metadata rows (before the split).
     - `skip_empty`: skip 0-byte PNGs (the release has one, pathfinder32/curv_baseline/imgs/0/
       sample_172.png; LRA filters it too); if False they raise.
-    - `use_pillow`: see `read_png`.
 
     **Returns:**
 
@@ -589,8 +618,12 @@ def load_pathfinder(
     **Raises:**
 
     `FileNotFoundError` listing the expected layout if the folder is missing; `ValueError`
-    naming the file for malformed metadata or images of the wrong size.
+    naming the file for malformed metadata, an image that does not decode, is empty (with
+    `skip_empty=False`) or has the wrong size, and for `max_examples < 1`; `ImportError` if
+    Pillow, which reads the PNG images, is missing.
     """
+    if max_examples is not None:
+        check_positive("max_examples", max_examples)
     if difficulty in DIFFICULTIES:
         difficulty = DIFFICULTIES[difficulty][0]
     if difficulty not in _FOLDER_TO_LENGTH:
@@ -619,9 +652,13 @@ def load_pathfinder(
             png = base / img_dir / fname
             if not png.is_file():
                 raise FileNotFoundError(f"{png}: image listed in {mf} does not exist.")
-            if skip_empty and png.stat().st_size == 0:
-                continue
-            img = read_png(png, use_pillow=use_pillow)
+            if png.stat().st_size == 0:
+                if skip_empty:
+                    continue
+                raise ValueError(
+                    f"{png}: PNG file is empty (0 bytes); pass skip_empty=True to skip it."
+                )
+            img = _read_png(png)
             if img.shape != (resolution, resolution):
                 raise ValueError(
                     f"{png}: expected a {resolution}x{resolution} image, got {img.shape}."

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import LRA_SOURCE, check_positive, make_rng, require_files
+from ._common import (
+    LRA_SOURCE,
+    check_positive,
+    check_split_sizes,
+    make_rng,
+    read_lines,
+    require_files,
+)
 from .batching import Split, TaskData, pad_sequences
 from .text import _LETTERS, BYTE_VOCAB_SIZE, plant_keys, random_prose
 
@@ -47,8 +54,8 @@ def read_aan_tsv(path: str | Path, max_length: int = 4000) -> Split:
 
     **Raises:**
 
-    `FileNotFoundError` if missing; `ValueError` naming the file and line for a row without
-    exactly 5 columns or a label that is not 0 or 1.
+    `FileNotFoundError` if missing; `ValueError` naming the file and line for bytes that are
+    not UTF-8, a row without exactly 5 columns or a label that is not 0 or 1.
     """
     path = Path(path)
     if not path.is_file():
@@ -56,26 +63,24 @@ def read_aan_tsv(path: str | Path, max_length: int = 4000) -> Split:
     docs1: list[bytes] = []
     docs2: list[bytes] = []
     labels: list[int] = []
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            cols = line.split("\t")
-            if len(cols) != 5:
-                raise ValueError(
-                    f"{path}:{lineno}: expected 5 tab-separated columns (label, id1, id2, "
-                    f"text1, text2), got {len(cols)}."
-                )
-            try:
-                label = int(float(cols[0]))
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: label {cols[0]!r} is not a number.") from None
-            if label not in (0, 1):
-                raise ValueError(f"{path}:{lineno}: label must be 0 or 1, got {label}.")
-            docs1.append(cols[3][:10_000].encode("utf-8")[:max_length])
-            docs2.append(cols[4][:10_000].encode("utf-8")[:max_length])
-            labels.append(label)
+    for lineno, line in read_lines(path):
+        if not line:
+            continue
+        cols = line.split("\t")
+        if len(cols) != 5:
+            raise ValueError(
+                f"{path}:{lineno}: expected 5 tab-separated columns (label, id1, id2, "
+                f"text1, text2), got {len(cols)}."
+            )
+        try:
+            label = int(float(cols[0]))
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: label {cols[0]!r} is not a number.") from None
+        if label not in (0, 1):
+            raise ValueError(f"{path}:{lineno}: label must be 0 or 1, got {label}.")
+        docs1.append(cols[3][:10_000].encode("utf-8")[:max_length])
+        docs2.append(cols[4][:10_000].encode("utf-8")[:max_length])
+        labels.append(label)
     if not labels:
         raise ValueError(f"{path}: file has no rows.")
     t1, l1 = pad_sequences(docs1, max_length=max_length, offset=1)
@@ -145,6 +150,7 @@ class SyntheticRetrievalConfig:
 
     def __post_init__(self) -> None:
         check_positive("key_length", self.key_length)
+        check_split_sizes(self)
         if not 2 <= self.key_alphabet <= 26:
             raise ValueError(f"key_alphabet must lie in [2, 26], got {self.key_alphabet}.")
         if self.min_length < 2 * (self.key_length + 2) or self.max_length < self.min_length:

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import IMDB_SOURCE, check_positive, make_rng, require_files
+from ._common import (
+    IMDB_SOURCE,
+    check_positive,
+    check_split_sizes,
+    decode_utf8,
+    make_rng,
+    require_files,
+)
 from .batching import Split, TaskData, pad_sequences
 
 __all__ = [
@@ -71,7 +78,8 @@ def read_imdb_split(root: str | Path, split: str, max_length: int = 4096) -> Spl
     **Raises:**
 
     `FileNotFoundError` if a class directory is missing or holds no `.txt` files;
-    `ValueError` naming the file if a review is not valid UTF-8 or is empty.
+    `ValueError` naming the file (and line) if a review is not valid UTF-8, or the file if it
+    is empty.
     """
     docs: list[bytes] = []
     labels: list[int] = []
@@ -85,10 +93,7 @@ def read_imdb_split(root: str | Path, split: str, max_length: int = 4096) -> Spl
             )
         for f in files:
             raw = f.read_bytes()
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{f}: review is not valid UTF-8 ({exc}).") from None
+            decode_utf8(raw, f)
             if not raw:
                 raise ValueError(f"{f}: review file is empty.")
             docs.append(raw)
@@ -157,6 +162,7 @@ class SyntheticTextConfig:
 
     def __post_init__(self) -> None:
         check_positive("marker_length", self.marker_length)
+        check_split_sizes(self)
         if not 0.0 < self.edge_fraction <= 0.5:
             raise ValueError(f"edge_fraction must lie in (0, 0.5], got {self.edge_fraction}.")
         need = int(np.ceil((self.marker_length + 2) / self.edge_fraction))
