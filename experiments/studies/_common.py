@@ -153,8 +153,8 @@ class SmoothField:
     - `degree`: the polynomial's degree.
     """
 
-    schedule: Literal["shared", "polynomial"] = "shared"
-    degree: int = 2
+    schedule: Literal["shared", "polynomial"] = "polynomial"
+    degree: int = 3
 
     def __post_init__(self) -> None:
         if self.degree < 0:
