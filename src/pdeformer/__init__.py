@@ -26,6 +26,7 @@ from .field import ParallelBlock as ParallelBlock
 from .field import PerLayer as PerLayer
 from .field import PieceRate as PieceRate
 from .field import Pieces as Pieces
+from .field import Polynomial as Polynomial
 from .field import SequentialBlock as SequentialBlock
 from .field import Shared as Shared
 from .models import AbstractPooling as AbstractPooling
@@ -50,12 +51,18 @@ from .operators import neumann_laplacian as neumann_laplacian
 from .operators.spectral import DiffusionTerm as DiffusionTerm
 from .operators.spectral import exact_diffusion as exact_diffusion
 from .placement import INSERTION_POINTS as INSERTION_POINTS
+from .regularisers import AbstractRegulariser as AbstractRegulariser
+from .regularisers import ErrorEstimate as ErrorEstimate
+from .regularisers import JacobianFrobenius as JacobianFrobenius
+from .regularisers import KineticEnergy as KineticEnergy
+from .regularisers import seminorm_backsolve as seminorm_backsolve
 from .unrolled import Unrolled as Unrolled
 
 __version__ = "0.1.0"
 
 from . import diagnostics as diagnostics
 from . import placement as placement
+from . import regularisers as regularisers
 
 
 def __getattr__(name: str):

@@ -4,8 +4,9 @@ Both commands parse into frozen config dataclasses (`TrainCommand`, `EvaluateCom
 of `DataConfig`, `ModelConfig`, `DepthConfig`, `OptimConfig` and `DeviceConfig`) with
 [tyro](https://brentyi.github.io/tyro/); the run record `run.json` is the `TrainCommand`
 serialised (`write_run`, `read_run`). Names typed on the command line are mapped to objects
-here, in one place (`SOLVERS`, `ADJOINTS`, `integrator`, `diffusion_layer`,
-`data_parallel`; insertion points are the names of `pdeformer.placement.INSERTION_POINTS`);
+here, in one place (`SOLVERS`, `ADJOINTS`, `SCHEDULES`, `COMPOSITIONS`, `integrator`,
+`field_options`, `diffusion_layer`, `data_parallel`; insertion points are the names of
+`pdeformer.placement.INSERTION_POINTS`);
 everything below the edge takes objects.
 
 Errors are one line on stderr: a usage error (a bad option value, a missing data
@@ -33,7 +34,18 @@ import jax
 import tyro
 
 from .depth import AbstractDepth, Continuous, Discrete, default_adjoint
+from .field import (
+    AbstractComposition,
+    AbstractSchedule,
+    Interpolated,
+    ParallelBlock,
+    PerLayer,
+    Polynomial,
+    SequentialBlock,
+    Shared,
+)
 from .placement import INSERTION_POINTS
+from .regularisers import ErrorEstimate, JacobianFrobenius, KineticEnergy
 
 # `pdeformer.data` and `pdeformer.training` (which imports it) are imported inside the
 # functions that need them: `import pdeformer.cli` does not load the LRA data package.
@@ -59,6 +71,21 @@ to a function of the step budget `max_steps` returning the adjoint. `"recursive"
 library's default, `pdeformer.depth.default_adjoint` (diffrax's
 `RecursiveCheckpointAdjoint` keeping `min(16, max_steps)` steps)."""
 
+SCHEDULES: dict[str, Callable[[int], AbstractSchedule]] = {
+    "per-layer": lambda degree: PerLayer(),
+    "shared": lambda degree: Shared(),
+    "interpolated": lambda degree: Interpolated(),
+    "polynomial": Polynomial,
+}
+"""Command-line schedule names (how the weights depend on depth), each mapped to a
+function of `--degree` (read by `"polynomial"` only) returning the schedule."""
+
+COMPOSITIONS: dict[str, type[AbstractComposition]] = {
+    "sequential": SequentialBlock,
+    "parallel": ParallelBlock,
+}
+"""Command-line composition names (how attention and reaction share a layer)."""
+
 RUN_NAME = "run.json"
 """The file in a run directory recording the `TrainCommand` that made it (see `write_run`)."""
 
@@ -70,6 +97,8 @@ RUN_FORMAT = 1
 _TaskName = Literal["listops", "text", "retrieval", "image", "pathfinder", "pathx"]
 _SolverName = Literal["euler", "heun", "midpoint", "bosh3", "tsit5", "dopri5", "dopri8"]
 _AdjointName = Literal["recursive", "direct", "backsolve"]
+_ScheduleName = Literal["per-layer", "shared", "interpolated", "polynomial"]
+_CompositionName = Literal["sequential", "parallel"]
 _InsertionPoint = Literal[INSERTION_POINTS]  # type: ignore[valid-type]
 
 
@@ -181,10 +210,14 @@ class ModelConfig:
     - `model_seed`: the seed of the initialisation.
     - `diffusion_at`, `diffusion_dilations`, `diffusion_adaptive`: diffusion layers at
       these insertion points, with these stencil reaches, token-adaptive or not.
+    - `schedule`, `degree`, `composition`: how the weights depend on depth (a name of
+      `SCHEDULES`; `degree` for `"polynomial"`) and how attention and reaction share a
+      layer (a name of `COMPOSITIONS`); `field_options` maps them to objects.
 
     **Raises:**
 
-    `ValueError` for sizes below 1 or `heads` not dividing `dim`, saying what to pass.
+    `ValueError` for sizes below 1, `heads` not dividing `dim` or a negative `degree`,
+    saying what to pass.
     """
 
     dim: int = 64
@@ -203,6 +236,16 @@ class ModelConfig:
     """the layer's stencil reaches; several give the multi-scale layer, e.g. 1 2 4 8."""
     diffusion_adaptive: bool = False
     """use the token-adaptive (flux-form) layer instead of constant coefficients."""
+    schedule: _ScheduleName = "per-layer"
+    """how the weights depend on depth: per-layer (the standard Transformer), shared (one
+    set: a neural ODE), interpolated (linear between layers), polynomial (a polynomial of
+    --degree in depth). shared or polynomial with --composition parallel is one smooth
+    piece: adaptive and fixed steps may then be longer than a layer."""
+    degree: int = 3
+    """the polynomial's degree for --schedule polynomial."""
+    composition: _CompositionName = "sequential"
+    """sequential: attention then FFN on each half layer (the standard block); parallel:
+    both at once."""
 
     def __post_init__(self) -> None:
         for name in ("dim", "heads", "layers"):
@@ -223,6 +266,7 @@ class ModelConfig:
             "--diffusion-dilations must be integers >= 1 (e.g. 1 2 4 8); got "
             f"{list(self.diffusion_dilations)}.",
         )
+        _require(self.degree >= 0, f"--degree must be >= 0; got {self.degree}. Pass e.g. 3.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,10 +282,14 @@ class DepthConfig:
     - `step_size`: a constant step instead of the adaptive controller, or `None`.
     - `adjoint`: a name of `ADJOINTS`.
     - `max_steps`: the most solver steps per solve.
+    - `kinetic_energy`, `jacobian_frobenius`, `error_estimate`: the weights of the
+      regularisers of the flow added to the training loss (`KineticEnergy`,
+      `JacobianFrobenius`, `ErrorEstimate`; `0`: left out). Evaluation ignores them.
 
     **Raises:**
 
-    `ValueError` for a tolerance, step size or step budget out of range.
+    `ValueError` for a tolerance, step size, step budget or weight out of range, and for
+    an error-estimate weight without an adaptive continuous solve.
     """
 
     depth: Literal["discrete", "continuous"] = "discrete"
@@ -261,6 +309,15 @@ class DepthConfig:
     diffrax.RecursiveCheckpointAdjoint keeping 16 steps)."""
     max_steps: int = 4096
     """most solver steps per solve."""
+    kinetic_energy: float = 0.0
+    """weight of the kinetic-energy regulariser, the integral of ||f||^2 over depth per
+    token, in the training loss (0: none)."""
+    jacobian_frobenius: float = 0.0
+    """weight of the Jacobian regulariser, the integral of ||df/du||_F^2 (one Hutchinson
+    probe per step), in the training loss (0: none)."""
+    error_estimate: float = 0.0
+    """weight of the adaptive solver's summed local error estimates in the training loss
+    (0: none; needs --depth continuous without --step-size)."""
 
     def __post_init__(self) -> None:
         _require(self.rtol > 0, f"--rtol must be > 0; got {self.rtol}. Pass e.g. --rtol 1e-3.")
@@ -269,9 +326,9 @@ class DepthConfig:
             f"--atol must be >= 0; got {self.atol}. Omit it for rtol/10.",
         )
         _require(
-            self.step_size is None or 0 < self.step_size <= 0.5,
-            f"--step-size must lie in (0, 1/2] and divide 1/2; got {self.step_size}. "
-            "Pass e.g. 0.25.",
+            self.step_size is None or self.step_size > 0,
+            f"--step-size must be > 0 and divide the field's smooth pieces (1/2 for the "
+            f"sequential block); got {self.step_size}. Pass e.g. 0.25.",
         )
         _require(self.max_steps >= 1, f"--max-steps must be >= 1; got {self.max_steps}.")
         # Checked here, before any data is built: Continuous refuses the pair too, in the
@@ -281,6 +338,18 @@ class DepthConfig:
             f"--adjoint backsolve needs the adaptive controller; got --step-size "
             f"{self.step_size}, a fixed-step solve, which is differentiated through its steps. "
             "Pass --adjoint recursive (the default) or direct, or drop --step-size.",
+        )
+        for name in ("kinetic_energy", "jacobian_frobenius", "error_estimate"):
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            _require(value >= 0, f"{flag} must be >= 0 (0: none); got {value}. Pass e.g. 0.01.")
+        _require(
+            self.error_estimate == 0 or (self.depth == "continuous" and self.step_size is None),
+            "--error-estimate penalises an adaptive solver's error estimates: it needs "
+            "--depth continuous without --step-size; got "
+            f"--depth {self.depth}"
+            + ("" if self.step_size is None else f" --step-size {self.step_size}")
+            + ". Drop --error-estimate, or use --kinetic-energy / --jacobian-frobenius.",
         )
 
 
@@ -657,10 +726,18 @@ def integrator(config: DepthConfig) -> AbstractDepth:
 
     `Discrete()`, or a `Continuous` with the named diffrax solver and adjoint: a
     `ConstantStepSize` with `dt0=step_size` if a step size is given, otherwise a
-    `PIDController(rtol=rtol, atol=rtol / 10 if atol is None else atol)`.
+    `PIDController(rtol=rtol, atol=rtol / 10 if atol is None else atol)`; with the
+    regularisers whose weights are positive (`KineticEnergy`, `JacobianFrobenius`,
+    `ErrorEstimate`, in that order).
     """
+    weighted = (
+        (KineticEnergy, config.kinetic_energy),
+        (JacobianFrobenius, config.jacobian_frobenius),
+        (ErrorEstimate, config.error_estimate),
+    )
+    regularisers = tuple(cls(weight) for cls, weight in weighted if weight > 0)
     if config.depth == "discrete":
-        return Discrete()
+        return Discrete(regularisers=regularisers)
     solver = SOLVERS[config.solver]()
     adjoint = ADJOINTS[config.adjoint](config.max_steps)
     if config.step_size is not None:
@@ -670,10 +747,31 @@ def integrator(config: DepthConfig) -> AbstractDepth:
             adjoint,
             dt0=config.step_size,
             max_steps=config.max_steps,
+            regularisers=regularisers,
         )
     atol = config.rtol / 10 if config.atol is None else config.atol
     controller = diffrax.PIDController(rtol=config.rtol, atol=atol)
-    return Continuous(solver, controller, adjoint, max_steps=config.max_steps)
+    return Continuous(
+        solver, controller, adjoint, max_steps=config.max_steps, regularisers=regularisers
+    )
+
+
+def field_options(config: ModelConfig) -> dict[str, Any]:
+    """The field's depth schedule and composition named by a `ModelConfig`.
+
+    **Arguments:**
+
+    - `config`: the names of `--schedule` and `--composition`, and `--degree`.
+
+    **Returns:**
+
+    `{"schedule": ..., "composition": ...}`, keyword arguments of `Field` (and so of
+    `Classifier`), e.g. `Polynomial(3)` and `ParallelBlock()`.
+    """
+    return {
+        "schedule": SCHEDULES[config.schedule](config.degree),
+        "composition": COMPOSITIONS[config.composition](),
+    }
 
 
 def data_parallel(devices: str | None):
@@ -855,6 +953,7 @@ def _build(data_config: DataConfig, model_config: ModelConfig):
         diffusion_layer=diffusion_layer(
             model_config.diffusion_dilations, model_config.diffusion_adaptive
         ),
+        **field_options(model_config),
     )
     return task, model
 

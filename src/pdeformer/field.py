@@ -151,6 +151,12 @@ class AbstractSchedule(eqx.Module):
         """The block of weights in force at depth `t` on layer `layer`'s interval
         `[layer, layer + 1]` (closed: `t` may sit on either end)."""
 
+    def at_depth(self, num_layers: int) -> "AbstractSchedule":
+        """This schedule for a field of `num_layers` layers; `Field` calls it once at
+        construction. Most schedules do not depend on the depth and return themselves;
+        `Polynomial` places its nodes on `[0, num_layers]`."""
+        return self
+
 
 def _index(stacked: eqx.Module, i) -> eqx.Module:
     """Slice `i` of a module whose arrays are stacked on a leading axis."""
@@ -204,6 +210,82 @@ class Interpolated(AbstractSchedule):
             lambda x: (1 - s).astype(x.dtype) * x[layer] + s.astype(x.dtype) * x[layer + 1],
             arrays,
         )
+        return eqx.combine(mixed, static)
+
+
+def chebyshev_nodes(degree: int, num_layers: int) -> np.ndarray:
+    """The `degree + 1` Chebyshev points (first kind) of `[0, num_layers]`, increasing; the
+    midpoint for `degree=0`."""
+    k = np.arange(degree + 1)
+    x = -np.cos((2 * k + 1) * np.pi / (2 * (degree + 1)))
+    return 0.5 * num_layers * (x + 1)
+
+
+def _lagrange_basis(t: Scalar, nodes: np.ndarray) -> Float[Array, " nodes"]:
+    """The Lagrange basis polynomials of `nodes` at `t`: `l_k(t) = prod_{j != k} (t - t_j) /
+    (t_k - t_j)`, summing to 1 at every `t`."""
+    values = []
+    for k, tk in enumerate(nodes):
+        v = jnp.ones((), t.dtype)
+        for j, tj in enumerate(nodes):
+            if j != k:
+                v = v * (t - tj) / (tk - tj)
+        values.append(v)
+    return jnp.stack(values)
+
+
+class Polynomial(AbstractSchedule):
+    """Weights a polynomial of degree `degree` in `t`, smooth everywhere: no jumps and no
+    kinks, so with `ParallelBlock()` the field is one smooth piece and an adaptive solver
+    may step across layers (a short spectral expansion in depth, as in Galerkin neural
+    ODEs, Massaroli et al. 2020).
+
+    The stacked weights are the polynomial's values at the `degree + 1` Chebyshev points of
+    `[0, num_layers]` (`chebyshev_nodes`), and the weights at `t` their Lagrange
+    interpolation: each node is initialised like one layer, the interpolation weights sum
+    to 1 (a norm's scale stays 1 at initialisation), and the basis is well conditioned at
+    low degree. `Polynomial(0)` is `Shared()`.
+
+    **Arguments:**
+
+    - `degree`: the polynomial degree, `>= 0` (e.g. 3).
+    - `num_layers`: the depth `T` whose interval `[0, T]` carries the nodes; `Field` sets
+      it (`at_depth`), so leave it out.
+    """
+
+    degree: int = eqx.field(static=True, default=3)
+    num_layers: int | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if not isinstance(self.degree, int) or isinstance(self.degree, bool) or self.degree < 0:
+            raise ValueError(
+                f"Polynomial degree must be an int >= 0; got degree={self.degree!r}. "
+                "Pass e.g. Polynomial(degree=3) (degree 0 is Shared())."
+            )
+
+    @property
+    def smooth(self) -> bool:
+        return True
+
+    def num_nodes(self, num_layers: int) -> int:
+        return self.degree + 1
+
+    def at_depth(self, num_layers: int) -> "Polynomial":
+        return Polynomial(self.degree, num_layers)
+
+    def weights(self, stacked: Block, t: Scalar, layer: Int[Array, ""]) -> Block:
+        if self.degree == 0:
+            return _index(stacked, 0)
+        if self.num_layers is None:
+            raise ValueError(
+                f"Polynomial({self.degree}) places its nodes on [0, num_layers], which it "
+                "learns from the field: build the field with it, Field(..., "
+                f"schedule=Polynomial({self.degree})), rather than calling it directly."
+            )
+        t = jnp.asarray(t)
+        basis = _lagrange_basis(t, chebyshev_nodes(self.degree, self.num_layers))
+        arrays, static = eqx.partition(stacked, eqx.is_array)
+        mixed = jax.tree.map(lambda x: jnp.tensordot(basis.astype(x.dtype), x, axes=1), arrays)
         return eqx.combine(mixed, static)
 
 
@@ -377,7 +459,7 @@ class Field(eqx.Module):
     - `key`: a JAX PRNG key.
     - `hidden`: reaction (FFN) width; default `4 * dim`.
     - `schedule`: depth dependence of the weights: `PerLayer()` (default), `Shared()`,
-      `Interpolated()`.
+      `Interpolated()`, `Polynomial(degree)`.
     - `composition`: `SequentialBlock()` (default, the standard block) or `ParallelBlock()`.
     - `norm`: a constructor `norm(dim) -> AbstractNorm` (`LayerNorm`, `RMSNorm`, `Identity`).
     - `activation`: the reaction's nonlinearity.
@@ -416,8 +498,8 @@ class Field(eqx.Module):
 
     The field reports its own structure in depth: `pieces()` lists the intervals on which
     its rate is smooth (the half layers of the sequential composition; one piece for a
-    parallel block with `Shared()` weights), `on_piece` gives each piece's rate, and every
-    integrator works from those.
+    parallel block with smooth weights, `Shared()` or `Polynomial(degree)`), `on_piece`
+    gives each piece's rate, and every integrator works from those.
     """
 
     blocks: Block
@@ -475,7 +557,8 @@ class Field(eqx.Module):
         composition = SequentialBlock() if composition is None else composition
         if not isinstance(schedule, AbstractSchedule):
             raise ValueError(
-                f"schedule must be an AbstractSchedule (PerLayer(), Shared(), Interpolated()); "
+                "schedule must be an AbstractSchedule (PerLayer(), Shared(), Interpolated(), "
+                f"Polynomial(degree)); "
                 f"got {schedule!r}."
             )
         if not isinstance(composition, AbstractComposition):
@@ -519,7 +602,7 @@ class Field(eqx.Module):
         else:
             self.transitions = None
         self.diffusion = None if diffusion is None else _cast(diffusion, dtype)
-        self.schedule = schedule
+        self.schedule = schedule.at_depth(num_layers)
         self.composition = composition
         self.num_layers = num_layers
         self.compute_dtype = compute_dtype

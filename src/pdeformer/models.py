@@ -261,6 +261,7 @@ class Encoder(eqx.Module):
         *,
         depth: AbstractDepth | None = None,
         save_at=None,
+        key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*batch dim"], DepthSolution]:
         """Encode and pool.
 
@@ -270,6 +271,7 @@ class Encoder(eqx.Module):
         - `mask`: `True` on valid tokens (valid first), or `None` for all valid.
         - `depth`: the integrator, `Discrete()` (default) or `Continuous(...)`.
         - `save_at`: depths at which to keep the states (see `AbstractDepth`).
+        - `key`: passed to the integrator (the probe of a `JacobianFrobenius` regulariser).
 
         **Returns:**
 
@@ -278,7 +280,7 @@ class Encoder(eqx.Module):
         """
         depth = Discrete() if depth is None else depth
         u0, mask = self.embed(tokens, mask)
-        sol = depth(self.field, u0, mask, save_at=save_at)
+        sol = depth(self.field, u0, mask, save_at=save_at, key=key)
 
         def pool(u, m):
             if self.before_head is not None:
@@ -332,9 +334,11 @@ class Classifier(eqx.Module):
         mask: Bool[Array, "*batch seq"] | None = None,
         *,
         depth: AbstractDepth | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*batch classes"], DepthSolution]:
-        """Class logits and the depth solution (see `Encoder.__call__`)."""
-        features, sol = self.encoder(tokens, mask, depth=depth)
+        """Class logits and the depth solution (see `Encoder.__call__`; `key` is passed to
+        the integrator)."""
+        features, sol = self.encoder(tokens, mask, depth=depth, key=key)
         return features @ self.head_weight + self.head_bias, sol
 
 
@@ -404,9 +408,11 @@ class DualClassifier(eqx.Module):
         mask2: Bool[Array, "*batch seq2"] | None,
         *,
         depth: AbstractDepth | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*batch classes"], DepthSolution]:
         """Class logits for document pairs and the depth solution of the stacked pair
-        (states `(2, *batch, seq, dim)`: the first documents, then the second)."""
+        (states `(2, *batch, seq, dim)`: the first documents, then the second); `key` is
+        passed to the integrator."""
         if tokens.shape[:-1] != tokens2.shape[:-1]:
             raise TypeError(
                 f"the two documents must have the same batch shape; got {tokens.shape} and "
@@ -419,7 +425,7 @@ class DualClassifier(eqx.Module):
         seq = max(tokens.shape[-1], tokens2.shape[-1])
         t1, m1 = _pad_to(tokens, mask, seq)
         t2, m2 = _pad_to(tokens2, mask2, seq)
-        features, sol = self.encoder(jnp.stack([t1, t2]), jnp.stack([m1, m2]), depth=depth)
+        features, sol = self.encoder(jnp.stack([t1, t2]), jnp.stack([m1, m2]), depth=depth, key=key)
         x1, x2 = features[0], features[1]
         x = jnp.concatenate([x1, x2, x1 * x2, x1 - x2], axis=-1)
         hidden = jax.nn.relu(x @ self.mlp_weight + self.mlp_bias)

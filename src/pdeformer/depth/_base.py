@@ -8,8 +8,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Scalar
 
+from .. import regularisers as reg
 from ..field import Field
 
 
@@ -37,12 +38,15 @@ class DepthSolution(eqx.Module):
     - `ts`: the depths where states were saved, or `None`.
     - `us`: the saved states, stacked on a leading axis, or `None`.
     - `stats`: a `DepthStats`.
+    - `regularisation`: the integrals of the integrator's regularisers over `[0, T]`, one
+      scalar each in their order (see `pdeformer.regularisers`), or `None` without any.
     """
 
     u: Float[Array, "*batch seq dim"]
     ts: Float[Array, " saves"] | None
     us: Float[Array, "saves *batch seq dim"] | None
     stats: DepthStats
+    regularisation: tuple[Scalar, ...] | None = None
 
 
 class AbstractDepth(eqx.Module):
@@ -56,6 +60,7 @@ class AbstractDepth(eqx.Module):
         mask: Bool[Array, "*batch seq"] | None = None,
         *,
         save_at: Sequence[float] | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> DepthSolution:
         """Integrate `field` from `u0` over `[0, field.num_layers]`.
 
@@ -66,6 +71,8 @@ class AbstractDepth(eqx.Module):
         - `mask`: key-padding mask matching `u0` without its channel axis, or `None`.
         - `save_at`: depths at which to save the state (e.g. `range(L + 1)` for per-layer
           states), or `None`.
+        - `key`: draws what a solve holds fixed in depth (the probe of a
+          `JacobianFrobenius` regulariser); needed only then.
 
         **Returns:**
 
@@ -126,7 +133,9 @@ def fixed_steps(
     *,
     matmul_precision: str | None = None,
     after_step: Callable | None = None,
-) -> tuple[Array, Array | None, int]:
+    regularisers: tuple = (),
+    key: PRNGKeyArray | None = None,
+) -> tuple[Array, Array | None, int, tuple[Scalar, ...] | None]:
     """`steps` constant steps of `solver` on each of the field's pieces, in order.
 
     This one function is `Discrete` (with `diffrax.Euler()`) and `Continuous`'s fixed-step
@@ -142,54 +151,74 @@ def fixed_steps(
     `after_step(period, branch, t, u_new, u_old)`, where given, replaces each step's result
     (post-LN's norm).
 
+    With `regularisers` (`KineticEnergy`, `JacobianFrobenius`; see
+    `pdeformer.regularisers`) the solver steps the augmented state `(u, integrals)` under
+    the augmented rate (`regularisers.AugmentedRate`, its probe drawn once from `key`), so
+    the integrals are the solver's quadrature along its own trajectory: with Euler, the
+    sum over the steps of `h` times the integrand at each step's start. The state `u` is
+    stepped exactly as without them.
+
     **Returns:**
 
-    `(u1, us, num_steps)`: the final state, the states at `ts_save` (multiples of the step)
-    or `None`, and the number of steps.
+    `(u1, us, num_steps, integrals)`: the final state, the states at `ts_save` (multiples
+    of the step) or `None`, the number of steps, and the regularisers' integrals over
+    `[0, T]` (`None` without any).
     """
     pieces = field.pieces()
     dtype = u0.dtype
     h = pieces.width / steps
     save = ts_save is not None
+    regularisers = tuple(regularisers)
+    regularised = bool(regularisers)
+    probe = reg.draw_probe(regularisers, u0, mask, key) if regularised else None
+    count = reg.token_count(u0, mask) if regularised else None
 
-    def run_piece(u, period, j, branch):
-        term = diffrax.ODETerm(VectorField(field.on_piece(period, branch), matmul_precision))
+    def run_piece(y, period, j, branch):
+        rate = VectorField(field.on_piece(period, branch), matmul_precision)
+        if regularised:
+            rate = reg.AugmentedRate(rate, regularisers, probe, count)
+        term = diffrax.ODETerm(rate)
         start = period.astype(dtype) * pieces.period + j * pieces.width
 
         def step(carry, k):
-            u, state = carry
+            y, state = carry
             ta = start + jnp.asarray(k, dtype) * h
             tb = start + jnp.asarray(k + 1, dtype) * h
-            u1, _, _, state, _ = solver.step(term, ta, tb, u, mask, state, False)
+            y1, _, _, state, _ = solver.step(term, ta, tb, y, mask, state, False)
             if after_step is not None:
-                u1 = after_step(period, branch, ta, u1, u)
-            return (u1, state), (u1 if save else None)
+                y1 = after_step(period, branch, ta, y1, y)
+            u1 = y1[0] if regularised else y1
+            return (y1, state), (u1 if save else None)
 
-        state = solver.init(term, start, start + h, u, mask)
+        state = solver.init(term, start, start + h, y, mask)
         if steps == 1:
-            (u, _), out = step((u, state), 0)
-            return u, (out[None] if save else None)
-        (u, _), outs = jax.lax.scan(step, (u, state), jnp.arange(steps))
-        return u, outs
+            (y, _), out = step((y, state), 0)
+            return y, (out[None] if save else None)
+        (y, _), outs = jax.lax.scan(step, (y, state), jnp.arange(steps))
+        return y, outs
 
-    def period_body(u, period):
+    def period_body(y, period):
         outs = []
         for j, branch in enumerate(pieces.branches):
-            u, out = run_piece(u, period, j, branch)
+            y, out = run_piece(y, period, j, branch)
             outs.append(out)
         if field.transitions is not None:
             # Periods are layers here; the state jumps after every layer but the last.
+            u, integrals = y if regularised else (y, None)
             u = jnp.where(period < field.num_layers - 1, field.transition(period, u, mask), u)
+            y = (u, integrals) if regularised else u
             if save:
                 outs[-1] = outs[-1].at[-1].set(u)
-        return u, (jnp.concatenate(outs) if save else None)
+        return y, (jnp.concatenate(outs) if save else None)
 
-    u1, traj = jax.lax.scan(period_body, u0, jnp.arange(pieces.periods, dtype=jnp.int32))
+    y0 = (u0, tuple(jnp.zeros((), dtype) for _ in regularisers)) if regularised else u0
+    y1, traj = jax.lax.scan(period_body, y0, jnp.arange(pieces.periods, dtype=jnp.int32))
+    u1, integrals = y1 if regularised else (y1, None)
     total = pieces.count * steps
     if not save:
-        return u1, None, total
+        return u1, None, total, integrals
     traj = jnp.concatenate([u0[None], traj.reshape(total, *u0.shape)], axis=0)
-    return u1, traj[np.round(ts_save / h).astype(np.int32)], total
+    return u1, traj[np.round(ts_save / h).astype(np.int32)], total, integrals
 
 
 def stats(num_steps, accepted, rejected, nfe, success) -> DepthStats:

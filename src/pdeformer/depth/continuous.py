@@ -4,12 +4,15 @@ The state may carry leading batch axes: the whole batch is integrated as one ODE
 step-size sequence), which avoids running each sample's adaptive loop to the slowest sample.
 """
 
+from collections.abc import Sequence
+
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import regularisers as reg
 from .._checks import (
     array_tolerances,
     check_common,
@@ -106,6 +109,22 @@ def _clip_controller(controller, *, jump_ts, step_ts, dtype):
     return eqx.tree_at(
         lambda c: (c.jump_ts, c.step_ts), controller, tuple(new), is_leaf=lambda x: x is None
     )
+
+
+def _backsolve_controller(adjoint, forward, *, jump_ts, dtype):
+    # The backward controller of a BacksolveAdjoint, told the field's jump times: the one
+    # it was given (e.g. `regularisers.seminorm_backsolve`, which diffrax would otherwise
+    # run blind to the jumps), or `forward` when that is set (with regularisers: the
+    # forward solve's seminorm over the state would leave the adjoint out of control).
+    if not isinstance(adjoint, diffrax.BacksolveAdjoint):
+        return adjoint
+    backward = adjoint.kwargs.get("stepsize_controller", forward)
+    if not isinstance(backward, diffrax.AbstractAdaptiveStepSizeController):
+        return adjoint
+    backward = _clip_controller(
+        array_tolerances(backward), jump_ts=jump_ts, step_ts=(), dtype=dtype
+    )
+    return diffrax.BacksolveAdjoint(**{**adjoint.kwargs, "stepsize_controller": backward})
 
 
 SNAP_FRACTION = 1e-3
@@ -226,17 +245,27 @@ class Continuous(AbstractContinuous):
       `jax.default_matmul_precision` (default `"highest"`: full float32, so that TF32
       rounding on recent NVIDIA GPUs does not pass for truncation error and inflate an
       adaptive solver's step count; no effect on CPU); `None` leaves JAX's default.
+    - `regularisers`: a tuple of `KineticEnergy`, `JacobianFrobenius`, `ErrorEstimate`
+      (see `pdeformer.regularisers`), integrated inside the same solve as extra state
+      left out of step-size control (an adaptive controller's norm is restricted to the
+      state, `regularisers.with_state_seminorm`), and returned in
+      `DepthSolution.regularisation`. With a constant step they go through the same
+      stepping code as `Discrete`'s. `ErrorEstimate` needs an adaptive controller;
+      `JacobianFrobenius` a `key` per call.
 
     **Raises:**
 
     `ValueError` at construction for a solver whose evaluations per step are not fixed,
-    a bad controller, step, budget or precision, and for `BacksolveAdjoint` (or another
-    adjoint) with a constant step.
+    a bad controller, step, budget or precision, for `BacksolveAdjoint` (or another
+    adjoint) with a constant step, and for regularisers that the controller cannot serve
+    (`ErrorEstimate` with a constant step; any with an adaptive controller other than
+    `diffrax.PIDController`, whose norm is not known).
     """
 
     solver: diffrax.AbstractSolver
     controller: diffrax.AbstractStepSizeController
     adjoint: diffrax.AbstractAdjoint
+    regularisers: tuple
     dt0: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
@@ -252,11 +281,13 @@ class Continuous(AbstractContinuous):
         max_steps: int = 4096,
         throw: bool = True,
         matmul_precision: str | None = "highest",
+        regularisers: Sequence[reg.AbstractRegulariser] = (),
     ):
         self.solver = diffrax.Tsit5() if solver is None else solver
         controller = default_controller() if controller is None else controller
         self.controller = array_tolerances(controller)
         self.adjoint = default_adjoint(max_steps) if adjoint is None else adjoint
+        self.regularisers = reg.check_regularisers(regularisers)
         self.dt0 = None if dt0 is None else float(dt0)
         self.max_steps = max_steps
         self.throw = throw
@@ -278,13 +309,21 @@ class Continuous(AbstractContinuous):
                 f"{type(self.controller).__name__}. Leave adjoint unset, or pass an adaptive "
                 "controller, e.g. diffrax.PIDController(rtol=1e-3, atol=1e-4)."
             )
+        if self.regularisers:
+            reg.with_state_seminorm(self.controller)  # raises for a controller of unknown norm
+            if any(isinstance(r, reg.ErrorEstimate) for r in self.regularisers) and not adaptive:
+                raise ValueError(
+                    "ErrorEstimate penalises an adaptive solver's error estimates; got "
+                    f"controller={type(self.controller).__name__}. Pass an adaptive controller "
+                    "such as diffrax.PIDController(rtol=1e-2, atol=1e-4), or leave it out."
+                )
 
-    def __call__(self, field, u0, mask=None, *, save_at=None):
+    def __call__(self, field, u0, mask=None, *, save_at=None, key=None):
         check_state(u0, mask)
         ts_save = check_save_at(save_at, field.t1)
         if isinstance(self.controller, diffrax.AbstractAdaptiveStepSizeController):
-            return self._adaptive(field, u0, mask, ts_save)
-        return self._fixed(field, u0, mask, ts_save)
+            return self._adaptive(field, u0, mask, ts_save, key)
+        return self._fixed(field, u0, mask, ts_save, key)
 
     def _stats(self, num_steps, accepted, rejected, restarts, success):
         per_step, fsal = evaluations_per_step(self.solver)
@@ -295,7 +334,7 @@ class Continuous(AbstractContinuous):
             nfe = nfe + restarts
         return stats(num_steps, accepted, rejected, nfe, success)
 
-    def _fixed(self, field, u0, mask, ts_save):
+    def _fixed(self, field, u0, mask, ts_save, key):
         dt0 = field.discrete_step if self.dt0 is None else self.dt0
         steps = steps_per_piece(field, dt0)
         total = steps * field.pieces().count
@@ -305,7 +344,7 @@ class Continuous(AbstractContinuous):
                 f"max_steps={self.max_steps}; pass a larger max_steps or a larger dt0."
             )
         check_fixed_saves(ts_save, field.pieces().width / steps, "a constant step size")
-        u1, us, n = fixed_steps(
+        u1, us, n, integrals = fixed_steps(
             field,
             self.solver,
             steps,
@@ -313,24 +352,57 @@ class Continuous(AbstractContinuous):
             mask,
             ts_save,
             matmul_precision=self.matmul_precision,
+            regularisers=self.regularisers,
+            key=key,
         )
         ts = None if ts_save is None else jnp.asarray(ts_save, u0.dtype)
         return DepthSolution(
-            u=u1, ts=ts, us=us, stats=self._stats(n, n, 0, field.pieces().count, True)
+            u=u1,
+            ts=ts,
+            us=us,
+            stats=self._stats(n, n, 0, field.pieces().count, True),
+            regularisation=integrals,
         )
 
     def _controller(self, field, dtype) -> _JumpAware:
         # The caller's controller, told the field's jump times and wrapped to snap step
-        # ends onto them and to count fresh first stages.
+        # ends onto them and to count fresh first stages; with regularisers, its norm
+        # restricted to the state, so that the integrals never change the steps.
         jumps = field.jump_times()
-        controller = _clip_controller(self.controller, jump_ts=jumps, step_ts=(), dtype=dtype)
+        controller = self.controller
+        if self.regularisers:
+            controller = reg.with_state_seminorm(controller)
+        controller = _clip_controller(controller, jump_ts=jumps, step_ts=(), dtype=dtype)
         jump_ts = getattr(controller, "jump_ts", None)
         return _JumpAware(controller, jump_ts)
 
-    def _adaptive(self, field, u0, mask, ts_save):
-        term = diffrax.ODETerm(VectorField(field, self.matmul_precision))
+    def _adaptive(self, field, u0, mask, ts_save, key):
+        rate = VectorField(field, self.matmul_precision)
+        regularised = bool(self.regularisers)
+        if regularised:
+            # The augmented state (u, integrals) under the augmented rate, one probe per
+            # solve; an ErrorEstimate is added by a wrapper around the solver.
+            augmented = reg.augment(rate, self.regularisers, u0, mask, key=key)
+            term = diffrax.ODETerm(augmented)
+            y0 = augmented.initial(u0)
+            solver = reg.regularised_solver(self.solver, self.regularisers, augmented.count)
+        else:
+            term, y0, solver = diffrax.ODETerm(rate), u0, self.solver
         controller = self._controller(field, u0.dtype)
+        adjoint = _backsolve_controller(
+            self.adjoint,
+            self.controller if regularised else None,
+            jump_ts=field.jump_times(),
+            dtype=u0.dtype,
+        )
         dt0 = field.discrete_step if self.dt0 is None else self.dt0
+
+        def split(ys):
+            # The saved states, and the integrals at the last save (None without any).
+            if not regularised:
+                return ys, None
+            us, integrals = ys
+            return us, tuple(i[-1] for i in integrals)
 
         def solve(u, t0, t1, ts):
             # `ts`: the depths to save in [t0, t1], t1 last, or None for t1 only; returns
@@ -342,14 +414,14 @@ class Continuous(AbstractContinuous):
                 saveat = diffrax.SaveAt(ts=ts, controller_state=True)
             sol = diffrax.diffeqsolve(
                 term,
-                self.solver,
+                solver,
                 t0=t0,
                 t1=t1,
                 dt0=dt0,
                 y0=u,
                 args=mask,
                 stepsize_controller=controller,
-                adjoint=self.adjoint,
+                adjoint=adjoint,
                 saveat=saveat,
                 max_steps=self.max_steps,
                 throw=self.throw,
@@ -370,12 +442,19 @@ class Continuous(AbstractContinuous):
         ts_all = None if ts_save is None else np.append(ts_save, field.t1)
         if field.transitions is None:
             ys, counts = solve(
-                u0, 0.0, field.t1, None if ts_all is None else jnp.asarray(ts_all, dtype)
+                y0, 0.0, field.t1, None if ts_all is None else jnp.asarray(ts_all, dtype)
             )
+            ys, integrals = split(ys)
             st = self._stats(*counts[:4], counts[4] == 1)
             if ts_save is None:
-                return DepthSolution(u=ys[-1], ts=None, us=None, stats=st)
-            return DepthSolution(u=ys[-1], ts=jnp.asarray(ts_save, dtype), us=ys[:-1], stats=st)
+                return DepthSolution(u=ys[-1], ts=None, us=None, stats=st, regularisation=integrals)
+            return DepthSolution(
+                u=ys[-1],
+                ts=jnp.asarray(ts_save, dtype),
+                us=ys[:-1],
+                stats=st,
+                regularisation=integrals,
+            )
 
         # With maps between layers the state jumps at every layer boundary: one solve per
         # layer, the map applied to its final state. A save at depth t is read from the
@@ -383,18 +462,23 @@ class Continuous(AbstractContinuous):
         # own interval (so states at t = l are the post-map states, the inputs of layer l).
         num_layers = field.num_layers
 
-        def layer_solve(u, layer):
+        def layer_solve(y, layer):
             t0 = layer.astype(dtype)
             ts = None if ts_all is None else jnp.clip(jnp.asarray(ts_all, dtype), t0, t0 + 1)
-            ys, counts = solve(u, t0, t0 + 1, ts)
+            ys, counts = solve(y, t0, t0 + 1, ts)
+            ys, integrals = split(ys)
             u1 = jnp.where(layer < num_layers - 1, field.transition(layer, ys[-1], mask), ys[-1])
-            return u1, (ys[:-1] if ts_save is not None else None, counts)
+            y1 = (u1, integrals) if regularised else u1
+            return y1, (ys[:-1] if ts_save is not None else None, counts)
 
-        u1, (ys, counts) = jax.lax.scan(layer_solve, u0, jnp.arange(num_layers))
+        y1, (ys, counts) = jax.lax.scan(layer_solve, y0, jnp.arange(num_layers))
+        u1, integrals = y1 if regularised else (y1, None)
         total = jnp.sum(counts, axis=0)
         st = self._stats(*total[:4], total[4] == num_layers)
         if ts_save is None:
-            return DepthSolution(u=u1, ts=None, us=None, stats=st)
+            return DepthSolution(u=u1, ts=None, us=None, stats=st, regularisation=integrals)
         owner = np.minimum(np.floor(ts_save), num_layers - 1).astype(np.int32)
         us = ys[owner, np.arange(len(ts_save))]
-        return DepthSolution(u=u1, ts=jnp.asarray(ts_save, dtype), us=us, stats=st)
+        return DepthSolution(
+            u=u1, ts=jnp.asarray(ts_save, dtype), us=us, stats=st, regularisation=integrals
+        )

@@ -96,7 +96,9 @@ class ExponentialContinuous(AbstractContinuous):
                 "diffrax.RecursiveCheckpointAdjoint() (the default) or diffrax.DirectAdjoint()."
             )
 
-    def __call__(self, field, u0, mask=None, *, save_at=None):
+    def __call__(self, field, u0, mask=None, *, save_at=None, key=None):
+        # `key` is accepted for the common signature; nothing here is random (no regularisers).
+        del key
         check_state(u0, mask)
         ts_save = check_save_at(save_at, field.t1)
         if field.diffusion is None:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data import Batch, Split, TaskData, iterate_batches, iterate_forever
 from ..depth import AbstractDepth
+from ..regularisers import penalty
 from ._parallel import DataParallel, to_host
 
 CHECKPOINT_NAME = "checkpoint.json"
@@ -251,11 +252,23 @@ def _inputs(batch: Batch) -> tuple[jax.Array, ...]:
     return tuple(jnp.asarray(a) for a in arrays)
 
 
-def _loss(model, batch: Batch, depth: AbstractDepth):
-    logits, sol = model(*_inputs(batch), depth=depth)
+def _loss(model, batch: Batch, depth: AbstractDepth, key):
+    # A key only where one is given, so that models without a `key` argument still train.
+    keyword = {} if key is None else {"key": key}
+    logits, sol = model(*_inputs(batch), depth=depth, **keyword)
     labels = jnp.asarray(batch.labels)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    return loss, (logits, sol.stats)
+    data_loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    # The integrator's regularisers of the flow (weights times integrals; 0 without any).
+    regularisation = penalty(getattr(depth, "regularisers", ()), sol.regularisation)
+    loss = data_loss + regularisation.astype(data_loss.dtype)
+    return loss, (logits, sol.stats, data_loss, sol.regularisation)
+
+
+def _unregularised(depth: AbstractDepth) -> AbstractDepth:
+    """`depth` without its regularisers: evaluation needs no penalty, nor a probe key."""
+    if not getattr(depth, "regularisers", ()):
+        return depth
+    return eqx.tree_at(lambda d: d.regularisers, depth, ())
 
 
 @eqx.filter_jit
@@ -265,6 +278,8 @@ def train_step(
     batch: Batch,
     depth: AbstractDepth,
     optimizer: Optimizer | optax.GradientTransformation,
+    *,
+    key: jax.Array | None = None,
 ) -> tuple[eqx.Module, optax.OptState, dict[str, jax.Array]]:
     """One optimiser step on softmax cross-entropy; the same step serves every task and depth.
 
@@ -279,16 +294,21 @@ def train_step(
       argument: a new tolerance does not recompile, a new solver type does.
     - `optimizer`: e.g. `make_optimizer(config)` (static; an `Optimizer` is compared by its
       settings, a plain optax transformation by identity).
+    - `key`: passed to the model's solve (the probe of a `JacobianFrobenius` regulariser);
+      a new one each step. The loss includes the integrator's regularisers, if any.
 
     **Returns:**
 
-    `(model, opt_state, metrics)` with scalar metrics `loss`, `accuracy`, `nfe` (vector-field
+    `(model, opt_state, metrics)` with scalar metrics `loss` (the data loss plus the
+    regularisers' penalty), `data_loss` (the cross-entropy alone), with regularisers
+    `penalty` and one entry per regulariser named after it (its integral, e.g.
+    `kinetic_energy`), `accuracy`, `nfe` (vector-field
     evaluations of the forward solve), `num_rejected_steps`, `success` (whether the forward
     solve succeeded: `False` where a `Continuous(throw=False)` ran out of steps, in which
     case the step trained on the state the solver reached), `grad_norm` (before clipping).
     """
     grad_fn = eqx.filter_value_and_grad(_loss, has_aux=True)
-    (loss, (logits, stats)), grads = grad_fn(model, batch, depth)
+    (loss, (logits, stats, data_loss, integrals)), grads = grad_fn(model, batch, depth, key)
     params = eqx.filter(model, eqx.is_inexact_array)
     # optax computes `b ** count` with a Python float and an int32 step count, which strict
     # dtype promotion refuses; the library's own code stays under the caller's setting.
@@ -301,6 +321,8 @@ def train_step(
     accuracy = jnp.mean(correct.astype(logits.dtype))
     metrics = {
         "loss": loss,
+        "data_loss": data_loss,
+        **_regularisation_metrics(depth, integrals),
         "accuracy": accuracy,
         "nfe": stats.nfe,
         "num_rejected_steps": stats.num_rejected_steps,
@@ -310,9 +332,19 @@ def train_step(
     return model, opt_state, metrics
 
 
+def _regularisation_metrics(depth: AbstractDepth, integrals) -> dict[str, jax.Array]:
+    # The penalty and each regulariser's integral, named in snake case after its class
+    # (`KineticEnergy` -> `kinetic_energy`); nothing without regularisers.
+    regularisers = getattr(depth, "regularisers", ())
+    if not regularisers or integrals is None:
+        return {}
+    names = [re.sub(r"(?<!^)(?=[A-Z])", "_", type(r).__name__).lower() for r in regularisers]
+    return {"penalty": penalty(regularisers, integrals), **dict(zip(names, integrals, strict=True))}
+
+
 @eqx.filter_jit
 def _forward(model, inputs, depth):
-    logits, sol = model(*inputs, depth=depth)
+    logits, sol = model(*inputs, depth=_unregularised(depth))
     return logits, sol.stats.nfe, sol.stats.success
 
 
@@ -647,6 +679,8 @@ def _describe_depth(depth: AbstractDepth) -> str:
     # The integrator with its tolerances as values: another solver, controller, tolerance or
     # step budget is another trajectory.
     text = eqx.tree_pformat(depth, short_arrays=False, width=10**6)
+    # No regularisers reads as before integrators had them, so older checkpoints resume.
+    text = re.sub(r"regularisers=\(\), |, regularisers=\(\)|regularisers=\(\)", "", text)
     return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
@@ -795,6 +829,10 @@ def train(
                 save_checkpoint(out, saved_model, saved_state, step, config, extra=extra)
             last_checkpoint = step
 
+    # Keys of what a solve holds fixed in depth (regularisers' probes), one per step, drawn
+    # only for an integrator that needs them.
+    probe_key = jax.random.PRNGKey(config.seed)
+    needs_key = any(r.uses_probe for r in getattr(depth, "regularisers", ()))
     progress = tqdm(
         total=config.total_steps,
         initial=start,
@@ -818,7 +856,12 @@ def train(
             if parallel is not None:
                 batch = parallel.shard(batch)
             new_model, new_opt_state, metrics = train_step(
-                model, opt_state, batch, depth, optimizer
+                model,
+                opt_state,
+                batch,
+                depth,
+                optimizer,
+                key=jax.random.fold_in(probe_key, step) if needs_key else None,
             )
             metrics = to_host(metrics)
             elapsed = time.perf_counter() - t0
