@@ -606,6 +606,7 @@ def sweep(
             }
         )
         logits.append(ev.logits)
+        log(f"    accuracy {ev.accuracy:.4f}, NFE {ev.mean_nfe:g}, success {ev.success:g}")
     tight_method = type(config.adaptive_solvers[-1]).__name__
     tight_rtol = min(config.rtols)
     tightest = next(
