@@ -202,10 +202,25 @@ def _takeaways(models: list[dict[str, Any]], baseline_passed: bool) -> list[str]
             else f"{-gap:.1f} points above the discrete baseline at {ratio:.1f} times its "
             f"{own['block_evaluations']:g} block evaluations"
         )
+        # Is the model fitted to its training solver's steps? The same solver, looser.
+        looser = [
+            r
+            for r in solved
+            if r["method"] == trained["method"]
+            and trained["rtol"] is not None
+            and r["rtol"] > trained["rtol"]
+        ]
+        worst = min(looser, key=lambda r: r["accuracy"], default=None)
+        fitted = (
+            f" (but {worst['method']} at rtol {worst['rtol']:g} only {worst['accuracy']:.1%}: "
+            "it is fitted to its training solver's steps)"
+            if worst is not None and worst["accuracy"] < trained["accuracy"] - 0.05
+            else ""
+        )
         out.append(
             f"The smooth-field model trained in continuous mode scores {trained['accuracy']:.1%} "
-            f"at its training tolerance ({trained['block_evaluations']:.0f} block evaluations) "
-            f"and {dial}; its cheapest solve within 1 point of the tightest "
+            f"at its training tolerance ({trained['block_evaluations']:.0f} block "
+            f"evaluations){fitted} and {dial}; its cheapest solve within 1 point of the tightest "
             f"({cheap['method']}, {cheap['controller']}: {cheap['accuracy']:.1%}) is "
             f"{versus}."
         )
