@@ -9,7 +9,6 @@ the jitted training and evaluation steps they share compile once.
 import dataclasses
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -48,50 +47,140 @@ def _run(module, out: Path, monkeypatch, *extra: str) -> dict:
     return saved
 
 
-def test_compare_solvers_smoke(experiments, tmp_path, capsys, monkeypatch):
+def _gate_shown(saved: dict, md: str) -> None:
+    """The learning gate was computed, recorded and shown at the top of the page."""
+    assert isinstance(saved["gate_passed"], bool)
+    assert saved["verdict"]["passed"] == saved["gate_passed"]
+    header = md.split("\n\n## ", 1)[0]  # everything before the first section
+    assert "Learning gate (discrete baseline" in header
+    assert "**Learning gate: " in md and "| majority class |" in md
+    if not saved["gate_passed"]:
+        assert "they support no conclusion" in header
+
+
+def test_compare_solvers_smoke(experiments, tmp_path, monkeypatch):
     module = experiments("studies/compare_solvers")
     saved = _run(module, tmp_path, monkeypatch)
+    md = (tmp_path / "results.md").read_text()
     assert saved["meta"]["config"]["name"] == "smoke"
-    assert 0.0 < saved["data"]["test_majority_fraction"] <= 1.0
-    assert (tmp_path / "pareto.png").is_file()
-    rows = {(r["method"], r["rtol"]): r for r in saved["evaluation"]}
-    # Euler with step 1/2 is the discrete model.
-    assert rows[("Euler", None)]["max_abs_logit_diff"] < 1e-5
-    assert rows[("Euler", None)]["mean_nfe"] == rows[("discrete", None)]["mean_nfe"]
-    for r in saved["evaluation"]:
-        assert all(_finite(r[k]) for k in ("accuracy", "mean_nfe", "time_per_batch_s"))
-    assert [r["method"] for r in saved["training_cost"]] == ["discrete"]
-    assert _finite(saved["training"]["final_loss"])
-    assert re.search(r"\| Tsit5 \| PID rtol=0.01 \|", capsys.readouterr().out)
-    # The one tolerance rule: atol = rtol / 10.
-    adaptive = [r for r in saved["evaluation"] if r["rtol"] is not None]
-    assert adaptive and all(r["atol"] == pytest.approx(r["rtol"] / 10) for r in adaptive)
+    assert (tmp_path / "accuracy_vs_nfe.png").is_file()
+    _gate_shown(saved, md)
+    # Three smoke steps learn nothing: the gate fails and the page draws no conclusion.
+    assert not saved["gate_passed"]
+    assert "this run shows nothing about the integrators" in md
+    base, smooth = saved["models"]
+    assert base["gate"]["best_rule"] == "majority class"
+    for m in (base, smooth):
+        assert _finite(m["training"]["final_loss"])
+        assert sum(r["as_trained"] for r in m["evaluation"]) == 1
+        assert sum(r["tightest"] for r in m["evaluation"]) == 1
+        for r in m["evaluation"]:
+            for k in ("accuracy", "mean_nfe", "block_evaluations", "max_logit_error"):
+                assert _finite(r[k]), (k, r)
+            assert 0.0 <= r["agreement_with_tightest"] <= 1.0
+        tight = next(r for r in m["evaluation"] if r["tightest"])
+        assert tight["max_logit_error"] == 0.0 and tight["agreement_with_tightest"] == 1.0
+        adaptive = [r for r in m["evaluation"] if r["kind"] == "adaptive"]
+        assert adaptive and all(r["atol"] == pytest.approx(r["rtol"] / 10) for r in adaptive)
+    rows = {(r["method"], r["controller"]): r for r in base["evaluation"]}
+    # One sequential layer: two half-layer pieces, each evaluation half a block. Euler in
+    # 2 steps is the discrete model; 1 step cannot cover two pieces and is not run.
+    assert rows[("discrete", "Discrete()")]["mean_nfe"] == 2
+    assert rows[("discrete", "Discrete()")]["block_evaluations"] == 1.0
+    assert rows[("Euler", "2 steps")]["block_evaluations"] == 1.0
+    assert rows[("Euler", "2 steps")]["max_logit_error"] == pytest.approx(
+        rows[("discrete", "Discrete()")]["max_logit_error"], abs=1e-5
+    )
+    assert ("Euler", "1 step") not in rows
+    # The smooth field is one piece of depth 1, each evaluation a whole (parallel) block.
+    srows = {(r["method"], r["controller"]): r for r in smooth["evaluation"]}
+    assert srows[("Euler", "1 step")]["block_evaluations"] == 1.0
+    assert srows[("Euler", "2 steps")]["block_evaluations"] == 2.0
+    for r in smooth["evaluation"]:
+        assert r["block_evaluations"] == r["mean_nfe"]
 
 
 def test_tolerance_tradeoff_smoke(experiments, tmp_path, monkeypatch):
     module = experiments("studies/tolerance_tradeoff")
     saved = _run(module, tmp_path, monkeypatch)
+    md = (tmp_path / "results.md").read_text()
     assert saved["meta"]["config"]["name"] == "smoke"
-    for name in ("accuracy_vs_rtol.png", "nfe_vs_rtol.png", "logit_error_vs_rtol.png"):
-        assert (tmp_path / name).is_file()
-    models = {m["name"]: m for m in saved["models"]}
-    assert set(models) == {"discrete-trained", "continuous-trained"}
+    assert (tmp_path / "accuracy_vs_nfe.png").is_file()
+    _gate_shown(saved, md)
+    assert "**Not assessed: the discrete baseline failed the learning gate.**" in md
+    for key in (
+        "seeds",
+        "nfe_reduction_from_regularisation",
+        "accuracy_change_from_regularisation",
+        "depth_compression",
+        "control",
+    ):
+        assert key in saved, key
+    assert saved["seeds"] == [0]
+    models = saved["models"]
+    assert set(models) == {"discrete baseline", "smooth", "smooth, regularised"}
+    assert _finite(saved["nfe_reduction_from_regularisation"])
+    assert _finite(saved["accuracy_change_from_regularisation"])
+    assert set(models["discrete baseline"]["gates"]) == {"seed 0"}
     config = saved["meta"]["config"]
     for m in models.values():
-        assert _finite(m["training"]["final_loss"])
-        rows = m["evaluation"]
+        rows = m["aggregate"]
         assert sum(r["as_trained"] for r in rows) == 1
-        swept = sorted(r["rtol"] for r in rows if r["rtol"] is not None)
-        assert swept == sorted(config["rtols"] * len(config["solvers"]))
+        assert sum(r["tightest"] for r in rows) == 1
+        swept = sorted(r["rtol"] for r in rows if r["kind"] == "adaptive")
+        assert swept == sorted(config["sweep"]["rtols"])
         for r in rows:
-            for k in ("accuracy", "mean_nfe", "time_per_batch_s", "max_abs_logit_diff"):
-                assert _finite(r[k]), (k, r)
-            assert 0.0 <= r["agreement_with_as_trained"] <= 1.0
-        assert next(r for r in rows if r["as_trained"])["max_abs_logit_diff"] == 0.0
-    # Smoke mode trains the continuous model with Euler at step 1/2: the discrete model.
-    cont = {r["controller"]: r for r in models["continuous-trained"]["evaluation"]}
-    assert cont["constant h=0.5 (as trained)"]["max_abs_logit_diff"] == 0.0
-    assert cont["Transformer (pre-LN)"]["max_abs_logit_diff"] < 1e-5
+            assert _finite(r["accuracy"]) and r["accuracy_se"] == 0.0  # one seed
+    # Block evaluations: the baseline's sequential half steps count one half each, the
+    # smooth models' parallel evaluations one each.
+    base = {r["controller"]: r for r in models["discrete baseline"]["aggregate"]}
+    assert base["Discrete()"]["block_evaluations"] == 1.0
+    assert base["Discrete()"]["mean_nfe"] == 2.0
+    for name in ("smooth", "smooth, regularised"):
+        for r in models[name]["aggregate"]:
+            assert r["block_evaluations"] == r["mean_nfe"]
+    ratio = (
+        models["smooth"]["aggregate"][1]["mean_nfe"]
+        / models["smooth, regularised"]["aggregate"][1]["mean_nfe"]
+    )
+    assert saved["nfe_reduction_from_regularisation"] == pytest.approx(ratio)
+
+
+def test_tolerance_tradeoff_refuses_a_training_tolerance_outside_the_sweep(experiments):
+    module = experiments("studies/tolerance_tradeoff")
+    with pytest.raises(ValueError, match=r"train_rtol=0.05 must be one of the sweep's rtols"):
+        dataclasses.replace(module.TradeoffConfig.smoke(), train_rtol=0.05)
+
+
+def test_steps_and_block_evaluations(experiments):
+    """Fixed steps over the whole depth respect the field's pieces; a sequential half step
+    is half a block, a parallel evaluation a whole one."""
+    import diffrax
+
+    common = experiments("studies/_common")
+    setup = common.TaskSetup.digits()
+    task = setup.load()
+    base = setup.model(task)
+    smooth = setup.model(task, **common.SmoothField().encoder_kwargs())
+    assert common.blocks_per_evaluation(base) == 0.5
+    assert common.blocks_per_evaluation(smooth) == 1.0
+    assert common.fixed_steps(base, diffrax.Euler(), 4) is None  # 8 half-layer pieces
+    assert common.fixed_steps(base, diffrax.Euler(), 8).dt0 == 0.5
+    assert common.fixed_steps(smooth, diffrax.Heun(), 1).dt0 == 4.0  # one smooth piece
+
+
+def test_cheapest_within(experiments):
+    common = experiments("studies/_common")
+    row = lambda acc, blocks, tight=False, ok=1.0: {
+        "accuracy": acc,
+        "block_evaluations": blocks,
+        "tightest": tight,
+        "success": ok,
+    }
+    rows = [row(0.80, 1), row(0.905, 2, ok=0.0), row(0.902, 3), row(0.91, 40, tight=True)]
+    assert common.cheapest_within(rows, 1.0)["block_evaluations"] == 3
+    assert common.cheapest_within(rows, 1.0, floor=0.95) is None
+    assert common.cheapest_within(rows, 20.0)["block_evaluations"] == 1
 
 
 def test_stabilizers_smoke(experiments, tmp_path, monkeypatch):
@@ -137,7 +226,16 @@ def test_stabilizers_smoke(experiments, tmp_path, monkeypatch):
         assert set(e["drift"]) == set(e["explosion"]) == {"neither"}
         for kind in ("drift", "explosion"):
             assert e[kind]["neither"]["verdict"] in ("held", "partly", "not held")
-    assert "## Did the paper's claims hold in our runs?" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "## Did the paper's claims hold in our runs?" in md
+    # The learning gate of the baseline, per rate and seed, at the top; three steps learn
+    # nothing, so no claim is assessed.
+    assert saved["gate_passed"] is False and saved["gate_passed_by_lr"] == {"0.003": False}
+    assert "Learning gate (baseline 'residual + norm')" in md.split("\n\n## ", 1)[0]
+    assert "not assessed: the baseline failed the learning gate" in md
+    # ListOps: the outermost-operator rule beside the majority class.
+    rules = {r["name"] for r in base["runs"][0]["gate"]["rules"]}
+    assert rules == {"majority class", "outermost operator"}
 
 
 def test_layer_statistics(experiments):
@@ -194,6 +292,10 @@ def test_lra_placement_smoke(experiments, tmp_path, monkeypatch):
     md = (tmp_path / "results.md").read_text()
     assert "| baseline |" in md and "after_embedding helps most" in md
     assert "| *majority class* |" in md and "## Does the baseline learn each task?" in md
+    # The learning gate of the baseline: computed per seed, recorded, shown at the top.
+    assert isinstance(saved["gate_passed"], bool) and set(task["gate"]) == {"seed 0"}
+    assert "| *best trivial rule* |" in md and "## Learning gate: " in md
+    assert "Learning gate (baseline, every seed)" in md.split("\n\n## ", 1)[0]
     assert set(results["summary"]["delta_standard_error_points"]) == set(saved["arms"][1:])
 
 
@@ -211,13 +313,14 @@ def test_lra_placement_baseline_only(experiments, tmp_path, monkeypatch):
     assert not (tmp_path / "placement.png").exists()
 
 
-def _placement_results(module, accuracies, majority, num_test):
+def _placement_results(module, accuracies, passed, num_test):
     """A results dict as `run` builds it: `accuracies[task][arm]` lists one accuracy per
-    seed."""
+    seed; `passed[task]`: whether its baseline passed the learning gate."""
     tasks = {}
     for t, arms in accuracies.items():
         tasks[t] = {
-            "data": {"test_majority_fraction": majority[t], "num_test": num_test},
+            "gate_passed": passed[t],
+            "data": {"num_test": num_test},
             "arms": {
                 a: {"accuracy": accs, "mean": float(sum(accs) / len(accs))}
                 for a, accs in arms.items()
@@ -228,7 +331,7 @@ def _placement_results(module, accuracies, majority, num_test):
 
 def test_lra_placement_paired_deltas_and_informative_tasks(experiments):
     """The change from the baseline is paired seed by seed (its standard error ignores the
-    seeds' common offset), and a task whose baseline sits at the majority class is not
+    seeds' common offset), and a task whose baseline failed the learning gate is not
     informative."""
     module = experiments("studies/lra_placement")
     config = module.dataclasses.replace(
@@ -238,10 +341,10 @@ def test_lra_placement_paired_deltas_and_informative_tasks(experiments):
     accuracies = {
         # Seeds differ by 20 points, the arm is +2 points on every seed: SE 0.
         "a": {"baseline": [0.50, 0.70], arm: [0.52, 0.72]},
-        # At chance (majority 0.5, 1000 test examples: 3 SE = 4.7 points).
+        # Its baseline failed the gate.
         "b": {"baseline": [0.51, 0.52], arm: [0.51, 0.50]},
     }
-    results = _placement_results(module, accuracies, {"a": 0.1, "b": 0.5}, 1000)
+    results = _placement_results(module, accuracies, {"a": True, "b": False}, 1000)
     summary = module._summary(results, config)
     assert summary["informative_tasks"] == ["a"]
     # (2 + 0) / 2 on seed 0 and (2 - 2) / 2 on seed 1: mean 0.5, SE 0.5.
@@ -304,13 +407,23 @@ def test_presets_and_overrides(experiments):
     assert quick == module.CompareConfig.quick()
     config = parse(
         module.PRESETS,
-        ["--preset", "smoke", "--setup.train.total-steps", "7", "--rtols", "0.1", "--out", "x"],
+        [
+            "--preset",
+            "smoke",
+            "--setup.train.total-steps",
+            "7",
+            "--sweep.rtols",
+            "0.1",
+            "--out",
+            "x",
+        ],
         description="",
     )
     smoke = module.CompareConfig.smoke()
-    assert config.setup.train.total_steps == 7 and config.rtols == (0.1,)
+    assert config.setup.train.total_steps == 7 and config.sweep.rtols == (0.1,)
     assert config.out == Path("x") and config.name == "smoke"
-    assert config.adaptive_solvers == smoke.adaptive_solvers  # not a flag: the preset's
+    # Not a flag: the preset's.
+    assert config.sweep.adaptive_solvers == smoke.sweep.adaptive_solvers
     with pytest.raises(SystemExit):
         parse(module.PRESETS, ["--preset", "huge"], description="")
     with pytest.raises(ValueError, match="presets must be exactly"):

@@ -21,7 +21,7 @@ class NoResidual(pf.AbstractDepth):
     as in `pf.Discrete()`.
     """
 
-    def __call__(self, field, u0, mask=None, *, save_at=None):
+    def __call__(self, field, u0, mask=None, *, save_at=None, key=None):
         pieces = field.pieces()
         h = field.discrete_step
         steps = round(pieces.width / h)

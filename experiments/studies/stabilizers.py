@@ -46,7 +46,14 @@ import numpy as np  # noqa: E402
 
 import _cli  # noqa: E402
 import report  # noqa: E402
-from _common import ListOpsSetup, data_summary  # noqa: E402
+from _common import (  # noqa: E402
+    ListOpsSetup,
+    data_summary,
+    gate_of,
+    gate_record,
+    gate_section,
+    gate_verdict,
+)
 from ablations import NoResidual  # noqa: E402
 from pdeformer import Discrete, Identity  # noqa: E402
 from pdeformer.data import ListOpsConfig, iterate_batches, iterate_forever  # noqa: E402
@@ -371,8 +378,14 @@ def _run(arm: Arm, lr: float, seed: int, task, probe, config: StabilizerConfig) 
     grad = [g for g in history["grad_norm"] if _finite(g)]
     act = [a for a in activations["max_rms"] if _finite(a)]
     act_finite = len(act) == len(activations["max_rms"])
+    gate = (
+        gate_of(task, ev.accuracy, [{"loss": x} for x in history["loss"]])
+        if history["loss"]
+        else None
+    )
     return {
         "seed": seed,
+        "gate": gate,
         "steps_completed": len(history["step"]),
         "non_finite": non_finite,
         "non_finite_activations": not act_finite,
@@ -609,6 +622,12 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
     ]
     for e in results["claims"]["by_lr"]:
+        if not results["gate_passed_by_lr"][f"{e['lr']:g}"]:
+            lines.append(
+                f"- lr {e['lr']:g}: **not assessed: the baseline failed the learning gate at "
+                "this learning rate** (the numbers are in the tables above)."
+            )
+            continue
         d = e["drift"].get("no residual")
         if d is not None:
             lines.append(
@@ -771,6 +790,7 @@ def main(config: StabilizerConfig) -> dict[str, Any]:
     probe_size = min(config.probe_size, len(task.val))
     probe = next(iterate_batches(task.val, probe_size, shuffle=False, drop_remainder=True))
     groups = []
+    gates: dict[str, Any] = {}
     steps = config.setup.train.total_steps
     for lr in config.lrs:
         for arm in config.arms:
@@ -778,6 +798,12 @@ def main(config: StabilizerConfig) -> dict[str, Any]:
             for seed in config.seeds:
                 _log(f"arm {arm.name!r}, lr {lr:g}, seed {seed}: training {steps} steps")
                 runs.append(_run(arm, lr, seed, task, probe, config))
+                if arm == config.arms[0]:
+                    # The learning gate of the baseline (the first arm), per rate and seed;
+                    # a run stopped before its first step has none and fails.
+                    gates[f"lr {lr:g}, seed {seed}"] = runs[-1]["gate"]
+            for r in runs:
+                r["gate"] = None if r["gate"] is None else gate_record(r["gate"])
             groups.append(
                 {
                     "name": arm.name,
@@ -788,9 +814,18 @@ def main(config: StabilizerConfig) -> dict[str, Any]:
                     "runs": runs,
                 }
             )
+    passed_by_lr = {
+        f"{lr:g}": all(
+            gates[f"lr {lr:g}, seed {s}"] is not None and gates[f"lr {lr:g}, seed {s}"].passed
+            for s in config.seeds
+        )
+        for lr in config.lrs
+    }
     results = {
         "meta": info,
         "data": data_summary(task),
+        "gate_passed": any(passed_by_lr.values()),
+        "gate_passed_by_lr": passed_by_lr,
         "probe_size": probe_size,
         "arms": groups,
         "claims": assess_claims(groups),
@@ -798,7 +833,25 @@ def main(config: StabilizerConfig) -> dict[str, Any]:
     results["meta"]["wall_s"] = time.perf_counter() - start
     _plots(results, out)
     title = "Stabilizer ablation: residual connection and LayerNorm (ListOps)"
-    report.write(out, results, title, _markdown(results), log=_log)
+    ran = {k: g for k, g in gates.items() if g is not None}
+    if ran:
+        verdict = gate_verdict(ran, f"baseline '{config.arms[0].name}'")
+        if not verdict.passed and results["gate_passed"]:
+            # Some rates passed: the claims are assessed at those only.
+            ok = [lr for lr, p in passed_by_lr.items() if p]
+            verdict = dataclasses.replace(
+                verdict,
+                passed=True,
+                reason=f"passed at lr {', '.join(ok)} only (claims assessed there); "
+                + verdict.reason,
+            )
+        gate_md = gate_section(ran)
+    else:
+        verdict = report.Verdict("Learning gate", False, "no baseline run completed a step.")
+        gate_md = ""
+    report.write(
+        out, results, title, gate_md + "\n\n" + _markdown(results), verdict=verdict, log=_log
+    )
     return results
 
 
