@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import prefix_mask
 
 import pdeformer as pf
+from helpers import prefix_mask
 from pdeformer.operators.attention import attention
 from pdeformer.operators.dropout import dropout
 from pdeformer.training import has_dropout

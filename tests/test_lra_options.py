@@ -62,13 +62,18 @@ def test_adam_constants_reach_the_update():
     params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]])}
     grads = {"w": jnp.array([[0.1, 0.2], [-0.3, 0.4]])}
     config = TrainConfig(
-        lr=0.05, warmup_steps=2, total_steps=4, schedule="rsqrt", b1=0.9, b2=0.98, eps=1e-9,
-        weight_decay=0.1, clip_norm=1e9,
+        lr=0.05,
+        warmup_steps=2,
+        total_steps=4,
+        schedule="rsqrt",
+        b1=0.9,
+        b2=0.98,
+        eps=1e-9,
+        weight_decay=0.1,
+        clip_norm=1e9,
     )
     optimizer = make_optimizer(config)
-    reference = optax.adamw(
-        rsqrt_schedule(0.05, 2), b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.1
-    )
+    reference = optax.adamw(rsqrt_schedule(0.05, 2), b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.1)
     state, ref_state = optimizer.init(params), reference.init(params)
     with jax.numpy_dtype_promotion("standard"):
         for _ in range(3):
@@ -83,12 +88,39 @@ def _train(*args):
 
 def test_cli_names_of_the_lra_options(tmp_path):
     command = parse(
-        ["train", "--out", str(tmp_path), "--pooling", "cls", "--head", "mlp", "--dropout",
-         "0.1", "--attention-dropout", "0.2", "--lr-schedule", "rsqrt", "--lr", "0.05",
-         "--warmup", "10", "--steps", "5", "--b2", "0.98", "--eps", "1e-9"]
+        [
+            "train",
+            "--out",
+            str(tmp_path),
+            "--pooling",
+            "cls",
+            "--head",
+            "mlp",
+            "--dropout",
+            "0.1",
+            "--attention-dropout",
+            "0.2",
+            "--lr-schedule",
+            "rsqrt",
+            "--lr",
+            "0.05",
+            "--warmup",
+            "10",
+            "--steps",
+            "5",
+            "--b2",
+            "0.98",
+            "--eps",
+            "1e-9",
+        ]
     )
     config = command.optim.train_config()
-    assert (config.schedule, config.b2, config.eps, config.warmup_steps) == ("rsqrt", 0.98, 1e-9, 10)
+    assert (config.schedule, config.b2, config.eps, config.warmup_steps) == (
+        "rsqrt",
+        0.98,
+        1e-9,
+        10,
+    )
     options = model_options(command.model, dual=False, max_len=12, key=jr.PRNGKey(0))
     assert isinstance(options["pooling"], pf.ClsPooling)
     assert options["dropout"] == pf.Dropout(0.1, 0.2)
@@ -114,11 +146,32 @@ def test_cli_builds_the_lra_model(tmp_path):
     from pdeformer.cli import _build
 
     command = _train(
-        "--pooling", "cls", "--head", "mlp", "--head-dim", "6", "--dropout", "0.1",
-        "--dim", "8", "--heads", "2", "--layers", "1",
-        "--task-option", "max_depth=2", "--task-option", "min_length=5",
-        "--task-option", "max_length=12", "--task-option", "num_train=8",
-        "--task-option", "num_val=4", "--task-option", "num_test=4",
+        "--pooling",
+        "cls",
+        "--head",
+        "mlp",
+        "--head-dim",
+        "6",
+        "--dropout",
+        "0.1",
+        "--dim",
+        "8",
+        "--heads",
+        "2",
+        "--layers",
+        "1",
+        "--task-option",
+        "max_depth=2",
+        "--task-option",
+        "min_length=5",
+        "--task-option",
+        "max_length=12",
+        "--task-option",
+        "num_train=8",
+        "--task-option",
+        "num_val=4",
+        "--task-option",
+        "num_test=4",
     )
     _, model = _build(command.data, command.model)
     assert isinstance(model.encoder.pooling, pf.ClsPooling)

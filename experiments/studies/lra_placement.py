@@ -19,13 +19,18 @@ Run: `python experiments/studies/lra_placement.py [--preset smoke|quick|full] [-
 [--tasks listops text ...] [--data-dir DIR] [--seeds 0 1 ...] [--baseline-only]
 [--steps N]` (every field of `Config` is a flag; `--help`).
 The quick preset (the default, minutes on a 2-core CPU) studies the two offline tasks its
-budget learns, ListOps and the 8x8 digits; `--preset full` studies all five.
+budget learns, ListOps and the 8x8 digits; `--preset full` studies all five with the LRA
+Transformer's per-task configurations (`lra.TASKS`) on the official data of `--data-dir`
+(offline stand-ins only with `--allow-stand-in`, and then labelled so), and `--dry-run`
+prints the runs' parameter counts, FLOPs and GPU hours as JSON without training
+(`lra.dry_run`; see docs/howto/lra-full-runs.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,6 +45,7 @@ import numpy as np  # noqa: E402
 
 import _cli  # noqa: E402
 import _common as common  # noqa: E402
+import lra  # noqa: E402
 import pdeformer as pf  # noqa: E402
 import report  # noqa: E402
 from pdeformer.data import load_task  # noqa: E402
@@ -100,6 +106,15 @@ class Config:
     - `baseline_only`: train the baseline arm only (does this budget learn the task?).
     - `steps`: training steps of every arm, warm-up a tenth of them (`None`: `train`'s).
     - `out`: the output directory.
+    - `lra_configs`: use the LRA Transformer's configuration of each task (`lra.TASKS`: sizes,
+      dropout, pooling, MLP head, batch, schedule; `dim`, `num_heads`, `num_layers` and
+      `train` are then unused, and `steps` keeps LRA's warm-up); needs `data_dir` unless
+      `allow_stand_in`.
+    - `allow_stand_in`: with `lra_configs`, train on the offline stand-ins (`options`) when no
+      `data_dir` is given; the results say so.
+    - `max_length`: with `lra_configs`, cut inputs to this length instead of LRA's (a CPU check).
+    - `dry_run`: print `lra.dry_run`'s JSON for these tasks and arms and stop.
+    - `mfu`, `peak_tflops`: the dry run's assumed utilisation and peak per GPU.
     """
 
     tasks: tuple[str, ...]
@@ -116,6 +131,12 @@ class Config:
     baseline_only: bool = False
     steps: int | None = None
     out: Path = Path("runs/lra_placement")
+    lra_configs: bool = False
+    allow_stand_in: bool = False
+    max_length: int | None = None
+    dry_run: bool = False
+    mfu: float = lra.DEFAULT_MFU
+    peak_tflops: float = lra.H100_BF16_DENSE_TFLOPS
 
     def __post_init__(self) -> None:
         unknown = set(self.tasks) - set(OFFLINE_TASKS) - {"pathx"}
@@ -126,8 +147,19 @@ class Config:
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1 or None; got {self.steps}.")
 
-    def training(self) -> TrainConfig:
-        """The training run of every arm (`train` with `steps` applied)."""
+    def lra_task(self, name: str) -> lra.LraTask:
+        """The LRA configuration of a task (by its name, or a loaded task's `name` such as
+        `pathfinder_generated`), with `max_length` applied."""
+        config = lra.TASKS[name.split("_")[0]]
+        if self.max_length is not None:
+            config = dataclasses.replace(config, max_length=self.max_length)
+        return config
+
+    def training(self, task=None) -> TrainConfig:
+        """The training run of every arm (`train` with `steps` applied); with `lra_configs`, the
+        LRA configuration's of `task` (a `TaskData`)."""
+        if self.lra_configs and task is not None:
+            return self.lra_task(task.name).train_config(self.steps, self.train.seed)
         if self.steps is None:
             return self.train
         return dataclasses.replace(
@@ -158,7 +190,12 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        """LRA-length offline tasks, width 128, 4 layers, 5,000 steps, 3 seeds: for a GPU."""
+        """The five LRA tasks with the LRA Transformer's per-task configurations
+        (`lra.TASKS`), 3 seeds, on the official data of `--data-dir`: for a GPU.
+
+        Without `--data-dir` it refuses to run unless `--allow-stand-in` (then the
+        offline tasks at LRA-like lengths, labelled stand-in); `--dry-run` prices it.
+        """
         return cls(
             tasks=OFFLINE_TASKS,
             options=_offline_options("full"),
@@ -169,6 +206,8 @@ class Config:
             train=TrainConfig(
                 lr=1e-3, warmup_steps=500, total_steps=5000, batch_size=32, progress=False
             ),
+            eval_batch_size=32,
+            lra_configs=True,
         )
 
     @classmethod
@@ -199,6 +238,16 @@ def _model(task, config: Config, seed: int, dilations: tuple[int, ...], active: 
     their compute on every step, which at the quick sizes outweighs the compiles; the seeds
     of an arm share one compile.)
     """
+    if config.lra_configs:
+        splits = (task.train, task.val, task.test)
+        return config.lra_task(task.name).model(
+            key=jr.PRNGKey(seed),
+            vocab_size=task.vocab_size,
+            num_classes=task.num_classes,
+            max_len=max(int(s.tokens.shape[1]) for s in splits),
+            diffusion_at=() if active is None else (active,),
+            dilations=dilations or (1,),
+        )
     cls = pf.DualClassifier if task.dual else pf.Classifier
     return cls(
         task.vocab_size,
@@ -265,28 +314,33 @@ def main(config: Config) -> dict[str, Any]:
 
     The results as written to `results.json`.
     """
+    if config.dry_run:
+        return _dry_run(config)
+    _check_lra_data(config)
     log = report.logger("lra_placement")
     out = config.out
     meta = report.meta(config)
     t_start = time.perf_counter()
     arms = _arms(config)
     results: dict[str, Any] = {"meta": meta, "tasks": {}, "arms": [a[0] for a in arms]}
+    if config.lra_configs:
+        results["lra"] = _lra_record(config)
     total = len(config.tasks) * len(arms) * len(config.seeds)
     done = 0
     all_gates: dict[str, dict[str, Any]] = {}
     for name in config.tasks:
-        opts = {} if config.data_dir else dict(config.options.get(name, {}))
-        if not config.data_dir:
-            opts.setdefault("seed", 0)
+        opts = _task_options(config, name)
         task = load_task(name, config.data_dir, **opts)
         log(f"{task.name}: {len(task.train)} train / {len(task.test)} test examples")
         entry: dict[str, Any] = {"data": common.data_summary(task), "arms": {}}
+        if config.lra_configs:
+            entry["stand_in"] = config.data_dir is None
         gates: dict[str, Any] = {}
         for arm, point, dilations in arms:
             accs, times = [], []
             for seed in config.seeds:
                 model = _model(task, config, seed, dilations, point)
-                train_config = dataclasses.replace(config.training(), seed=seed)
+                train_config = dataclasses.replace(config.training(task), seed=seed)
                 t0 = time.perf_counter()
                 model, history = train(model, task, pf.Discrete(), train_config)
                 wall = time.perf_counter() - t0
@@ -426,8 +480,72 @@ def _summary(results: dict[str, Any], config: Config) -> dict[str, Any]:
 
 def _title(config: Config) -> str:
     if config.baseline_only:
-        return "Placement study budget: does the baseline learn each task?"
-    return "Diffusion layer placement study"
+        title = "Placement study budget: does the baseline learn each task?"
+    else:
+        title = "Diffusion layer placement study"
+    if config.lra_configs and config.data_dir is None:
+        title += " (STAND-IN DATA, not the LRA benchmark)"
+    return title
+
+
+def _task_options(config: Config, name: str) -> dict[str, Any]:
+    """`load_task` options: the official reader's (LRA's maximum length with `lra_configs`), or
+    the offline generator's (`options`, seed 0)."""
+    if config.data_dir:
+        return config.lra_task(name).data_options() if config.lra_configs else {}
+    opts = dict(config.options.get(name, {}))
+    opts.setdefault("seed", 0)
+    return opts
+
+
+def _check_lra_data(config: Config) -> None:
+    """With `lra_configs`: every task has a configuration, and the data is official unless the
+    stand-ins were asked for."""
+    if not config.lra_configs:
+        return
+    missing = [t for t in config.tasks if t not in lra.TASKS]
+    if missing:
+        raise ValueError(
+            f"no LRA configuration for {missing}; with --lra-configs (--preset full) pass "
+            f"tasks of {tuple(lra.TASKS)}."
+        )
+    if config.data_dir is None and not config.allow_stand_in:
+        raise ValueError(
+            "--preset full trains the LRA configurations on the official data: pass "
+            "--data-dir DIR (see docs/howto/lra.md), or --allow-stand-in to train on the "
+            "offline stand-ins (the results are then labelled stand-in)."
+        )
+
+
+def _lra_record(config: Config) -> dict[str, Any]:
+    """The LRA configurations used, and whether the data is a stand-in."""
+    return {
+        "stand_in": config.data_dir is None,
+        "configs": {t: dataclasses.asdict(config.lra_task(t)) for t in config.tasks},
+        "deviations_from_lra": list(lra.DEVIATIONS),
+    }
+
+
+def _dry_run(config: Config) -> dict[str, Any]:
+    """Print `lra.dry_run`'s JSON for the config's tasks, arms and seeds; train nothing."""
+    if not config.lra_configs:
+        raise ValueError(
+            "--dry-run prices the LRA configurations: pass --preset full (or --lra-configs)."
+        )
+    _check_lra_data(dataclasses.replace(config, allow_stand_in=True))
+    configs = {t: config.lra_task(t) for t in config.tasks}
+    estimate = lra.dry_run(
+        config.tasks,
+        _arms(config),
+        steps=config.steps,
+        seeds=len(config.seeds),
+        mfu=config.mfu,
+        peak_tflops=config.peak_tflops,
+        configs=configs,
+    )
+    estimate["data"] = "official" if config.data_dir else "stand-in"
+    print(json.dumps(estimate, indent=2))
+    return estimate
 
 
 def _markdown(results: dict[str, Any], config: Config) -> str:

@@ -322,9 +322,7 @@ def has_dropout(model: eqx.Module) -> bool:
     """Whether `model` holds a `Dropout` with a positive rate (e.g. an `Encoder` built with
     `dropout=Dropout(0.1, 0.1)`): `train` then passes it a fresh `key` every step."""
     is_dropout = lambda x: isinstance(x, Dropout)
-    return any(
-        is_dropout(x) and x.active for x in jax.tree.leaves(model, is_leaf=is_dropout)
-    )
+    return any(is_dropout(x) and x.active for x in jax.tree.leaves(model, is_leaf=is_dropout))
 
 
 def _inputs(batch: Batch) -> tuple[jax.Array, ...]:
@@ -921,9 +919,7 @@ def train(
     # Keys of what a solve holds fixed in depth (dropout masks, regularisers' probes), one
     # per step, drawn only for a model or an integrator that needs them.
     probe_key = jax.random.PRNGKey(config.seed)
-    needs_key = has_dropout(model) or any(
-        r.uses_probe for r in getattr(depth, "regularisers", ())
-    )
+    needs_key = has_dropout(model) or any(r.uses_probe for r in getattr(depth, "regularisers", ()))
     progress = tqdm(
         total=config.total_steps,
         initial=start,
