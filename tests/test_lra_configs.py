@@ -107,6 +107,8 @@ def test_full_listops_configuration_trains_on_a_cpu(experiments, tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["lra"]["stand_in"] and saved["tasks"]["listops"]["stand_in"]
     assert saved["lra"]["configs"]["listops"]["dim"] == 512
-    assert "STAND-IN DATA" in (tmp_path / "results.md").read_text().splitlines()[0]
+    md = (tmp_path / "results.md").read_text()
+    assert "STAND-IN DATA" in md.splitlines()[0]
+    assert "listops: 4 layers, width 512, 8 heads, FFN 1024" in md
     accuracy = results["tasks"]["listops"]["arms"]["baseline"]["accuracy"][0]
     assert 0.0 <= accuracy <= 1.0

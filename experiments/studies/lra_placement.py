@@ -156,8 +156,8 @@ class Config:
         return config
 
     def training(self, task=None) -> TrainConfig:
-        """The training run of every arm (`train` with `steps` applied); with `lra_configs`, the
-        LRA configuration's of `task` (a `TaskData`)."""
+        """The training run of every arm (`train` with `steps` applied); with `lra_configs`,
+        that of `task`'s (a `TaskData`) LRA configuration."""
         if self.lra_configs and task is not None:
             return self.lra_task(task.name).train_config(self.steps, self.train.seed)
         if self.steps is None:
@@ -517,6 +517,25 @@ def _check_lra_data(config: Config) -> None:
         )
 
 
+def _lra_setup_text(config: Config) -> str:
+    """The results page's sentence on the model and training with `lra_configs`."""
+    parts = []
+    for t in config.tasks:
+        c = config.lra_task(t)
+        steps = c.total_steps if config.steps is None else config.steps
+        parts.append(
+            f"{t}: {c.num_layers} layers, width {c.dim}, {c.num_heads} heads, FFN {c.mlp_dim}, "
+            f"dropout {c.dropout:g}/{c.attention_dropout:g}, {c.pooling} pooling, MLP head, "
+            f"{steps} steps, batch {c.batch_size}, lr {c.lr:g} ({c.schedule})"
+        )
+    data = "offline STAND-IN data" if config.data_dir is None else "the official data"
+    return (
+        "The LRA Transformer's per-task configurations (experiments/studies/lra.py), pre-LN, "
+        f"discrete mode, on {data}: " + "; ".join(parts) + f". Seeds: {list(config.seeds)}. "
+        "Test accuracy in %, mean ± std over seeds."
+    )
+
+
 def _lra_record(config: Config) -> dict[str, Any]:
     """The LRA configurations used, and whether the data is a stand-in."""
     return {
@@ -557,6 +576,8 @@ def _markdown(results: dict[str, Any], config: Config) -> str:
         f"{config.train.batch_size}, lr {config.train.lr:g} (AdamW, warmup + cosine). "
         f"Seeds: {list(config.seeds)}. Test accuracy in %, mean ± std over seeds.",
     ]
+    if config.lra_configs:
+        lines[0] = _lra_setup_text(config)
     if not config.baseline_only:
         lines.append(
             "Single scale: dilation 1; multi-scale: dilations 1, 2, 4, 8 (one budget "
