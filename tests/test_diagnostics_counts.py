@@ -43,6 +43,7 @@ def test_euler_steps_recompute_nothing(depth):
     assert counts.forward == _nfe(depth, field, u0)
 
 
+@pytest.mark.slow
 def test_counting_leaves_value_and_gradient_unchanged():
     # The counting copy must compute the same function and the same gradient.
     from pdeformer.diagnostics import _Counted

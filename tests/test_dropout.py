@@ -119,6 +119,7 @@ def test_one_smooth_piece_has_one_set_of_masks():
     assert np.array_equal(rate(jnp.asarray(0.2)), rate(jnp.asarray(2.7)))
 
 
+@pytest.mark.slow
 def test_an_adaptive_solve_with_dropout_is_deterministic_and_differentiable():
     tokens, mask = _inputs()
     model = _model((0.1, 0.1))
@@ -167,6 +168,7 @@ def test_rates_are_checked():
         pf.Dropout(0.1, -0.1)
 
 
+@pytest.mark.slow
 def test_train_step_draws_masks_only_with_a_key():
     from pdeformer.data import Batch
     from pdeformer.training import TrainConfig, make_optimizer, train_step

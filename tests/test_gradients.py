@@ -32,6 +32,7 @@ def _flat(tree):
     return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(eqx.filter(tree, eqx.is_array))])
 
 
+@pytest.mark.slow
 def test_adjoints_agree(getkey):
     with jax.enable_x64(True):
         field, x, mask = _setup(getkey())

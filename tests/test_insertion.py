@@ -86,7 +86,10 @@ def test_encoder_points_are_applied_once(getkey):
     "depth",
     [
         pf.Discrete(),
-        pf.Continuous(diffrax.Heun(), diffrax.PIDController(rtol=1e-3, atol=1e-5)),
+        pytest.param(
+            pf.Continuous(diffrax.Heun(), diffrax.PIDController(rtol=1e-3, atol=1e-5)),
+            marks=pytest.mark.slow,  # a backward pass through an adaptive solve: compiles long
+        ),
     ],
     ids=["discrete", "continuous"],
 )
@@ -146,6 +149,7 @@ def test_points_follow_the_schedule(getkey, schedule):
     np.testing.assert_array_equal(np.asarray(a[1, 4:]), np.asarray(x[1, 4:]))
 
 
+@pytest.mark.slow
 def test_roughness_at_points(getkey):
     from pdeformer.diagnostics import dirichlet_energy, roughness_at_points
 

@@ -114,6 +114,7 @@ def test_mixed_precision_adaptive_solve_keeps_a_float32_state(getkey):
     assert err < 5e-2, err
 
 
+@pytest.mark.slow
 def test_mixed_precision_trains_with_float32_gradients(getkey):
     model = pf.Classifier(12, 16, 2, 2, 3, key=getkey(), compute_dtype=jnp.bfloat16)
     config = training.TrainConfig(lr=1e-2, warmup_steps=0, total_steps=20, batch_size=4)

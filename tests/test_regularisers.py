@@ -165,7 +165,16 @@ def _directional_fd(loss, params, direction, eps=1e-6):
     return (loss(plus) - loss(minus)) / (2 * eps)
 
 
-@pytest.mark.parametrize("integrator", ["fixed_adaptive", "constant", "discrete"])
+# The solves' gradients compile long: the adaptive (with the error estimate) and
+# constant-step cases are in the slow tier.
+@pytest.mark.parametrize(
+    "integrator",
+    [
+        pytest.param("fixed_adaptive", marks=pytest.mark.slow),
+        pytest.param("constant", marks=pytest.mark.slow),
+        "discrete",
+    ],
+)
 def test_gradient_of_regularised_loss_matches_finite_differences(getkey, integrator):
     with jax.enable_x64(True):
         field = pf.Field(4, 2, 2, key=getkey(), hidden=8, dtype=jnp.float64)
@@ -226,6 +235,7 @@ def test_integrals_do_not_change_step_size_control(getkey):
         assert R.penalty(regs, sol.regularisation) == 0
 
 
+@pytest.mark.slow
 def test_maps_between_layers_and_saves(getkey):
     # The paths that solve layer by layer (maps between layers) and piece by piece (constant
     # steps) carry the integrals across solves; saves do not change them.
@@ -321,6 +331,7 @@ def test_bad_input_is_rejected(getkey):
             depth(field, u0)
 
 
+@pytest.mark.slow
 def test_training_loss_adds_the_penalty(getkey):
     # The one place the loss is computed adds weights times integrals.
     from pdeformer.data import Batch
@@ -377,6 +388,7 @@ class _Counting(pf.AbstractComposition):
         return self.inner.post_norm(block, branch)
 
 
+@pytest.mark.slow
 def test_seminorm_adjoint_gradients_and_backward_nfe(getkey):
     with jax.enable_x64(True):
         field = pf.Field(
@@ -451,8 +463,10 @@ def test_polynomial_weights_are_a_polynomial_in_depth(getkey):
         )
         assert {x.shape[0] for x in jax.tree.leaves(field.blocks)} == {degree + 1}
         # The layer argument does not matter to a smooth schedule: pass a wrong one.
-        leaf = lambda t: jax.tree.leaves(
-            field.schedule.weights(field.blocks, jnp.asarray(t), jnp.asarray(0, jnp.int32))
+        leaf = jax.jit(
+            lambda t: jax.tree.leaves(
+                field.schedule.weights(field.blocks, jnp.asarray(t), jnp.asarray(0, jnp.int32))
+            )
         )
         # At the Chebyshev nodes the weights are the stored node values.
         for k, tk in enumerate(pf.field.chebyshev_nodes(degree, layers)):
@@ -549,6 +563,7 @@ def test_smooth_field_steps_across_layers(getkey):
         coarse(fields["per_layer"], u0)
 
 
+@pytest.mark.slow
 def test_train_loop_with_regularisers():
     # `train` draws a probe key per step for a depth that needs one; `evaluate` drops the
     # regularisers (no key, no penalty).

@@ -45,6 +45,7 @@ def _no_time(history):
     return [{k: v for k, v in r.items() if k != "time"} for r in history]
 
 
+@pytest.mark.slow
 def test_overfits_one_batch(task):
     small = dataclasses.replace(task, train=task.train.take(np.arange(8)))
     config = TrainConfig(
@@ -75,6 +76,7 @@ def test_train_step_does_not_recompile_for_a_new_tolerance(task):
         assert int(metrics["nfe"]) > 0
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(task, tmp_path):
     config = TrainConfig(
         lr=3e-3, warmup_steps=2, total_steps=6, batch_size=8, checkpoint_every=3, progress=False
@@ -115,6 +117,7 @@ def test_resume_matches_uninterrupted_run(task, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(task, tmp_path):
     config = TrainConfig(
         warmup_steps=0, total_steps=5, batch_size=8, checkpoint_every=1, progress=False
@@ -206,6 +209,7 @@ def test_non_finite_outputs_count_as_failures(task):
     assert ev.success == 0.0
 
 
+@pytest.mark.slow
 def test_metrics_record_the_solve_success_and_nfe(task, tmp_path):
     # Two adaptive steps at a tolerance that needs many: every solve fails, quietly.
     depth = Continuous(
