@@ -66,6 +66,54 @@ _log = report.logger("stabilizers")
 LAYER_STATS = ("cos_to_input", "rel_distance", "rms", "max_token_norm", "token_uniformity")
 """The per-layer statistics of the token states."""
 
+# ---------------------------------------------------------------------------------------
+# The criteria, fixed before any run of the learning-rate sweep (paper B gives none)
+# ---------------------------------------------------------------------------------------
+
+SPIKE_FACTOR = 2.0
+"""A *loss spike* is a step whose training loss exceeds `SPIKE_FACTOR` times the median of
+the previous `SPIKE_WINDOW` losses."""
+
+SPIKE_WINDOW = 20
+"""The window of the loss-spike median, in steps."""
+
+MAX_STABLE_SPIKES = 3
+"""A run with more loss spikes than this is *unstable*."""
+
+LOSS_PROGRESS = 0.9
+"""A run is *unstable* unless its final training loss (mean of its last 50 steps) is below
+`LOSS_PROGRESS` times its initial loss (mean of its first 10 steps): a run must end clearly
+better than it started. A run stopped by a non-finite loss, gradient or activation is
+unstable too."""
+
+# A learning rate is *stable* for an arm when every seed's run at it is stable; the arm's
+# *largest stable learning rate* is the largest rate of the sweep at which it and every
+# smaller rate are stable (a stable rate above an unstable one does not count); `None`
+# when the smallest rate is unstable.
+
+DRIFT_COS_DROP = 0.3
+"""Drift at initialisation: the arm's last-layer cosine of the token states to the input
+lies at least this far below the baseline's (paired by seed; the claim holds when the 95%
+interval of the difference lies below `-DRIFT_COS_DROP`)."""
+
+DRIFT_ACCURACY_DROP = 0.05
+"""Catastrophic drift after training: at its best learning rate, the arm's test accuracy
+lies at least this far (5 points) below the baseline's at the baseline's best rate (paired
+by seed; holds when the 95% interval lies below `-DRIFT_ACCURACY_DROP`)."""
+
+EXPLOSION_FACTOR = 10.0
+"""Explosion at one learning rate: a non-finite event, or the run's largest gradient norm
+or activation RMS at least this multiple of the baseline's at the same rate."""
+
+PARTLY_FACTOR = 3.0
+"""Partly explosive at one learning rate: that multiple at least `PARTLY_FACTOR`, or more
+loss spikes than the baseline."""
+
+# The explosion claim as a threshold: it holds when the arm's largest stable learning rate
+# is below the baseline's, does not hold when it is at least the baseline's (and the
+# baseline meets an unstable rate in the sweep), and is not resolved when the baseline has
+# no stable rate or both are stable at every rate of the sweep.
+
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
@@ -131,8 +179,8 @@ class StabilizerConfig:
     probe_size: int = 64
     probe_every: int = 10
     eval_batch_size: int = 128
-    spike_factor: float = 2.0
-    spike_window: int = 20
+    spike_factor: float = SPIKE_FACTOR
+    spike_window: int = SPIKE_WINDOW
     out: Path = Path("runs/stabilizers")
 
     def __post_init__(self) -> None:
