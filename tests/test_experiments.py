@@ -230,12 +230,24 @@ def test_stabilizers_smoke(experiments, tmp_path, monkeypatch):
     assert "## Did the paper's claims hold in our runs?" in md
     # The learning gate of the baseline, per rate and seed, at the top; three steps learn
     # nothing, so no claim is assessed.
-    assert saved["gate_passed"] is False and saved["gate_passed_by_lr"] == {"0.003": False}
+    assert saved["gate_passed"] is False
+    assert saved["gate_passed_by_lr"] == {"0.003": False, "0.3": False}
     assert "Learning gate (baseline 'residual + norm')" in md.split("\n\n## ", 1)[0]
     assert "not assessed: the baseline failed the learning gate" in md
-    # ListOps: the outermost-operator rule beside the majority class.
+    # The digits: the majority class is the one trivial rule.
     rules = {r["name"] for r in base["runs"][0]["gate"]["rules"]}
-    assert rules == {"majority class", "outermost operator"}
+    assert rules == {"majority class"}
+    # The sweep's thresholds, for every arm including the baseline: three steps end no
+    # better than they started, so no rate is stable.
+    assert (tmp_path / "lr_sweep.png").is_file() and "## Stability thresholds" in md
+    for name in ("residual + norm", "neither"):
+        t = saved["thresholds"][name]
+        assert set(t["stable_by_lr"]) == {"0.003", "0.3"}
+        assert t["largest_stable_lr"] is None and t["first_unstable_lr"] == 0.003
+        assert len(t["init_cos_to_input_last"]) == 1
+        for run in arms[name]["runs"]:
+            assert run["stable"] is False and run["unstable_reason"]
+    assert saved["replication"] == []  # no arm removes one stabilizer alone
 
 
 def test_layer_statistics(experiments):

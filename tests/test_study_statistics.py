@@ -143,3 +143,86 @@ def test_placement_paired_table_and_replication(experiments):
     results["tasks"]["learnt"]["gate_passed"] = False
     results["summary"] = module._summary(results, config)
     assert {e["verdict"] for e in module._replication(results, config)} == {"not resolved"}
+
+
+def _stab_group(name, lr, accs, *, stable, cos=0.9, uniformity=0.3):
+    runs = [
+        {
+            "seed": i,
+            "stable": ok,
+            "unstable_reason": None if ok else "non-finite loss, gradient or activation",
+            "test_accuracy": a,
+            "activation_growth": 2.0,
+            "layers_init": {
+                "cos_to_input": [1.0, cos],
+                "token_uniformity": [0.1, uniformity],
+                "rel_distance": [0.0, 0.5],
+            },
+        }
+        for i, (a, ok) in enumerate(zip(accs, stable, strict=True))
+    ]
+    summary = {
+        "test_accuracy": float(np.mean(accs)),
+        "max_grad_norm": 1.0,
+        "max_activation_rms": 1.0,
+        "loss_spikes": 0,
+        "non_finite_events": sum(not ok for ok in stable),
+        "non_finite_activation_runs": 0,
+    }
+    return {"name": name, "lr": lr, "runs": runs, "summary": summary}
+
+
+def test_stabilizer_criteria_thresholds_and_claims(experiments):
+    """A run's stability by the written criteria, the largest stable rate of a sweep, and
+    paper B's claims decided from them."""
+    module = experiments("studies/stabilizers")
+    assert module.instability([2.3] * 60, False, 0).startswith("final loss 2.3 not below 0.9")
+    assert module.instability([2.3] * 10 + [1.0] * 50, False, 0) is None
+    assert module.instability([2.3] * 10 + [1.0] * 50, False, 4).startswith("4 loss spikes")
+    assert module.instability([2.3], True, 0).startswith("non-finite")
+    assert module.largest_stable({1e-3: True, 1e-2: True, 1e-1: False}) == (1e-2, 1e-1)
+    # A stable rate above an unstable one does not count.
+    assert module.largest_stable({1e-3: True, 1e-2: False, 1e-1: True}) == (1e-3, 1e-2)
+    assert module.largest_stable({1e-3: False}) == (None, 1e-3)
+    assert module.largest_stable({1e-3: True}) == (1e-3, None)
+
+    ok = [True] * 3
+    groups = []
+    for lr, base_ok, nn_ok in (
+        (1e-3, ok, ok),
+        (1e-2, ok, [True, False, True]),
+        (1e-1, [False] * 3, [False] * 3),
+    ):
+        groups += [
+            _stab_group("residual + norm", lr, [0.90, 0.92, 0.91], stable=base_ok),
+            _stab_group("no residual", lr, [0.50, 0.55, 0.52], stable=ok, cos=0.1, uniformity=0.99),
+            _stab_group("no norm", lr, [0.88, 0.90, 0.89], stable=nn_ok),
+        ]
+    th = module.thresholds(groups)
+    assert th["residual + norm"]["largest_stable_lr"] == 1e-2
+    assert th["no norm"]["largest_stable_lr"] == 1e-3
+    assert th["no norm"]["first_unstable_lr"] == 1e-2
+    assert th["no residual"]["init_cos_to_input_last"] == [0.1] * 3
+    results = {
+        "thresholds": th,
+        "data": {"name": "digits"},
+        "gate_passed_by_lr": {"0.001": True, "0.01": True, "0.1": False},
+    }
+    entries = module.replication(results)
+    assert [e["id"] for e in entries] == ["B1", "B1", "B2"]
+    cos, acc, explosion = entries
+    assert cos["verdict"] == "holds" and cos["mean"] == pytest.approx(-0.8)
+    assert acc["verdict"] == "holds" and acc["mean"] == pytest.approx(-38.667, abs=1e-2)
+    assert (
+        explosion["verdict"] == "holds"
+        and "largest stable learning rate 0.001" in explosion["measured"]
+    )
+    # The no-norm arm as stable as the baseline: the explosion claim does not hold; the
+    # baseline's gate failed at its best rate: the accuracy claim is not resolved.
+    for g in groups:
+        if g["name"] == "no norm":
+            g["runs"] = [dict(r, stable=g["lr"] < 0.1) for r in g["runs"]]
+    results["thresholds"] = module.thresholds(groups)
+    results["gate_passed_by_lr"] = dict.fromkeys(results["gate_passed_by_lr"], False)
+    cos, acc, explosion = module.replication(results)
+    assert explosion["verdict"] == "does not hold" and acc["verdict"] == "not resolved"
