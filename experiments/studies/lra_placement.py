@@ -239,7 +239,7 @@ class Config:
     - `plans`: per-task generator, model and training (`TaskPlan`), by the task's label in
       `tasks`; a task without a plan uses `options`, `dim`, `num_heads`, `num_layers` and
       `train`.
-    - `arms`: the diffusion arms (`Arm`); `None`: every point of `points` at every scale of
+    - `arms`: the diffusion arms (`Arm`); empty: every point of `points` at every scale of
       `scales`.
     """
 
@@ -258,7 +258,7 @@ class Config:
     steps: int | None = None
     out: Path = Path("runs/lra_placement")
     plans: dict[str, TaskPlan] = dataclasses.field(default_factory=dict)
-    arms: tuple[Arm, ...] | None = None
+    arms: tuple[Arm, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.tasks) - set(OFFLINE_TASKS) - {"pathx"} - set(self.plans)
@@ -269,7 +269,7 @@ class Config:
             )
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1 or None; got {self.steps}.")
-        if self.arms is not None and len({a.name for a in self.arms}) != len(self.arms):
+        if len({a.name for a in self.arms}) != len(self.arms):
             raise ValueError(f"arms must have distinct names; got {[a.name for a in self.arms]}.")
 
     def training(self) -> TrainConfig:
@@ -490,7 +490,7 @@ def _arms(config: Config) -> list[tuple[str, Arm | None]]:
     if config.baseline_only:
         return arms
     chosen = config.arms
-    if chosen is None:
+    if not chosen:
         chosen = tuple(Arm(p, scale, d) for scale, d in config.scales for p in config.points)
     return arms + [(a.name, a) for a in chosen]
 

@@ -3,7 +3,8 @@
 Paper B (Zhang & Zhou, arXiv 2408.09523) reads the Transformer as a PDE whose residual
 connections and LayerNorm are stabilizers, and claims that without the residual the
 representations drift catastrophically and that without LayerNorm training is explosive.
-This script tests both claims on one small model trained on offline ListOps, in four arms:
+This script tests both claims on one small model trained on a task whose baseline passes
+the learning gate (the quick preset: the 8x8 digits), in four arms:
 
 - `residual + norm`: the standard pre-LN Transformer, `Discrete()`;
 - `no residual`: each sub-step replaces the state, `u <- A(N u)`, `u <- R(N' u)`
@@ -11,8 +12,11 @@ This script tests both claims on one small model trained on offline ListOps, in 
 - `no norm`: every norm of the field and the final norm are `Identity`;
 - `neither`: both.
 
-Each arm is trained at every learning rate of the config (a moderate one and a high one)
-from the same seeds. For each run it logs the loss and the gradient's global norm (before
+Each arm is trained at every learning rate of a sweep (the quick preset: eight rates from
+1e-4 to 0.3) from the same seeds, which turns the claims into measured thresholds: the
+largest stable learning rate per arm, under criteria written at the top of this script
+before any run of the sweep (`MAX_STABLE_SPIKES`, `LOSS_PROGRESS`, `DRIFT_COS_DROP`, ...).
+For each run it logs the loss and the gradient's global norm (before
 clipping) at every step, the activation norms on a fixed probe batch every few steps,
 non-finite events (a non-finite loss or gradient stops that run and is recorded; the
 experiment goes on) and loss spikes; and, at initialisation and after training, per-layer
@@ -20,12 +24,13 @@ statistics of the token states `u_l` (l = 0 the embedding): cosine similarity to
 `u_0`, relative distance `||u_l - u_0|| / ||u_0||`, RMS, the largest token norm, and token
 uniformity (mean pairwise cosine between the tokens of a sequence: 1 means rank collapse).
 
-    python experiments/studies/stabilizers.py                 # quick: minutes on a CPU
+    python experiments/studies/stabilizers.py                 # quick: ~25 min on 2 cores
     python experiments/studies/stabilizers.py --preset full   # deeper, longer: a GPU
     python experiments/studies/stabilizers.py --preset smoke  # seconds, for tests
 
-Writes `results.md`, `results.json` and `loss.png`, `grad_norm.png`, `activations.png`,
-`drift.png` into `--out` (default `runs/stabilizers`).
+Writes `results.md`, `results.json` (with the `thresholds` per arm and the `replication`
+entries of the site's table) and `loss.png`, `grad_norm.png`, `activations.png`,
+`drift.png`, `lr_sweep.png` into `--out` (default `runs/stabilizers`).
 """
 
 from __future__ import annotations
