@@ -787,7 +787,10 @@ def _replication(results: dict[str, Any], config: Config) -> list[dict[str, Any]
     the claimed side of zero with a Holm-corrected p-value at most `ALPHA`; does not hold:
     the same on the other side; not resolved otherwise). Only the tasks whose baseline
     passed the learning gate on every seed, controls excluded, count; without one, every
-    claim is not resolved."""
+    claim is not resolved. A1 and A2 use the Holm p-value across the arms; A3 (multi −
+    single, one row per point that has both) and A4 (the best after_embedding arm − the
+    best other arm; the pair is chosen by the same data, so read it as descriptive) use the
+    uncorrected p-value of their one comparison."""
     summary = results["summary"]
     tasks = summary["informative_tasks"]
     arms = [a for a in results["arms"] if a != "baseline"]
