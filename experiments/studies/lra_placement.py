@@ -25,14 +25,18 @@ Run: `python experiments/studies/lra_placement.py [--preset smoke|quick|full] [-
 [--steps N]` (every field of `Config` is a flag; `--help`).
 The quick preset (the default) runs three CPU-sized tasks whose baselines pass the learning
 gate, each with its own model and budget (`Config.quick`: about 20 minutes per task on two
-cores; the script prints its estimate); `--preset full` studies all five offline tasks at
-one size.
+cores; the script prints its estimate); `--preset full` studies all five with the LRA
+Transformer's per-task configurations (`lra.TASKS`) on the official data of `--data-dir`
+(offline stand-ins only with `--allow-stand-in`, and then labelled so), and `--dry-run`
+prints the runs' parameter counts, FLOPs and GPU hours as JSON without training
+(`lra.dry_run`; see docs/howto/lra-full-runs.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -49,6 +53,7 @@ import numpy as np  # noqa: E402
 import _cli  # noqa: E402
 import _common as common  # noqa: E402
 import _stats as stats  # noqa: E402
+import lra  # noqa: E402
 import pdeformer as pf  # noqa: E402
 import report  # noqa: E402
 from pdeformer.data import load_task  # noqa: E402
@@ -241,6 +246,15 @@ class Config:
       `train`.
     - `arms`: the diffusion arms (`Arm`); empty: every point of `points` at every scale of
       `scales`.
+    - `lra_configs`: use the LRA Transformer's configuration of each task (`lra.TASKS`: sizes,
+      dropout, pooling, MLP head, batch, schedule; `dim`, `num_heads`, `num_layers`,
+      `train` and `plans` are then unused, and `steps` keeps LRA's warm-up); needs `data_dir` unless
+      `allow_stand_in`, and arms of `pf.DiffusionLayer` only.
+    - `allow_stand_in`: with `lra_configs`, train on the offline stand-ins (`options`) when no
+      `data_dir` is given; the results say so.
+    - `max_length`: with `lra_configs`, cut inputs to this length instead of LRA's (a CPU check).
+    - `dry_run`: print `lra.dry_run`'s JSON for these tasks and arms and stop.
+    - `mfu`, `peak_tflops`: the dry run's assumed utilisation and peak per GPU.
     """
 
     tasks: tuple[str, ...]
@@ -259,6 +273,12 @@ class Config:
     out: Path = Path("runs/lra_placement")
     plans: dict[str, TaskPlan] = dataclasses.field(default_factory=dict)
     arms: tuple[Arm, ...] = ()
+    lra_configs: bool = False
+    allow_stand_in: bool = False
+    max_length: int | None = None
+    dry_run: bool = False
+    mfu: float = lra.DEFAULT_MFU
+    peak_tflops: float = lra.H100_BF16_DENSE_TFLOPS
 
     def __post_init__(self) -> None:
         unknown = set(self.tasks) - set(OFFLINE_TASKS) - {"pathx"} - set(self.plans)
@@ -272,13 +292,35 @@ class Config:
         if len({a.name for a in self.arms}) != len(self.arms):
             raise ValueError(f"arms must have distinct names; got {[a.name for a in self.arms]}.")
 
-    def training(self) -> TrainConfig:
-        """The training run of every arm (`train` with `steps` applied)."""
+    def lra_task(self, name: str) -> lra.LraTask:
+        """The LRA configuration of a task (by its name, or a loaded task's `name` such as
+        `pathfinder_generated`), with `max_length` applied."""
+        config = lra.TASKS[name.split("_")[0]]
+        if self.max_length is not None:
+            config = dataclasses.replace(config, max_length=self.max_length)
+        return config
+
+    def training(self, task=None) -> TrainConfig:
+        """The training run of every arm (`train` with `steps` applied); with `lra_configs`,
+        that of `task`'s (a `TaskData`, or a task name) LRA configuration."""
+        if self.lra_configs and task is not None:
+            name = task if isinstance(task, str) else task.name
+            return self.lra_task(name).train_config(self.steps, self.train.seed)
         return _with_steps(self.train, self.steps)
 
     def plan(self, name: str) -> TaskPlan:
         """The task `name`'s plan, with `steps` applied (the config's own settings where it
-        has no plan)."""
+        has no plan; with `lra_configs`, the task's LRA sizes and training)."""
+        if self.lra_configs:
+            c = self.lra_task(name)
+            return TaskPlan(
+                name,
+                dict(self.options.get(name, {})),
+                c.dim,
+                c.num_heads,
+                c.num_layers,
+                self.training(name),
+            )
         plan = self.plans.get(name)
         if plan is None:
             return TaskPlan(
@@ -369,7 +411,12 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        """LRA-length offline tasks, width 128, 4 layers, 5,000 steps, 3 seeds: for a GPU."""
+        """The five LRA tasks with the LRA Transformer's per-task configurations
+        (`lra.TASKS`), 3 seeds, on the official data of `--data-dir`: for a GPU.
+
+        Without `--data-dir` it refuses to run unless `--allow-stand-in` (then the
+        offline tasks at LRA-like lengths, labelled stand-in); `--dry-run` prices it.
+        """
         return cls(
             tasks=OFFLINE_TASKS,
             options=_offline_options("full"),
@@ -380,6 +427,8 @@ class Config:
             train=TrainConfig(
                 lr=1e-3, warmup_steps=500, total_steps=5000, batch_size=32, progress=False
             ),
+            eval_batch_size=32,
+            lra_configs=True,
         )
 
     @classmethod
@@ -408,9 +457,10 @@ class Config:
         )
 
 
-def _model(task, plan: TaskPlan, seed: int, arm: Arm | None):
+def _model(task, plan: TaskPlan, seed: int, arm: Arm | None, lra_config=None):
     """The baseline classifier (`arm=None`) or the same classifier with the arm's diffusion
-    layer at its point.
+    layer at its point: of `plan`'s sizes, or with `lra_config` (an `lra.LraTask`), that
+    configuration's model (dropout, pooling, MLP head; `pf.DiffusionLayer` arms only).
 
     The layers' keys are folded from the model key by insertion point, so adding a layer
     leaves every other weight as it is: every arm of a seed starts from the baseline's
@@ -419,6 +469,16 @@ def _model(task, plan: TaskPlan, seed: int, arm: Arm | None):
     their compute on every step, which at the quick sizes outweighs the compiles; the seeds
     of an arm share one compile.)
     """
+    if lra_config is not None:
+        splits = (task.train, task.val, task.test)
+        return lra_config.model(
+            key=jr.PRNGKey(seed),
+            vocab_size=task.vocab_size,
+            num_classes=task.num_classes,
+            max_len=max(int(s.tokens.shape[1]) for s in splits),
+            diffusion_at=() if arm is None else (arm.point,),
+            dilations=(1,) if arm is None else arm.dilations,
+        )
     cls = pf.DualClassifier if task.dual else pf.Classifier
     return cls(
         task.vocab_size,
@@ -521,12 +581,17 @@ def main(config: Config) -> dict[str, Any]:
 
     The results as written to `results.json`.
     """
+    if config.dry_run:
+        return _dry_run(config)
+    _check_lra_data(config)
     log = report.logger("lra_placement")
     out = config.out
     meta = report.meta(config)
     t_start = time.perf_counter()
     arms = _arms(config)
     results: dict[str, Any] = {"meta": meta, "tasks": {}, "arms": [a[0] for a in arms]}
+    if config.lra_configs:
+        results["lra"] = _lra_record(config)
     runs_per_task = len(arms) * len(config.seeds)
     total = len(config.tasks) * runs_per_task
     estimate, per_task = _estimate(config, runs_per_task)
@@ -546,10 +611,8 @@ def main(config: Config) -> dict[str, Any]:
     all_gates: dict[str, dict[str, Any]] = {}
     for name in config.tasks:
         plan = config.plan(name)
-        opts = {} if config.data_dir else dict(plan.options)
-        if not config.data_dir:
-            opts.setdefault("seed", 0)
-        task = load_task(plan.task, config.data_dir, **opts)
+        task = load_task(plan.task, config.data_dir, **_task_options(config, plan))
+        lra_config = config.lra_task(plan.task) if config.lra_configs else None
         log(f"{name} ({task.name}): {len(task.train)} train / {len(task.test)} test examples")
         t_task = time.perf_counter()
         entry: dict[str, Any] = {
@@ -561,6 +624,8 @@ def main(config: Config) -> dict[str, Any]:
             "train": report.describe(plan.train),
             "arms": {},
         }
+        if config.lra_configs:
+            entry["stand_in"] = config.data_dir is None
         gates: dict[str, Any] = {}
         for arm_name, arm in arms:
             record: dict[str, Any] = {
@@ -572,7 +637,7 @@ def main(config: Config) -> dict[str, Any]:
                 "alphas": [],
             }
             for seed in config.seeds:
-                model = _model(task, plan, seed, arm)
+                model = _model(task, plan, seed, arm, lra_config)
                 if arm is not None and record["alphas_init"] is None:
                     record["alphas_init"] = _alphas(model, arm.point).tolist()
                 train_config = dataclasses.replace(plan.train, seed=seed)
@@ -800,7 +865,8 @@ def _replication(results: dict[str, Any], config: Config) -> list[dict[str, Any]
     basis = (
         f"{', '.join(tasks) if tasks else 'no task passed the learning gate'}; "
         f"{seeds} paired seeds; "
-        + ("official data" if config.data_dir else "offline CPU-sized tasks, not LRA")
+        + ("official data" if config.data_dir else _stand_in_basis(config))
+        + ("; the LRA Transformer's per-task configurations" if config.lra_configs else "")
     )
     scale = "lra" if config.data_dir else "cpu"
     paired = summary["paired_on_informative_tasks"]
@@ -866,10 +932,105 @@ def _replication(results: dict[str, Any], config: Config) -> list[dict[str, Any]
     return entries
 
 
+def _stand_in_basis(config: Config) -> str:
+    if config.lra_configs:
+        return "offline STAND-IN data, not LRA"
+    return "offline CPU-sized tasks, not LRA"
+
+
 def _title(config: Config) -> str:
     if config.baseline_only:
-        return "Placement study budget: does the baseline learn each task?"
-    return "Diffusion layer placement study"
+        title = "Placement study budget: does the baseline learn each task?"
+    else:
+        title = "Diffusion layer placement study"
+    if config.lra_configs and config.data_dir is None:
+        title += " (STAND-IN DATA, not the LRA benchmark)"
+    return title
+
+
+def _task_options(config: Config, plan: TaskPlan) -> dict[str, Any]:
+    """`load_task` options: the official reader's (LRA's maximum length with `lra_configs`), or
+    the offline generator's (the plan's `options`, seed 0)."""
+    if config.data_dir:
+        return config.lra_task(plan.task).data_options() if config.lra_configs else {}
+    opts = dict(plan.options)
+    opts.setdefault("seed", 0)
+    return opts
+
+
+def _check_lra_data(config: Config) -> None:
+    """With `lra_configs`: every task has a configuration, and the data is official unless the
+    stand-ins were asked for."""
+    if not config.lra_configs:
+        return
+    missing = [t for t in config.tasks if t not in lra.TASKS]
+    if missing:
+        raise ValueError(
+            f"no LRA configuration for {missing}; with --lra-configs (--preset full) pass "
+            f"tasks of {tuple(lra.TASKS)}."
+        )
+    other = [a.name for a in config.arms if a.layer is not pf.DiffusionLayer]
+    if other:
+        raise ValueError(
+            f"the LRA configurations build pf.DiffusionLayer arms only; drop {other} or "
+            "leave --lra-configs off."
+        )
+    if config.data_dir is None and not config.allow_stand_in:
+        raise ValueError(
+            "--preset full trains the LRA configurations on the official data: pass "
+            "--data-dir DIR (see docs/howto/lra.md), or --allow-stand-in to train on the "
+            "offline stand-ins (the results are then labelled stand-in)."
+        )
+
+
+def _lra_setup_text(config: Config) -> str:
+    """The results page's sentence on the model and training with `lra_configs`."""
+    parts = []
+    for t in config.tasks:
+        c = config.lra_task(t)
+        steps = c.total_steps if config.steps is None else config.steps
+        parts.append(
+            f"{t}: {c.num_layers} layers, width {c.dim}, {c.num_heads} heads, FFN {c.mlp_dim}, "
+            f"dropout {c.dropout:g}/{c.attention_dropout:g}, {c.pooling} pooling, MLP head, "
+            f"{steps} steps, batch {c.batch_size}, lr {c.lr:g} ({c.schedule})"
+        )
+    data = "offline STAND-IN data" if config.data_dir is None else "the official data"
+    return (
+        "The LRA Transformer's per-task configurations (experiments/studies/lra.py), pre-LN, "
+        f"discrete mode, on {data}: " + "; ".join(parts) + "."
+    )
+
+
+def _lra_record(config: Config) -> dict[str, Any]:
+    """The LRA configurations used, and whether the data is a stand-in."""
+    return {
+        "stand_in": config.data_dir is None,
+        "configs": {t: dataclasses.asdict(config.lra_task(t)) for t in config.tasks},
+        "deviations_from_lra": list(lra.DEVIATIONS),
+    }
+
+
+def _dry_run(config: Config) -> dict[str, Any]:
+    """Print `lra.dry_run`'s JSON for the config's tasks, arms and seeds; train nothing."""
+    if not config.lra_configs:
+        raise ValueError(
+            "--dry-run prices the LRA configurations: pass --preset full (or --lra-configs)."
+        )
+    _check_lra_data(dataclasses.replace(config, allow_stand_in=True))
+    configs = {t: config.lra_task(t) for t in config.tasks}
+    arms = [(n, None, ()) if a is None else (n, a.point, a.dilations) for n, a in _arms(config)]
+    estimate = lra.dry_run(
+        config.tasks,
+        arms,
+        steps=config.steps,
+        seeds=len(config.seeds),
+        mfu=config.mfu,
+        peak_tflops=config.peak_tflops,
+        configs=configs,
+    )
+    estimate["data"] = "official" if config.data_dir else "stand-in"
+    print(json.dumps(estimate, indent=2))
+    return estimate
 
 
 def _rule_rows(results: dict[str, Any], tasks: list[str]) -> list[str]:
@@ -916,6 +1077,8 @@ def _markdown(results: dict[str, Any], config: Config) -> str:
         "",
         "Test accuracy in %, mean ± std over seeds.",
     ]
+    if config.lra_configs:
+        lines[0] = _lra_setup_text(config)
     if not config.baseline_only:
         lines.append(
             "Single scale: dilation 1; multi-scale: dilations 1, 2, 4, 8; adaptive: "

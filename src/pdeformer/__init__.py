@@ -42,6 +42,7 @@ from .operators import AbstractNorm as AbstractNorm
 from .operators import AdaptiveDiffusionLayer as AdaptiveDiffusionLayer
 from .operators import DiffusionLayer as DiffusionLayer
 from .operators import DiffusionOperator as DiffusionOperator
+from .operators import Dropout as Dropout
 from .operators import Identity as Identity
 from .operators import LayerNorm as LayerNorm
 from .operators import MultiHeadAttention as MultiHeadAttention

@@ -213,11 +213,18 @@ class ModelConfig:
     - `schedule`, `degree`, `composition`: how the weights depend on depth (a name of
       `SCHEDULES`; `degree` for `"polynomial"`) and how attention and reaction share a
       layer (a name of `COMPOSITIONS`); `field_options` maps them to objects.
+    - `pooling`, `positions`, `head`, `head_dim`: `"mean"` (`MeanPooling`) or `"cls"`
+      (`ClsPooling`); `"sinusoidal"` or `"learned"` positions (a table as long as the
+      task's longest sequence); the `Classifier`'s `"linear"` or `"mlp"` head (LRA's) and
+      the MLP head's width (`None`: the FFN width). A dual-input task (Retrieval) always
+      has LRA's matching MLP head, `head_dim` wide (`None`: `dim`).
+    - `dropout`, `attention_dropout`: the rates of `Dropout` (embedding, FFN hidden and
+      branch outputs; attention weights), active in training only.
 
     **Raises:**
 
-    `ValueError` for sizes below 1, `heads` not dividing `dim` or a negative `degree`,
-    saying what to pass.
+    `ValueError` for sizes below 1, `heads` not dividing `dim`, a negative `degree`, a
+    dropout rate outside `[0, 1)` or a `head_dim` with the linear head, saying what to pass.
     """
 
     dim: int = 64
@@ -246,8 +253,31 @@ class ModelConfig:
     composition: _CompositionName = "sequential"
     """sequential: attention then FFN on each half layer (the standard block); parallel:
     both at once."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """how the final states become one vector: the mean of the valid tokens, or a learned
+    CLS token's state (LRA's default)."""
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    """positional encoding: fixed sinusoids, or a learned table (LRA's Image config)."""
+    head: Literal["linear", "mlp"] = "linear"
+    """classifier head: one dense layer, or LRA's Dense(--head-dim) -> ReLU -> Dense."""
+    head_dim: int | None = None
+    """hidden width of the MLP head (None: the FFN width; for Retrieval's matching head,
+    --dim)."""
+    dropout: float = 0.0
+    """dropout rate on the embedding, the FFN's hidden activations and each branch's
+    output, in training (LRA: 0.1)."""
+    attention_dropout: float = 0.0
+    """dropout rate on the attention weights, in training (LRA: 0.1)."""
 
     def __post_init__(self) -> None:
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            _require(0 <= value < 1, f"{flag} must lie in [0, 1); got {value}. Pass e.g. 0.1.")
+        _require(
+            self.head_dim is None or self.head_dim >= 1,
+            f"--head-dim must be >= 1; got {self.head_dim}.",
+        )
         for name in ("dim", "heads", "layers"):
             value = getattr(self, name)
             _require(value >= 1, f"--{name} must be >= 1; got {value}.")
@@ -361,6 +391,8 @@ class OptimConfig:
 
     - `steps`, `batch_size`, `lr`, `warmup` (`None`: `min(100, steps // 10)`),
       `weight_decay`, `clip_norm`: AdamW with warm-up and cosine decay.
+    - `lr_schedule`, `b1`, `b2`, `eps`: the learning-rate schedule (`"cosine"` or LRA's
+      `"rsqrt"`, whose `lr` is a base factor; see `TrainConfig`) and Adam's constants.
     - `seed`: the seed of the data order.
     - `eval_every`, `checkpoint_every`: validate and checkpoint every so many steps (0:
       never, and only at the end).
@@ -378,6 +410,15 @@ class OptimConfig:
     """peak learning rate."""
     warmup: int | None = None
     """warm-up steps (None: min(100, steps//10))."""
+    lr_schedule: Literal["cosine", "rsqrt"] = "cosine"
+    """learning-rate schedule: cosine (warm-up to --lr, cosine decay) or rsqrt (LRA's:
+    lr * min(1, t/warmup) / sqrt(max(t, warmup)); --lr is then a base factor, e.g. 0.05)."""
+    b1: float = 0.9
+    """Adam's first-moment decay."""
+    b2: float = 0.999
+    """Adam's second-moment decay (LRA: 0.98)."""
+    eps: float = 1e-8
+    """Adam's epsilon (LRA: 1e-9)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     clip_norm: float = 1.0
@@ -393,10 +434,20 @@ class OptimConfig:
         _require(self.lr > 0, f"--lr must be > 0; got {self.lr}. Pass e.g. --lr 1e-3.")
         _require(self.steps >= 1, f"--steps must be >= 1; got {self.steps}.")
         _require(self.batch_size >= 1, f"--batch-size must be >= 1; got {self.batch_size}.")
-        _require(
-            self.warmup is None or 0 <= self.warmup <= self.steps,
-            f"--warmup must lie in [0, --steps={self.steps}]; got {self.warmup}.",
-        )
+        if self.lr_schedule == "rsqrt":
+            _require(
+                self.warmup is None or self.warmup >= 1,
+                f"--warmup must be >= 1 with --lr-schedule rsqrt; got {self.warmup}.",
+            )
+        else:
+            _require(
+                self.warmup is None or 0 <= self.warmup <= self.steps,
+                f"--warmup must lie in [0, --steps={self.steps}]; got {self.warmup}.",
+            )
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"--{name} must lie in [0, 1); got {value}.")
+        _require(self.eps > 0, f"--eps must be > 0; got {self.eps}. Pass e.g. 1e-8.")
         _require(self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}.")
         _require(
             self.clip_norm > 0,
@@ -420,10 +471,16 @@ class OptimConfig:
         from .training import TrainConfig
 
         warmup = min(100, self.steps // 10) if self.warmup is None else self.warmup
+        if self.lr_schedule == "rsqrt":
+            warmup = max(1, warmup)
         return TrainConfig(
             lr=self.lr,
             warmup_steps=warmup,
             total_steps=self.steps,
+            schedule=self.lr_schedule,
+            b1=self.b1,
+            b2=self.b2,
+            eps=self.eps,
             weight_decay=self.weight_decay,
             clip_norm=self.clip_norm,
             batch_size=self.batch_size,
@@ -930,9 +987,56 @@ def _convert_option(key: str, text: str, tp: Any) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
+def model_options(model_config: ModelConfig, *, dual: bool, max_len: int, key) -> dict[str, Any]:
+    """The model options named by a `ModelConfig`'s pooling, positions, head and dropout.
+
+    **Arguments:**
+
+    - `model_config`: the names of `--pooling`, `--positions`, `--head`, and
+      `--head-dim`, `--dropout`, `--attention-dropout`.
+    - `dual`: whether the model is a `DualClassifier` (its head is always LRA's matching
+      MLP head).
+    - `max_len`: the longest sequence a learned position table must cover.
+    - `key`: a JAX PRNG key for the CLS token and the position table.
+
+    **Returns:**
+
+    Keyword arguments of `Classifier` / `DualClassifier`: `pooling`, `positions` and
+    `dropout` where they differ from the defaults, `head` and `mlp_dim`.
+    """
+    from .models import ClsPooling, LearnedPositions
+    from .operators import Dropout
+
+    options: dict[str, Any] = {}
+    kc, kp = jax.random.split(key)
+    if model_config.pooling == "cls":
+        options["pooling"] = ClsPooling(model_config.dim, key=kc)
+    if model_config.positions == "learned":
+        options["positions"] = LearnedPositions(max_len, model_config.dim, key=kp)
+    dropout = Dropout(model_config.dropout, model_config.attention_dropout)
+    if dropout.active:
+        options["dropout"] = dropout
+    if dual:
+        options["mlp_dim"] = model_config.head_dim
+    else:
+        options["head"] = model_config.head
+        if model_config.head == "mlp":
+            hidden = 4 * model_config.dim if model_config.hidden is None else model_config.hidden
+            options["mlp_dim"] = hidden if model_config.head_dim is None else model_config.head_dim
+    return options
+
+
 def _build(data_config: DataConfig, model_config: ModelConfig):
     from .data import load_task
     from .models import Classifier, DualClassifier
+
+    if model_config.head_dim is not None and model_config.head == "linear":
+        dual = data_config.task == "retrieval"
+        _require(
+            dual,
+            f"--head-dim is the width of the MLP head; got --head-dim {model_config.head_dim} "
+            "with --head linear. Pass --head mlp, or drop --head-dim.",
+        )
 
     options = data_config.task_options()
     if data_config.data_dir is not None and not data_config.data_dir.is_dir():
@@ -941,6 +1045,18 @@ def _build(data_config: DataConfig, model_config: ModelConfig):
             "official data, or omit --data-dir to generate the task offline."
         )
     task = load_task(data_config.task, data_config.data_dir, **options)
+    # The longest padded sequence of any split: what a learned position table must cover.
+    max_len = max(
+        max(split.tokens.shape[1], 0 if split.tokens2 is None else split.tokens2.shape[1])
+        for split in (task.train, task.val, task.test)
+    )
+    # Keyed apart from the model's own key, so the options leave its other weights as they were.
+    extra = model_options(
+        model_config,
+        dual=task.dual,
+        max_len=int(max_len),
+        key=jax.random.fold_in(jax.random.PRNGKey(model_config.model_seed), 1),
+    )
     model = (DualClassifier if task.dual else Classifier)(
         task.vocab_size,
         model_config.dim,
@@ -954,6 +1070,7 @@ def _build(data_config: DataConfig, model_config: ModelConfig):
             model_config.diffusion_dilations, model_config.diffusion_adaptive
         ),
         **field_options(model_config),
+        **extra,
     )
     return task, model
 

@@ -25,11 +25,13 @@ from .operators import (
     AbstractNorm,
     DiffusionLayer,
     DiffusionOperator,
+    Dropout,
     LayerNorm,
     MultiHeadAttention,
     Reaction,
 )
 from .operators.attention import DEFAULT_BLOCK_SIZE
+from .operators.dropout import dropout
 from .placement import FIELD_POINTS, DiffusionFactory, check_points
 
 
@@ -57,6 +59,12 @@ class Block(eqx.Module):
     diffusion layers at the four branch insertion points, and the user's extra terms.
 
     A `Field` holds these stacked on a leading axis (one slice per depth node).
+
+    `dropout` (the rates, static) and `key` (the key of this piece's masks, set by the
+    field on the block of one piece, `None` in the stacked weights) switch on dropout: on
+    the attention weights, on the FFN's hidden activations, and on the output of each
+    branch (after its `after_attention` / `after_ffn` layer, before the extra terms are
+    added). Without a key the branches are deterministic.
     """
 
     attention_norm: AbstractNorm
@@ -70,6 +78,23 @@ class Block(eqx.Module):
     # None rather than an empty tuple when there are none: `()` is one shared object, which
     # `eqx.tree_at` (used by diffrax's BacksolveAdjoint on the whole term) cannot tell apart.
     terms: tuple[AbstractLayerTerm, ...] | None = None
+    dropout: Dropout | None = None
+    key: PRNGKeyArray | None = None
+
+    def _dropout_keys(self) -> tuple:
+        # Keys of the four masks: attention weights, attention output, FFN hidden, FFN output.
+        if self.key is None or self.dropout is None or not self.dropout.active:
+            return (None,) * 4
+        return tuple(jr.fold_in(self.key, i) for i in range(4))
+
+    def _rates(self) -> tuple[float, float]:
+        if self.dropout is None:
+            return 0.0, 0.0
+        return self.dropout.rate, self.dropout.attention_rate
+
+    def with_key(self, key: PRNGKeyArray | None) -> "Block":
+        """This block with `key` drawing its dropout masks (see above); `None` turns them off."""
+        return eqx.tree_at(lambda b: b.key, self, key, is_leaf=lambda x: x is None)
 
     def attention_signals(
         self,
@@ -78,9 +103,16 @@ class Block(eqx.Module):
     ) -> tuple[Float[Array, "*batch seq dim"], Float[Array, "*batch seq dim"]]:
         """The attention branch's inner signals: the normalised input `N(u)` (after the
         `before_norm` layer, before the `after_norm` layer) and the attention output (before
-        the `after_attention` layer)."""
+        the `after_attention` layer; with dropout on its weights where the block has a key)."""
         x = _token_wise(self.attention_norm, _per_sequence(self.before_norm, u, mask))
-        return x, self.attention(_per_sequence(self.after_norm, x, mask), mask)
+        _, attention_rate = self._rates()
+        out = self.attention(
+            _per_sequence(self.after_norm, x, mask),
+            mask,
+            dropout_rate=attention_rate,
+            key=self._dropout_keys()[0],
+        )
+        return x, out
 
     def attend(
         self,
@@ -88,13 +120,18 @@ class Block(eqx.Module):
         mask: Bool[Array, "*batch seq"] | None,
     ) -> Float[Array, "*batch seq dim"]:
         """The attention branch `A(N(u))`, with the `before_norm`, `after_norm` and
-        `after_attention` diffusion layers where set."""
+        `after_attention` diffusion layers where set, and dropout where the block has a key."""
         _, a = self.attention_signals(u, mask)
-        return _per_sequence(self.after_attention, a, mask)
+        rate, _ = self._rates()
+        return dropout(_per_sequence(self.after_attention, a, mask), rate, self._dropout_keys()[1])
 
     def reaction_signal(self, u: Float[Array, "*batch seq dim"]) -> Float[Array, "*batch seq dim"]:
-        """The FFN output `R(N'(u))` before the `after_ffn` layer."""
-        return self.reaction(_token_wise(self.reaction_norm, u))
+        """The FFN output `R(N'(u))` before the `after_ffn` layer (with dropout on its
+        hidden activations where the block has a key)."""
+        rate, _ = self._rates()
+        return self.reaction(
+            _token_wise(self.reaction_norm, u), dropout_rate=rate, key=self._dropout_keys()[2]
+        )
 
     def react(
         self,
@@ -102,8 +139,11 @@ class Block(eqx.Module):
         mask: Bool[Array, "*batch seq"] | None,
     ) -> Float[Array, "*batch seq dim"]:
         """The FFN branch `R(N'(u))` plus the extra terms, with the `after_ffn` diffusion
-        layer where set (`mask` is read by that layer and by the terms)."""
+        layer where set (`mask` is read by that layer and by the terms), the FFN output
+        dropped out where the block has a key."""
+        rate, _ = self._rates()
         r = _per_sequence(self.after_ffn, self.reaction_signal(u), mask)
+        r = dropout(r, rate, self._dropout_keys()[3])
         for term in self.terms or ():
             r = r + _per_sequence(term, u, mask)
         return r
@@ -422,6 +462,12 @@ class PieceRate(eqx.Module):
         field = self.field
         t = jnp.asarray(t)
         block = field.schedule.weights(field.blocks, t, self.layer)
+        if field.dropout_key is not None:
+            # The piece's masks follow from the solve's key, the period and the branch: the
+            # same at every evaluation on the piece (held fixed in depth), so the rate stays
+            # a deterministic function of (t, u) within one solve.
+            piece_key = jr.fold_in(jr.fold_in(field.dropout_key, self.layer), self.branch)
+            block = block.with_key(piece_key)
         if field.compute_dtype is None or field.compute_dtype == u.dtype:
             rate = field.composition.rate(block, self.branch, u, mask)
         else:
@@ -483,6 +529,9 @@ class Field(eqx.Module):
       depth node; default none.
     - `dtype`: the dtype of the weights (and so of the state they are trained with); a
       given `diffusion` operator is cast to it.
+    - `dropout`: a `Dropout` with the rates of dropout on the attention weights, the FFN's
+      hidden activations and each branch's output (LRA's Transformer); `None` (default) or
+      zero rates: none. Dropout acts only on a field given a key (`with_dropout_key`).
     - `compute_dtype`: mixed precision. `None` (default) computes the rate in the state's
       dtype; e.g. `jnp.bfloat16` evaluates the blocks (norms, attention, reaction and their
       diffusion layers) in that dtype, with weights kept in `dtype` and cast on use, norm
@@ -509,6 +558,7 @@ class Field(eqx.Module):
     composition: AbstractComposition
     num_layers: int = eqx.field(static=True)
     compute_dtype: np.dtype | None = eqx.field(static=True)
+    dropout_key: PRNGKeyArray | None = None
 
     def __init__(
         self,
@@ -528,10 +578,16 @@ class Field(eqx.Module):
         diffusion_at: tuple[str, ...] | str | None = (),
         diffusion_layer: DiffusionFactory = DiffusionLayer,
         terms: tuple[Callable[..., AbstractLayerTerm], ...] = (),
+        dropout: Dropout | None = None,
         dtype=jnp.float32,
         compute_dtype=None,
     ):
         points = check_points(diffusion_at, FIELD_POINTS)
+        if dropout is not None and not isinstance(dropout, Dropout):
+            raise ValueError(
+                f"dropout must be a Dropout (e.g. Dropout(rate=0.1, attention_rate=0.1)) or "
+                f"None; got {dropout!r}."
+            )
         if compute_dtype is not None:
             try:
                 compute_dtype = np.dtype(compute_dtype)
@@ -591,6 +647,7 @@ class Field(eqx.Module):
                 reaction_norm=norm(dim, dtype=dtype),
                 reaction=Reaction(dim, hidden, key=kr, activation=activation, dtype=dtype),
                 terms=extra or None,
+                dropout=dropout if dropout is not None and dropout.active else None,
                 **branches,
             )
 
@@ -606,6 +663,36 @@ class Field(eqx.Module):
         self.composition = composition
         self.num_layers = num_layers
         self.compute_dtype = compute_dtype
+        self.dropout_key = None
+
+    @property
+    def dropout(self) -> Dropout:
+        """The field's dropout rates (`Dropout(0, 0)` for a field built without)."""
+        return Dropout() if self.blocks.dropout is None else self.blocks.dropout
+
+    def with_dropout_key(self, key: PRNGKeyArray | None) -> "Field":
+        """This field with its dropout masks drawn from `key` (`None`: no dropout).
+
+        The masks of each smooth piece (`pieces()`) follow from `key`, the piece's period
+        and its branch, and are the same at every evaluation on the piece: within one solve
+        the masks are drawn once and held fixed in depth, and the rate is a deterministic
+        function of `(t, u)`, as an adaptive solver needs. With per-layer pieces (the
+        sequential composition, or any field cut into layers) each layer's branch has its
+        own masks; a field that is one smooth piece has one set for all depths. Every
+        integrator steps the same pieces, so `Discrete()` and
+        `Continuous(diffrax.Euler(), diffrax.ConstantStepSize(), dt0=field.discrete_step)`
+        drop the same entries. Pass a new key for every training step.
+
+        **Arguments:**
+
+        - `key`: a JAX PRNG key, or `None`.
+
+        **Returns:**
+
+        The field with the key set; nothing else changes (a field without dropout rates
+        ignores it).
+        """
+        return eqx.tree_at(lambda f: f.dropout_key, self, key, is_leaf=lambda x: x is None)
 
     @property
     def t1(self) -> float:

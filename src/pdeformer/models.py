@@ -11,7 +11,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .depth import AbstractDepth, DepthSolution, Discrete
 from .field import Field
-from .operators import AbstractNorm, DiffusionLayer, LayerNorm
+from .operators import AbstractNorm, DiffusionLayer, Dropout, LayerNorm
+from .operators.dropout import dropout as _dropout
 from .placement import ENCODER_POINTS, INSERTION_POINTS, DiffusionFactory, check_points
 
 # ---------------------------------------------------------------------------------------
@@ -168,6 +169,10 @@ class Encoder(eqx.Module):
       applied here, once; the others are passed to the `Field`. Default: none.
     - `diffusion_layer`: the layers' constructor, `diffusion_layer(dim, key=, dtype=)`;
       default `DiffusionLayer` (single scale).
+    - `dropout`: a `Dropout`, as in the LRA Transformer: `rate` on the initial state `u(0)`
+      (embedding plus positions, after pooling has prepared it: a CLS token is dropped out
+      too, as in LRA) and in the field (see `Field`), `attention_rate` on the attention
+      weights. Active only in a call with a `key`. `None` (default) or zero rates: none.
     - `**field_kwargs`: passed to `Field` (`schedule`, `composition`, `norm`, `activation`,
       `diffusion`, ...).
     """
@@ -179,6 +184,7 @@ class Encoder(eqx.Module):
     final_norm: AbstractNorm
     after_embedding: eqx.Module | None
     before_head: eqx.Module | None
+    dropout: Dropout | None = None
 
     def __init__(
         self,
@@ -194,6 +200,7 @@ class Encoder(eqx.Module):
         final_norm=LayerNorm,
         diffusion_at: tuple[str, ...] | str | None = (),
         diffusion_layer: DiffusionFactory = DiffusionLayer,
+        dropout: Dropout | None = None,
         dtype=jnp.float32,
         **field_kwargs,
     ):
@@ -213,8 +220,11 @@ class Encoder(eqx.Module):
             dtype=dtype,
             diffusion_at=tuple(p for p in points if p not in ENCODER_POINTS),
             diffusion_layer=diffusion_layer,
+            dropout=dropout,
             **field_kwargs,
         )
+        # None without any positive rate: the model is then the one built without dropout.
+        self.dropout = dropout if dropout is not None and dropout.active else None
         self.final_norm = final_norm(dim, dtype=dtype)
         # Keys folded in per point, so adding a point leaves the other weights as they were.
         kd = {p: jr.fold_in(key, 1 + INSERTION_POINTS.index(p)) for p in ENCODER_POINTS}
@@ -271,7 +281,10 @@ class Encoder(eqx.Module):
         - `mask`: `True` on valid tokens (valid first), or `None` for all valid.
         - `depth`: the integrator, `Discrete()` (default) or `Continuous(...)`.
         - `save_at`: depths at which to keep the states (see `AbstractDepth`).
-        - `key`: passed to the integrator (the probe of a `JacobianFrobenius` regulariser).
+        - `key`: for training: draws the dropout masks (where the encoder has dropout:
+          then split into the embedding's, the field's (`Field.with_dropout_key`) and the
+          rest) and is passed to the integrator (the probe of a `JacobianFrobenius`
+          regulariser). `None` (evaluation): no dropout.
 
         **Returns:**
 
@@ -280,7 +293,13 @@ class Encoder(eqx.Module):
         """
         depth = Discrete() if depth is None else depth
         u0, mask = self.embed(tokens, mask)
-        sol = depth(self.field, u0, mask, save_at=save_at, key=key)
+        field = self.field
+        if key is not None and self.dropout is not None:
+            # Split only with dropout, so that a model without it uses `key` as before.
+            key, embedding_key, field_key = jr.split(key, 3)
+            u0 = _dropout(u0, self.dropout.rate, embedding_key)
+            field = field.with_dropout_key(field_key)
+        sol = depth(field, u0, mask, save_at=save_at, key=key)
 
         def pool(u, m):
             if self.before_head is not None:
@@ -292,20 +311,37 @@ class Encoder(eqx.Module):
         return pool(sol.u, mask), sol
 
 
+HEADS = ("linear", "mlp")
+"""The heads `Classifier` builds: `"linear"` (one dense layer) or `"mlp"` (LRA's)."""
+
+
 class Classifier(eqx.Module):
-    """An `Encoder` with a linear head.
+    """An `Encoder` with a linear head, or LRA's MLP head.
 
     **Arguments:**
 
     - `vocab_size`, `dim`, `num_heads`, `num_layers`: sizes (see `Encoder`).
     - `num_classes`: number of output classes.
     - `key`: a JAX PRNG key.
+    - `head`: `"linear"` (default): `logits = x @ head_weight + head_bias` on the pooled
+      features `x`; `"mlp"`: the LRA Transformer's classifier head,
+      `Dense(mlp_dim) -> ReLU -> Dense(num_classes)` (`mlp_weight`, `mlp_bias`, then
+      `head_weight`, `head_bias`).
+    - `mlp_dim`: the hidden width of the `"mlp"` head (LRA uses the FFN width); default
+      `dim`. Only with `head="mlp"`.
     - `**encoder_kwargs`: passed to `Encoder`.
+
+    **Raises:**
+
+    `ValueError` for fewer than 2 classes, an unknown `head`, or an `mlp_dim` below 1 or
+    given with the linear head.
     """
 
     encoder: Encoder
-    head_weight: Float[Array, "dim classes"]
+    head_weight: Float[Array, "features classes"]
     head_bias: Float[Array, " classes"]
+    mlp_weight: Float[Array, "dim mlp"] | None = None
+    mlp_bias: Float[Array, " mlp"] | None = None
 
     def __init__(
         self,
@@ -316,17 +352,42 @@ class Classifier(eqx.Module):
         num_classes: int,
         *,
         key: PRNGKeyArray,
+        head: str = "linear",
+        mlp_dim: int | None = None,
         dtype=jnp.float32,
         **encoder_kwargs,
     ):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}; got head={head!r}.")
+        if head == "linear" and mlp_dim is not None:
+            raise ValueError(
+                f"mlp_dim is the hidden width of the MLP head; got mlp_dim={mlp_dim} with "
+                "head='linear'. Pass head='mlp', or leave mlp_dim out."
+            )
+        if mlp_dim is not None and mlp_dim < 1:
+            raise ValueError(f"mlp_dim must be >= 1; got {mlp_dim}.")
         ke, kh = jr.split(key)
         self.encoder = Encoder(
             vocab_size, dim, num_heads, num_layers, key=ke, dtype=dtype, **encoder_kwargs
         )
-        self.head_weight = jr.normal(kh, (dim, num_classes), dtype) / math.sqrt(dim)
+        features = dim
+        if head == "mlp":
+            mlp_dim = dim if mlp_dim is None else mlp_dim
+            km, kh = jr.split(kh)
+            self.mlp_weight = jr.normal(km, (dim, mlp_dim), dtype) / math.sqrt(dim)
+            self.mlp_bias = jnp.zeros((mlp_dim,), dtype)
+            features = mlp_dim
+        else:
+            self.mlp_weight = self.mlp_bias = None
+        self.head_weight = jr.normal(kh, (features, num_classes), dtype) / math.sqrt(features)
         self.head_bias = jnp.zeros((num_classes,), dtype)
+
+    @property
+    def head(self) -> str:
+        """The head's kind, `"linear"` or `"mlp"`."""
+        return "linear" if self.mlp_weight is None else "mlp"
 
     def __call__(
         self,
@@ -336,9 +397,11 @@ class Classifier(eqx.Module):
         depth: AbstractDepth | None = None,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*batch classes"], DepthSolution]:
-        """Class logits and the depth solution (see `Encoder.__call__`; `key` is passed to
-        the integrator)."""
+        """Class logits and the depth solution (see `Encoder.__call__`; `key` draws the
+        dropout masks, if any, and is passed to the integrator; the head has no dropout)."""
         features, sol = self.encoder(tokens, mask, depth=depth, key=key)
+        if self.mlp_weight is not None:
+            features = jax.nn.relu(features @ self.mlp_weight + self.mlp_bias)
         return features @ self.head_weight + self.head_bias, sol
 
 

@@ -10,6 +10,7 @@ from .diffusion import DiffusionOperator as DiffusionOperator
 from .diffusion import neumann_laplacian as neumann_laplacian
 from .diffusion_layer import AdaptiveDiffusionLayer as AdaptiveDiffusionLayer
 from .diffusion_layer import DiffusionLayer as DiffusionLayer
+from .dropout import Dropout as Dropout
 from .normalization import AbstractNorm as AbstractNorm
 from .normalization import Identity as Identity
 from .normalization import LayerNorm as LayerNorm

@@ -29,6 +29,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from .dropout import dropout
+
 IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "einsum")
 
 # jax.nn.dot_product_attention's cuDNN path (jax/_src/cudnn/fused_attention_stablehlo.py):
@@ -130,7 +132,7 @@ def _masked_value(dtype) -> Array:
     return jnp.asarray(-0.7 * float(jnp.finfo(dtype).max), dtype)
 
 
-def _einsum_attention(q, k, v, mask):
+def _einsum_attention(q, k, v, mask, dropout_rate=0.0, key=None):
     # Logits and softmax in at least float32 (half-precision inputs are cast explicitly,
     # so the backward pass mixes no dtypes); a no-op for float32 and float64.
     dtype = jnp.float32 if jnp.finfo(q.dtype).bits < 32 else q.dtype
@@ -140,6 +142,7 @@ def _einsum_attention(q, k, v, mask):
     if mask is not None:
         logits = jnp.where(mask[..., None, None, :], logits, _masked_value(logits.dtype))
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    weights = dropout(weights, dropout_rate, key)
     return jnp.einsum("...nts,...snh->...tnh", weights, v)
 
 
@@ -335,6 +338,8 @@ def attention(
     *,
     implementation: str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    dropout_rate: float = 0.0,
+    key: PRNGKeyArray | None = None,
 ) -> Float[Array, "*batch seq heads head_dim"]:
     """Softmax attention `softmax(q k^T / sqrt(head_dim)) v` per head, keys masked.
 
@@ -350,6 +355,11 @@ def attention(
       `jax.nn.dot_product_attention` takes its softmax in float32.
     - `block_size`: the most query rows per block of `"blockwise"` (any positive integer;
       the last block is zero-padded).
+    - `dropout_rate`: dropout on the attention weights (after the softmax), drawn from
+      `key`: one independent draw per (sequence, head, query, key). It needs the weights
+      themselves, so with a `key` and a positive rate the `"einsum"` path runs whatever
+      `implementation` says (memory `batch * heads * seq**2`, as in the LRA reference).
+    - `key`: the key of that dropout, or `None` (no dropout: evaluation).
 
     **Returns:**
 
@@ -362,6 +372,8 @@ def attention(
     _check_implementation(implementation)
     _check_attention_shapes(q, k, v, mask)
     *batch, seq, heads, head_dim = q.shape
+    if key is not None and dropout_rate > 0:
+        return _einsum_attention(q, k, v, mask, dropout_rate, key)
     if implementation is None:
         implementation = choose_implementation(
             _current_platform(), q.dtype, seq, head_dim, mask is not None
@@ -494,14 +506,28 @@ class MultiHeadAttention(eqx.Module):
         self.block_size = block_size
 
     def __call__(
-        self, u: Float[Array, "*batch seq dim"], mask: Bool[Array, "*batch seq"] | None = None
+        self,
+        u: Float[Array, "*batch seq dim"],
+        mask: Bool[Array, "*batch seq"] | None = None,
+        *,
+        dropout_rate: float = 0.0,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "*batch seq dim"]:
+        """The attention output on `u`; with a `key` and a positive `dropout_rate`, dropout
+        on the attention weights (see `attention`)."""
         *batch, seq, dim = u.shape
         head_dim = dim // self.num_heads
         qkv = dense(u, self.qkv_weight, self.qkv_bias)
         qkv = qkv.reshape(*batch, seq, 3, self.num_heads, head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         out = attention(
-            q, k, v, mask, implementation=self.implementation, block_size=self.block_size
+            q,
+            k,
+            v,
+            mask,
+            implementation=self.implementation,
+            block_size=self.block_size,
+            dropout_rate=dropout_rate,
+            key=key,
         )
         return dense(out.reshape(*batch, seq, dim), self.out_weight, self.out_bias)

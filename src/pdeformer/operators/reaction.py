@@ -9,6 +9,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .attention import _dense_init, dense
+from .dropout import dropout
 
 
 class Reaction(eqx.Module):
@@ -54,10 +55,19 @@ class Reaction(eqx.Module):
         self.b2 = jnp.zeros((dim,), dtype)
         self.activation = activation
 
-    def __call__(self, u: Float[Array, "*batch seq dim"]) -> Float[Array, "*batch seq dim"]:
+    def __call__(
+        self,
+        u: Float[Array, "*batch seq dim"],
+        *,
+        dropout_rate: float = 0.0,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "*batch seq dim"]:
+        """The MLP on every token of `u`; with a `key` and a positive `dropout_rate`,
+        dropout on the hidden activations (as in the LRA Transformer's MLP block)."""
         # Token-wise: any leading axes, flattened into one matmul (see `dense`).
         # The activation is rematerialised in the backward pass: reverse mode then keeps
         # only its input, not the several hidden-size intermediates of e.g. the tanh GELU,
         # which a scan over layers (or depth steps) would otherwise store and copy.
         hidden = jax.checkpoint(self.activation)(dense(u, self.w1, self.b1))
+        hidden = dropout(hidden, dropout_rate, key)
         return dense(hidden, self.w2, self.b2)

@@ -9,6 +9,7 @@ from ._parallel import DataParallel as DataParallel
 from ._parallel import to_host as to_host
 from ._train import CHECKPOINT_NAME as CHECKPOINT_NAME
 from ._train import METRICS_NAME as METRICS_NAME
+from ._train import SCHEDULES as SCHEDULES
 from ._train import CorruptCheckpointError as CorruptCheckpointError
 from ._train import Evaluation as Evaluation
 from ._train import NonFiniteLossError as NonFiniteLossError
@@ -16,8 +17,10 @@ from ._train import Optimizer as Optimizer
 from ._train import TrainConfig as TrainConfig
 from ._train import decay_mask as decay_mask
 from ._train import evaluate as evaluate
+from ._train import has_dropout as has_dropout
 from ._train import load_checkpoint as load_checkpoint
 from ._train import make_optimizer as make_optimizer
+from ._train import rsqrt_schedule as rsqrt_schedule
 from ._train import save_checkpoint as save_checkpoint
 from ._train import train as train
 from ._train import train_step as train_step
@@ -28,14 +31,17 @@ __all__ = [
     "CorruptCheckpointError",
     "DataParallel",
     "METRICS_NAME",
+    "SCHEDULES",
     "Evaluation",
     "NonFiniteLossError",
     "Optimizer",
     "TrainConfig",
     "decay_mask",
     "evaluate",
+    "has_dropout",
     "load_checkpoint",
     "make_optimizer",
+    "rsqrt_schedule",
     "save_checkpoint",
     "to_host",
     "train",

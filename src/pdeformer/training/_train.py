@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data import Batch, Split, TaskData, iterate_batches, iterate_forever
 from ..depth import AbstractDepth
+from ..operators import Dropout
 from ..regularisers import penalty
 from ._parallel import DataParallel, to_host
 
@@ -46,11 +47,20 @@ class TrainConfig:
 
     **Arguments:**
 
-    - `lr`: peak learning rate of AdamW.
-    - `warmup_steps`: linear warm-up from 0 to `lr` over this many steps.
+    - `lr`: peak learning rate of AdamW with the `"cosine"` schedule; the base factor of
+      the `"rsqrt"` schedule (its peak is `lr / sqrt(warmup_steps)`).
+    - `warmup_steps`: linear warm-up from 0 over this many steps (`"rsqrt"`: `>= 1`, and
+      it may exceed `total_steps`, as in LRA's Retrieval config).
     - `total_steps`: number of optimiser steps; the cosine decay reaches
       `lr * final_lr_fraction` here.
-    - `final_lr_fraction`: the learning rate at the end, as a fraction of `lr`.
+    - `final_lr_fraction`: the learning rate at the end, as a fraction of `lr` (`"cosine"`
+      only).
+    - `schedule`: the learning rate at step `t` (counted from 0), with `w = warmup_steps`:
+      `"cosine"` (default): `optax.warmup_cosine_decay_schedule`, linear warm-up to `lr`,
+      then cosine decay to `lr * final_lr_fraction` at `total_steps`; `"rsqrt"`: the LRA
+      Transformer's `lr * min(1, t / w) / sqrt(max(t, w))`.
+    - `b1`, `b2`, `eps`: Adam's moment decay rates and epsilon (defaults optax's, 0.9,
+      0.999, 1e-8; the LRA Transformer uses 0.9, 0.98, 1e-9).
     - `weight_decay`: AdamW's decoupled weight decay (matrices only, not biases, norms or
       vectors).
     - `clip_norm`: gradients are clipped to this global norm.
@@ -70,6 +80,10 @@ class TrainConfig:
     warmup_steps: int = 100
     total_steps: int = 1000
     final_lr_fraction: float = 0.0
+    schedule: Literal["cosine", "rsqrt"] = "cosine"
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     batch_size: int = 32
@@ -86,11 +100,25 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0; got lr={self.lr}. Pass e.g. lr=1e-3.")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1; got total_steps={self.total_steps}.")
-        if not 0 <= self.warmup_steps <= self.total_steps:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"schedule must be one of {SCHEDULES}; got schedule={self.schedule!r}."
+            )
+        if self.schedule == "rsqrt" and self.warmup_steps < 1:
+            raise ValueError(
+                "the rsqrt schedule divides by sqrt(max(t, warmup_steps)): warmup_steps must "
+                f"be >= 1; got warmup_steps={self.warmup_steps}. Pass e.g. 1000."
+            )
+        if self.schedule == "cosine" and not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(
                 f"warmup_steps must lie in [0, total_steps={self.total_steps}]; got "
                 f"warmup_steps={self.warmup_steps}."
             )
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1); got {name}={getattr(self, name)}.")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0; got eps={self.eps}. Pass e.g. 1e-8.")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"final_lr_fraction must lie in [0, 1]; got {self.final_lr_fraction}.")
         if self.weight_decay < 0:
@@ -110,6 +138,35 @@ class TrainConfig:
             raise ValueError(f"eval_batch_size must be >= 1 or None; got {self.eval_batch_size}.")
         if self.pad_to is not None and self.pad_to < 1:
             raise ValueError(f"pad_to must be >= 1 or None; got {self.pad_to}.")
+
+
+SCHEDULES = ("cosine", "rsqrt")
+"""The learning-rate schedules `TrainConfig.schedule` names."""
+
+
+def rsqrt_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
+    """The LRA Transformer's schedule (its `factors="constant * linear_warmup *
+    rsqrt_decay"`): `lr * min(1, t / w) / sqrt(max(t, w))` at step `t`, `w = warmup_steps`.
+
+    **Arguments:**
+
+    - `lr`: the base factor (LRA's `learning_rate`, e.g. 0.05; the peak, at `t = w`, is
+      `lr / sqrt(w)`).
+    - `warmup_steps`: `w >= 1`.
+
+    **Returns:**
+
+    A function of the step (an int or an integer array) returning the learning rate.
+    """
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be >= 1; got {warmup_steps}.")
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        w = jnp.asarray(warmup_steps, jnp.float32)
+        return lr * jnp.minimum(1.0, t / w) / jnp.sqrt(jnp.maximum(t, w))
+
+    return schedule
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -150,7 +207,8 @@ class Evaluation:
 
 
 class Optimizer(eqx.Module):
-    """AdamW with linear warm-up and cosine decay, after clipping by the global norm.
+    """AdamW with a learning-rate schedule (linear warm-up and cosine decay, or LRA's
+    rsqrt), after clipping by the global norm.
 
     It behaves as an `optax.GradientTransformation` (`init`, `update`). Its hyperparameters
     are static and compared by value, so a jitted `train_step` compiles once for equal
@@ -165,9 +223,15 @@ class Optimizer(eqx.Module):
     final_lr_fraction: float = eqx.field(static=True)
     weight_decay: float = eqx.field(static=True)
     clip_norm: float = eqx.field(static=True)
+    schedule_name: str = eqx.field(static=True, default="cosine")
+    b1: float = eqx.field(static=True, default=0.9)
+    b2: float = eqx.field(static=True, default=0.999)
+    eps: float = eqx.field(static=True, default=1e-8)
 
     def schedule(self) -> optax.Schedule:
-        """The learning rate as a function of the step."""
+        """The learning rate as a function of the step (see `TrainConfig.schedule`)."""
+        if self.schedule_name == "rsqrt":
+            return rsqrt_schedule(self.lr, self.warmup_steps)
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=self.lr,
@@ -179,7 +243,14 @@ class Optimizer(eqx.Module):
     def _transform(self) -> optax.GradientTransformation:
         return optax.chain(
             optax.clip_by_global_norm(self.clip_norm),
-            optax.adamw(self.schedule(), weight_decay=self.weight_decay, mask=decay_mask),
+            optax.adamw(
+                self.schedule(),
+                b1=self.b1,
+                b2=self.b2,
+                eps=self.eps,
+                weight_decay=self.weight_decay,
+                mask=decay_mask,
+            ),
         )
 
     def init(self, params) -> optax.OptState:
@@ -221,12 +292,12 @@ def _schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig) -> Optimizer:
-    """AdamW with linear warm-up and cosine decay, after `optax.clip_by_global_norm`.
+    """AdamW with the config's learning-rate schedule, after `optax.clip_by_global_norm`.
 
     **Arguments:**
 
     - `config`: a `TrainConfig` (`lr`, `warmup_steps`, `total_steps`, `final_lr_fraction`,
-      `weight_decay`, `clip_norm`).
+      `schedule`, `b1`, `b2`, `eps`, `weight_decay`, `clip_norm`).
 
     **Returns:**
 
@@ -240,7 +311,18 @@ def make_optimizer(config: TrainConfig) -> Optimizer:
         final_lr_fraction=float(config.final_lr_fraction),
         weight_decay=float(config.weight_decay),
         clip_norm=float(config.clip_norm),
+        schedule_name=str(config.schedule),
+        b1=float(config.b1),
+        b2=float(config.b2),
+        eps=float(config.eps),
     )
+
+
+def has_dropout(model: eqx.Module) -> bool:
+    """Whether `model` holds a `Dropout` with a positive rate (e.g. an `Encoder` built with
+    `dropout=Dropout(0.1, 0.1)`): `train` then passes it a fresh `key` every step."""
+    is_dropout = lambda x: isinstance(x, Dropout)
+    return any(is_dropout(x) and x.active for x in jax.tree.leaves(model, is_leaf=is_dropout))
 
 
 def _inputs(batch: Batch) -> tuple[jax.Array, ...]:
@@ -294,8 +376,9 @@ def train_step(
       argument: a new tolerance does not recompile, a new solver type does.
     - `optimizer`: e.g. `make_optimizer(config)` (static; an `Optimizer` is compared by its
       settings, a plain optax transformation by identity).
-    - `key`: passed to the model's solve (the probe of a `JacobianFrobenius` regulariser);
-      a new one each step. The loss includes the integrator's regularisers, if any.
+    - `key`: passed to the model (its dropout masks, where it has dropout, and the probe
+      of a `JacobianFrobenius` regulariser); a new one each step. The loss includes the
+      integrator's regularisers, if any.
 
     **Returns:**
 
@@ -735,6 +818,10 @@ def train(
     `resume=False` always starts afresh, replacing the log and checkpoints in `out_dir`.
     Temporary files left by a kill during a write are removed when training starts.
 
+    A model with dropout (`has_dropout`) is called with a fresh key every step,
+    `jax.random.fold_in(jax.random.PRNGKey(config.seed), step)` (so a resumed run draws the
+    same masks); the validation passes no key (no dropout).
+
     With `parallel=DataParallel(...)` the model and optimiser state are replicated on its
     devices and every batch is split over them: the same steps, losses and parameters as on
     one device up to the order of floating-point sums (a continuous solve takes the same
@@ -829,10 +916,10 @@ def train(
                 save_checkpoint(out, saved_model, saved_state, step, config, extra=extra)
             last_checkpoint = step
 
-    # Keys of what a solve holds fixed in depth (regularisers' probes), one per step, drawn
-    # only for an integrator that needs them.
+    # Keys of what a solve holds fixed in depth (dropout masks, regularisers' probes), one
+    # per step, drawn only for a model or an integrator that needs them.
     probe_key = jax.random.PRNGKey(config.seed)
-    needs_key = any(r.uses_probe for r in getattr(depth, "regularisers", ()))
+    needs_key = has_dropout(model) or any(r.uses_probe for r in getattr(depth, "regularisers", ()))
     progress = tqdm(
         total=config.total_steps,
         initial=start,
