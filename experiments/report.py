@@ -352,6 +352,39 @@ def save_figure(fig, path: Path, log: Callable[[str], None]) -> None:
     log(f"wrote {path}")
 
 
+VERDICTS = ("holds", "does not hold", "not resolved")
+"""The verdicts of a claim in the replication table (`docs/hooks/replication.py`)."""
+
+
+def claim_verdict(
+    low: float,
+    high: float,
+    threshold: float,
+    direction: str,
+    p: float | None = None,
+    alpha: float = 0.05,
+) -> str:
+    """The verdict on a claim that a quantity lies `direction` (`"above"` or `"below"`)
+    `threshold`, from the measured 95% interval `[low, high]`.
+
+    `holds`: the whole interval lies on the claimed side of the threshold; `does not hold`:
+    the whole interval lies on the other side; `not resolved`: the interval contains the
+    threshold. Where a (multiplicity-corrected) p-value `p` is given, a verdict other than
+    `not resolved` also needs `p <= alpha`.
+    """
+    if direction not in ("above", "below"):
+        raise ValueError(f"direction must be 'above' or 'below'; got {direction!r}.")
+    if low > high:
+        raise ValueError(f"need low <= high; got [{low}, {high}].")
+    significant = p is None or p <= alpha
+    above, below = low > threshold, high < threshold
+    if significant and (above if direction == "above" else below):
+        return "holds"
+    if significant and (below if direction == "above" else above):
+        return "does not hold"
+    return "not resolved"
+
+
 def fmt(x: float | None, digits: int = 3) -> str:
     """A number for a Markdown table (`-` for a missing or non-finite one)."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):

@@ -283,3 +283,22 @@ def test_jit_grad_and_vmap(getkey):
         DiffusionLayer(4, dilations=(1, 2))
     )
     assert bool(jnp.all(jnp.isfinite(g2.operator.theta)))
+
+
+@pytest.mark.parametrize("dilations", [(1,), (1, 2), (1, 2, 4, 8)])
+def test_every_variant_starts_from_the_same_total_coefficient(dilations, getkey):
+    """Single-scale, multi-scale and token-adaptive layers start with the same total
+    coefficient `init` (0.1 by default), split evenly over the dilations (0.025 each for four
+    scales): the placement study compares variants under one budget and one starting
+    strength. The adaptive layer's conductance at zero gate input is the same split."""
+    layer = DiffusionLayer(6, dilations=dilations)
+    coef = np.asarray(layer.coefficients())
+    np.testing.assert_allclose(coef.sum(axis=0), 0.1, rtol=1e-6)
+    np.testing.assert_allclose(coef, 0.1 / len(dilations), rtol=1e-6)
+    adaptive = AdaptiveDiffusionLayer(6, dilations=dilations, key=getkey())
+    at_zero = np.asarray(adaptive.max_conductances() * jax.nn.sigmoid(adaptive.gate_bias))
+    np.testing.assert_allclose(at_zero, 0.1 / len(dilations), rtol=1e-6)
+    # On a constant-plus-linear input with W = 0 both layers give the same update.
+    u = jnp.outer(jnp.arange(9.0), jnp.ones(6))
+    zero_gate = eqx.tree_at(lambda m: m.gate_weight, adaptive, jnp.zeros((6, 6)))
+    np.testing.assert_allclose(zero_gate(u), layer(u), atol=1e-6)

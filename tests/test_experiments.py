@@ -230,12 +230,24 @@ def test_stabilizers_smoke(experiments, tmp_path, monkeypatch):
     assert "## Did the paper's claims hold in our runs?" in md
     # The learning gate of the baseline, per rate and seed, at the top; three steps learn
     # nothing, so no claim is assessed.
-    assert saved["gate_passed"] is False and saved["gate_passed_by_lr"] == {"0.003": False}
+    assert saved["gate_passed"] is False
+    assert saved["gate_passed_by_lr"] == {"0.003": False, "0.3": False}
     assert "Learning gate (baseline 'residual + norm')" in md.split("\n\n## ", 1)[0]
     assert "not assessed: the baseline failed the learning gate" in md
-    # ListOps: the outermost-operator rule beside the majority class.
+    # The digits: the majority class is the one trivial rule.
     rules = {r["name"] for r in base["runs"][0]["gate"]["rules"]}
-    assert rules == {"majority class", "outermost operator"}
+    assert rules == {"majority class"}
+    # The sweep's thresholds, for every arm including the baseline: three steps end no
+    # better than they started, so no rate is stable.
+    assert (tmp_path / "lr_sweep.png").is_file() and "## Stability thresholds" in md
+    for name in ("residual + norm", "neither"):
+        t = saved["thresholds"][name]
+        assert set(t["stable_by_lr"]) == {"0.003", "0.3"}
+        assert t["largest_stable_lr"] is None and t["first_unstable_lr"] == 0.003
+        assert len(t["init_cos_to_input_last"]) == 1
+        for run in arms[name]["runs"]:
+            assert run["stable"] is False and run["unstable_reason"]
+    assert saved["replication"] == []  # no arm removes one stabilizer alone
 
 
 def test_layer_statistics(experiments):
@@ -270,33 +282,56 @@ def test_count_spikes(experiments):
 
 
 def test_lra_placement_smoke(experiments, tmp_path, monkeypatch):
-    """The placement study on a tiny dual-input task: baseline plus three points."""
+    """The placement study on a tiny dual-input task and a tiny control task: baseline plus
+    three arms (one token-adaptive), two paired seeds, learning curves."""
     module = experiments("studies/lra_placement")
     results = _run(module, tmp_path, monkeypatch)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert (tmp_path / "placement.png").is_file()
+    assert (tmp_path / "placement.png").is_file() and (tmp_path / "curves.png").is_file()
     assert saved["arms"] == [
         "baseline",
         "after_embedding (multi)",
-        "after_attention (multi)",
+        "after_embedding (adaptive)",
         "between_layers (multi)",
     ]
-    (task,) = saved["tasks"].values()
+    assert list(saved["tasks"]) == ["retrieval", "flat"]
+    task, flat = saved["tasks"]["retrieval"], saved["tasks"]["flat"]
+    assert flat["control"] and not task["control"] and flat["loader"] == "listops"
     for arm in saved["arms"]:
         accs = task["arms"][arm]["accuracy"]
-        assert len(accs) == 1 and 0.0 <= accs[0] <= 1.0
+        assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+        # Validation after each of the two steps: one curve per seed.
+        assert task["arms"][arm]["curve_steps"] == [1, 2]
+        assert [len(c) for c in task["arms"][arm]["curves"]] == [2, 2]
+    # Same total coefficient for every variant at initialisation (0.1), split over scales.
+    for arm in saved["arms"][1:]:
+        init = task["arms"][arm]["alphas_init"]
+        assert sum(sum(r) if isinstance(r, list) else r for r in init) == pytest.approx(
+            0.1 * (1 if arm.startswith("after_embedding") else len(init)), rel=1e-5
+        )
+        assert len(task["arms"][arm]["alphas"]) == 2
+    # Paired changes with intervals and Holm p-values, final and over the curve.
+    for arm in saved["arms"][1:]:
+        for key in ("final", "curve"):
+            p = task["paired"][arm][key]
+            assert p["n"] == 2 and p["low"] <= p["mean"] <= p["high"]
+            assert p["p"] <= p["p_holm"] <= 1.0
     rough = task["baseline_diagnostics"]["roughness"]
     assert set(rough) == set(module.pf.INSERTION_POINTS)
     assert _finite(task["baseline_diagnostics"]["commutator_layer0"])
     assert set(results["summary"]["delta_points_vs_baseline"]) == set(saved["arms"][1:])
     md = (tmp_path / "results.md").read_text()
-    assert "| baseline |" in md and "after_embedding helps most" in md
-    assert "| *majority class* |" in md and "## Does the baseline learn each task?" in md
+    assert "| baseline |" in md and "## The papers' claims in this run" in md
+    assert "| *majority class (rule)* |" in md and "| *outermost operator (rule)* |" in md
+    assert "## Does the baseline learn each task?" in md and "## Learning curves" in md
+    assert "## Paired changes from the baseline, per task" in md
     # The learning gate of the baseline: computed per seed, recorded, shown at the top.
-    assert isinstance(saved["gate_passed"], bool) and set(task["gate"]) == {"seed 0"}
-    assert "| *best trivial rule* |" in md and "## Learning gate: " in md
+    assert isinstance(saved["gate_passed"], bool) and set(task["gate"]) == {"seed 0", "seed 1"}
+    assert "## Learning gate: " in md
     assert "Learning gate (baseline, every seed)" in md.split("\n\n## ", 1)[0]
-    assert set(results["summary"]["delta_standard_error_points"]) == set(saved["arms"][1:])
+    # Two smoke steps learn nothing: every measured claim is not resolved.
+    assert [e["id"] for e in saved["replication"]] == ["A4"]
+    assert all(e["verdict"] == "not resolved" for e in saved["replication"])
 
 
 def test_lra_placement_baseline_only(experiments, tmp_path, monkeypatch):
@@ -362,27 +397,33 @@ def test_lra_placement_arms_share_the_baseline_weights(experiments):
 
     module = experiments("studies/lra_placement")
     config = module.Config.smoke()
-    task = module.load_task("listops", **config.options["listops"], seed=0)
-    base = module._model(task, config, 0, (), None)
+    plan = config.plan("flat")
+    task = module.load_task("listops", **plan.options, seed=0)
+    base = module._model(task, plan, 0, None)
     plain = module.pf.Classifier(
         task.vocab_size,
-        config.dim,
-        config.num_heads,
-        config.num_layers,
+        plan.dim,
+        plan.num_heads,
+        plan.num_layers,
         task.num_classes,
         key=jr.PRNGKey(0),
     )
     leaves = lambda m: jax.tree.leaves(eqx.filter(m, eqx.is_array))
     assert all(jnp.array_equal(a, b) for a, b in zip(leaves(base), leaves(plain), strict=True))
     for point in ("after_embedding", "after_attention", "between_layers", "before_head"):
-        arm = module._model(task, config, 0, (1, 2), point)
-        assert arm.encoder.diffusion_at == (point,)
-        assert module._coefficient_sum(arm, point) > 0
-        # Remove the one layer: what is left is the baseline, weight for weight.
-        layer = module._layer(arm, point)
-        rest = [x for x in leaves(arm) if not any(x is y for y in leaves(layer))]
-        assert len(rest) == len(leaves(base))
-        assert all(jnp.array_equal(a, b) for a, b in zip(rest, leaves(base), strict=True))
+        for arm in (
+            module.Arm(point, "multi", (1, 2)),
+            module.Arm(point, "adaptive", (1,), module.pf.AdaptiveDiffusionLayer),
+        ):
+            model = module._model(task, plan, 0, arm)
+            assert model.encoder.diffusion_at == (point,)
+            # Every variant starts from the same total coefficient, 0.1.
+            assert module._coefficient_sum(model, point) == pytest.approx(0.1, rel=1e-5)
+            # Remove the one layer: what is left is the baseline, weight for weight.
+            layer = module._layer(model, point)
+            rest = [x for x in leaves(model) if not any(x is y for y in leaves(layer))]
+            assert len(rest) == len(leaves(base))
+            assert all(jnp.array_equal(a, b) for a, b in zip(rest, leaves(base), strict=True))
 
 
 def test_lra_placement_refuses_unknown_tasks(experiments):

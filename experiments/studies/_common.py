@@ -404,6 +404,7 @@ def data_summary(task: TaskData) -> dict[str, Any]:
     most frequent test label (the floor a model must beat)."""
     counts = np.bincount(np.asarray(task.test.labels), minlength=task.num_classes)
     return {
+        "name": task.name,
         "description": task.description,
         "num_train": len(task.train),
         "num_val": len(task.val),

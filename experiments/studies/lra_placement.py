@@ -1,25 +1,31 @@
-"""The diffusion layer's placement study: baseline vs each of the seven insertion points.
+"""The diffusion layer's placement study: baseline vs diffusion layers at insertion points.
 
-For every available LRA task (the offline tasks by default; the official data with
-`--data-dir`), train the baseline Transformer and the same Transformer with a diffusion
-layer at each insertion point, single-scale (dilation 1) and multi-scale (dilations
-1, 2, 4, 8), over several seeds, all in discrete mode (the papers' setting), and report
-test accuracy as mean ± std in a table shaped like the paper's per-position table. Every
-arm of one seed starts from the same Transformer weights (adding a point leaves the other
-weights unchanged), and sees the same data in the same order.
+For every task (the offline tasks by default; the official data with `--data-dir`), train
+the baseline Transformer and the same Transformer with one diffusion layer at an insertion
+point, over several seeds, all in discrete mode (the papers' setting). Every arm of one seed
+starts from the baseline's initialisation (adding a layer leaves the other weights
+unchanged: the layers' keys are folded from the model key by insertion point) and sees the
+same batches in the same order, so the unit of analysis is the per-seed paired difference
+`arm − baseline`: its mean, 95% t-interval and Holm-corrected p-value across the arms of a
+task (`_stats.py`), for the final test accuracy and for the mean validation accuracy over
+the learning curve (validation every `train.eval_every` steps), which tells faster
+learning from a better final model. The learned coefficients per scale are recorded.
 
 Also recorded, for the trained baseline: the roughness of the signal at each point
 (`pdeformer.diagnostics.roughness_at_points`) and the diffusion–attention commutator of
 its first layer, the quantities the placement argument is about.
 
-Writes `results.md`, `results.json` and `placement.png` into `--out`
-(default `runs/lra_placement/`).
+Writes `results.md`, `results.json`, `placement.png` and `curves.png` into `--out`
+(default `runs/lra_placement/`). `results.json` carries a `replication` list, one entry per
+claim of paper A this run measures, that the site's replication table
+(`docs/hooks/replication.py`) shows on the theory page.
 
 Run: `python experiments/studies/lra_placement.py [--preset smoke|quick|full] [--out DIR]
 [--tasks listops text ...] [--data-dir DIR] [--seeds 0 1 ...] [--baseline-only]
 [--steps N]` (every field of `Config` is a flag; `--help`).
-The quick preset (the default, minutes on a 2-core CPU) studies the two offline tasks its
-budget learns, ListOps and the 8x8 digits; `--preset full` studies all five with the LRA
+The quick preset (the default) runs three CPU-sized tasks whose baselines pass the learning
+gate, each with its own model and budget (`Config.quick`: about 20 minutes per task on two
+cores; the script prints its estimate); `--preset full` studies all five with the LRA
 Transformer's per-task configurations (`lra.TASKS`) on the official data of `--data-dir`
 (offline stand-ins only with `--allow-stand-in`, and then labelled so), and `--dry-run`
 prints the runs' parameter counts, FLOPs and GPU hours as JSON without training
@@ -39,21 +45,150 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: report, _cli
 
 import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _cli  # noqa: E402
 import _common as common  # noqa: E402
+import _stats as stats  # noqa: E402
 import lra  # noqa: E402
 import pdeformer as pf  # noqa: E402
 import report  # noqa: E402
 from pdeformer.data import load_task  # noqa: E402
 from pdeformer.diagnostics import model_commutator, roughness_at_points  # noqa: E402
-from pdeformer.training import TrainConfig, evaluate, train  # noqa: E402
+from pdeformer.training import TrainConfig, evaluate, final_train_loss, train  # noqa: E402
 
 SCALES = {"single": (1,), "multi": (1, 2, 4, 8)}
 OFFLINE_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
+
+ALPHA = 0.05
+"""Family-wise error rate of each task's family of arms (Holm): a change is *resolved* when
+its Holm-adjusted p-value is at most this."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One diffusion arm: a layer variant at one insertion point.
+
+    Every variant is built as `layer(dim, dilations=dilations, key=..., dtype=...)` with the
+    library's initial total coefficient (`init=0.1`, split evenly over the dilations), so
+    single-scale, multi-scale and token-adaptive layers start with the same total
+    coefficient `sum_s alpha_s = 0.1` under the same budget `alpha_max = 0.45`
+    (`tests/test_diffusion_layer.py` checks it).
+
+    **Arguments:**
+
+    - `point`: the insertion point (`pf.INSERTION_POINTS`).
+    - `scale`: the variant's label, e.g. `single`, `multi`, `adaptive`.
+    - `dilations`: the stencil reaches.
+    - `layer`: `pf.DiffusionLayer` (constant coefficients per channel) or
+      `pf.AdaptiveDiffusionLayer` (token-adaptive conductances).
+    """
+
+    point: str
+    scale: str
+    dilations: tuple[int, ...] = (1,)
+    layer: type[eqx.Module] = pf.DiffusionLayer
+
+    def __post_init__(self) -> None:
+        if self.point not in pf.INSERTION_POINTS:
+            raise ValueError(
+                f"unknown insertion point {self.point!r}; pass one of {pf.INSERTION_POINTS}."
+            )
+
+    @property
+    def name(self) -> str:
+        """E.g. `after_embedding (single)`."""
+        return f"{self.point} ({self.scale})"
+
+    def factory(self) -> pf.DiffusionFactory:
+        """The layers' constructor for `Classifier(diffusion_layer=...)`."""
+        return functools.partial(self.layer, dilations=self.dilations)
+
+
+QUICK_ARMS = (
+    Arm("after_embedding", "single", SCALES["single"]),
+    Arm("after_embedding", "multi", SCALES["multi"]),
+    Arm("after_embedding", "adaptive", SCALES["single"], pf.AdaptiveDiffusionLayer),
+    Arm("before_norm", "single", SCALES["single"]),
+    Arm("after_attention", "single", SCALES["single"]),
+    Arm("after_attention", "multi", SCALES["multi"]),
+)
+"""The quick preset's arms: the paper's best point in three variants, its worst in two, and
+the early branch point that did best in the first quick study."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPlan:
+    """A task of the study with its own generator settings, model and training.
+
+    **Arguments:**
+
+    - `task`: the `load_task` name.
+    - `options`: `load_task` options (the offline generator's settings).
+    - `dim`, `num_heads`, `num_layers`: model sizes.
+    - `train`: the training run of every arm (`eval_every` gives the learning curve).
+    - `control`: a task where token locality should not matter; it enters no claim.
+    - `note`: what the settings are and what a probe found, for the page.
+    - `run_s`: measured seconds of one training run on two cores, for the time estimate
+      (`None`: unknown).
+    """
+
+    task: str
+    options: dict[str, Any]
+    dim: int
+    num_heads: int
+    num_layers: int
+    train: TrainConfig
+    control: bool = False
+    note: str = ""
+    run_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in OFFLINE_TASKS + ("pathx",):
+            raise ValueError(
+                f"unknown task {self.task!r} in a TaskPlan; pass one of "
+                f"{OFFLINE_TASKS + ('pathx',)}."
+            )
+
+
+def _with_steps(train_config: TrainConfig, steps: int | None) -> TrainConfig:
+    if steps is None:
+        return train_config
+    return dataclasses.replace(train_config, total_steps=steps, warmup_steps=max(1, steps // 10))
+
+
+NESTED_LISTOPS_QUICK = dict(
+    max_depth=3,
+    max_args=3,
+    min_length=5,
+    max_length=20,
+    num_train=20_000,
+    num_val=500,
+    num_test=2000,
+)
+"""Nested ListOps a 2-layer width-32 model learns past the outermost-operator rule in 800
+steps. Probes (2 cores, batch 32, lr 3e-3, seed 0; test accuracy against the
+outermost-operator rule): depth 3, 4 arguments, lengths 5-25, 1,000 steps: 46.9% vs
+20.6% (25 s); depth 3, 3 arguments, lengths 5-20, 1,000 steps: 49.0% vs 18.6% (25 s); the
+same at width 64 and batch 64, 800 steps: 51.7% vs 18.6% (31 s). The LRA-like quick
+setting (depth 4, lengths 30-80, 300 steps) scored what the rule scores."""
+
+FLAT_LISTOPS = dict(
+    max_depth=2,
+    max_args=10,
+    min_length=3,
+    max_length=13,
+    num_train=20_000,
+    num_val=500,
+    num_test=2000,
+)
+"""The control: one operator over 2 to 10 digits (4 to 12 tokens). The answer is a function
+of the multiset of digits, so where a digit sits, and hence local smoothing, should not
+matter. Probe (width 32, 2 layers, batch 32, lr 3e-3, 800 steps, 18 s on 2 cores): 73.2%
+against 34.0% for the outermost-operator rule."""
 
 
 def _offline_options(size: str) -> dict[str, dict[str, Any]]:
@@ -106,10 +241,15 @@ class Config:
     - `baseline_only`: train the baseline arm only (does this budget learn the task?).
     - `steps`: training steps of every arm, warm-up a tenth of them (`None`: `train`'s).
     - `out`: the output directory.
+    - `plans`: per-task generator, model and training (`TaskPlan`), by the task's label in
+      `tasks`; a task without a plan uses `options`, `dim`, `num_heads`, `num_layers` and
+      `train`.
+    - `arms`: the diffusion arms (`Arm`); empty: every point of `points` at every scale of
+      `scales`.
     - `lra_configs`: use the LRA Transformer's configuration of each task (`lra.TASKS`: sizes,
-      dropout, pooling, MLP head, batch, schedule; `dim`, `num_heads`, `num_layers` and
-      `train` are then unused, and `steps` keeps LRA's warm-up); needs `data_dir` unless
-      `allow_stand_in`.
+      dropout, pooling, MLP head, batch, schedule; `dim`, `num_heads`, `num_layers`,
+      `train` and `plans` are then unused, and `steps` keeps LRA's warm-up); needs `data_dir` unless
+      `allow_stand_in`, and arms of `pf.DiffusionLayer` only.
     - `allow_stand_in`: with `lra_configs`, train on the offline stand-ins (`options`) when no
       `data_dir` is given; the results say so.
     - `max_length`: with `lra_configs`, cut inputs to this length instead of LRA's (a CPU check).
@@ -131,6 +271,8 @@ class Config:
     baseline_only: bool = False
     steps: int | None = None
     out: Path = Path("runs/lra_placement")
+    plans: dict[str, TaskPlan] = dataclasses.field(default_factory=dict)
+    arms: tuple[Arm, ...] = ()
     lra_configs: bool = False
     allow_stand_in: bool = False
     max_length: int | None = None
@@ -139,13 +281,16 @@ class Config:
     peak_tflops: float = lra.H100_BF16_DENSE_TFLOPS
 
     def __post_init__(self) -> None:
-        unknown = set(self.tasks) - set(OFFLINE_TASKS) - {"pathx"}
+        unknown = set(self.tasks) - set(OFFLINE_TASKS) - {"pathx"} - set(self.plans)
         if unknown:
             raise ValueError(
-                f"unknown tasks {sorted(unknown)}; pass some of {OFFLINE_TASKS + ('pathx',)}."
+                f"unknown tasks {sorted(unknown)}; pass some of "
+                f"{OFFLINE_TASKS + ('pathx',) + tuple(self.plans)}."
             )
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1 or None; got {self.steps}.")
+        if len({a.name for a in self.arms}) != len(self.arms):
+            raise ValueError(f"arms must have distinct names; got {[a.name for a in self.arms]}.")
 
     def lra_task(self, name: str) -> lra.LraTask:
         """The LRA configuration of a task (by its name, or a loaded task's `name` such as
@@ -157,35 +302,111 @@ class Config:
 
     def training(self, task=None) -> TrainConfig:
         """The training run of every arm (`train` with `steps` applied); with `lra_configs`,
-        that of `task`'s (a `TaskData`) LRA configuration."""
+        that of `task`'s (a `TaskData`, or a task name) LRA configuration."""
         if self.lra_configs and task is not None:
-            return self.lra_task(task.name).train_config(self.steps, self.train.seed)
-        if self.steps is None:
-            return self.train
-        return dataclasses.replace(
-            self.train, total_steps=self.steps, warmup_steps=max(1, self.steps // 10)
-        )
+            name = task if isinstance(task, str) else task.name
+            return self.lra_task(name).train_config(self.steps, self.train.seed)
+        return _with_steps(self.train, self.steps)
+
+    def plan(self, name: str) -> TaskPlan:
+        """The task `name`'s plan, with `steps` applied (the config's own settings where it
+        has no plan; with `lra_configs`, the task's LRA sizes and training)."""
+        if self.lra_configs:
+            c = self.lra_task(name)
+            return TaskPlan(
+                name,
+                dict(self.options.get(name, {})),
+                c.dim,
+                c.num_heads,
+                c.num_layers,
+                self.training(name),
+            )
+        plan = self.plans.get(name)
+        if plan is None:
+            return TaskPlan(
+                name,
+                dict(self.options.get(name, {})),
+                self.dim,
+                self.num_heads,
+                self.num_layers,
+                self.training(),
+            )
+        return dataclasses.replace(plan, train=_with_steps(plan.train, self.steps))
 
     @classmethod
     def quick(cls) -> Config:
-        """ListOps and the 8x8 digits, width 32, 2 layers, 300 steps, 3 seeds: minutes.
+        """Three CPU-sized tasks whose baselines pass the learning gate, each with its own
+        model and budget, the six `QUICK_ARMS` and the baseline, 8 paired seeds, validation
+        every 100 steps: about 20 minutes per task on two cores (the script prints its
+        estimate).
 
-        Only the two offline tasks this budget learns: at width 32 and 1,000 steps the
-        baseline stays at chance on the synthetic text, the synthetic retrieval and
-        Pathfinder (`--tasks text retrieval pathfinder --baseline-only` shows it), and a
-        task the baseline does not learn cannot show a placement effect. Name them with
-        `--tasks` to include them anyway; `--preset full` runs all five.
+        - `image`: the 8x8 digits at their native size (64 tokens), 4 layers, width 32, lr
+          1e-3, 700 steps: 89% test accuracy in a probe, 10% for the majority class.
+        - `listops`: shallow nested ListOps (`NESTED_LISTOPS_QUICK`), 2 layers, width 32, lr
+          3e-3, 800 steps: about 45-49% against 19% for the outermost-operator rule.
+        - `listops_flat`: the control (`FLAT_LISTOPS`): 73% against 34%.
+
+        The LRA-like offline tasks at CPU sizes (text, retrieval, pathfinder, and ListOps
+        at depth 4 and lengths 30-80) stay at their trivial rules in such budgets, and a
+        task the baseline does not learn cannot show a placement effect. `--preset full`
+        runs all five at GPU sizes.
         """
+        digits = common.TaskSetup.digits(700)
+        listops_train = TrainConfig(
+            lr=3e-3,
+            warmup_steps=80,
+            total_steps=800,
+            batch_size=32,
+            eval_every=100,
+            eval_batch_size=250,
+            progress=False,
+        )
+        plans = {
+            "image": TaskPlan(
+                "image",
+                dict(size=8),
+                digits.dim,
+                digits.num_heads,
+                digits.num_layers,
+                dataclasses.replace(
+                    digits.train, warmup_steps=70, eval_every=100, eval_batch_size=269
+                ),
+                note="the 8x8 digits stand-in at its native size (64 tokens)",
+                run_s=21.0,
+            ),
+            "listops": TaskPlan(
+                "listops",
+                NESTED_LISTOPS_QUICK,
+                32,
+                2,
+                2,
+                listops_train,
+                note="nested ListOps, depth <= 3, <= 3 arguments, 6-19 tokens",
+                run_s=20.0,
+            ),
+            "listops_flat": TaskPlan(
+                "listops",
+                FLAT_LISTOPS,
+                32,
+                2,
+                2,
+                listops_train,
+                control=True,
+                note="control: flat ListOps, one operator over 2-10 digits (4-12 tokens)",
+                run_s=18.0,
+            ),
+        }
         return cls(
-            tasks=("listops", "image"),
+            tasks=tuple(plans),
             options=_offline_options("quick"),
-            seeds=(0, 1, 2),
+            seeds=tuple(range(8)),
             dim=32,
             num_heads=2,
             num_layers=2,
-            train=TrainConfig(
-                lr=3e-3, warmup_steps=30, total_steps=300, batch_size=32, progress=False
-            ),
+            train=listops_train,
+            eval_batch_size=256,
+            plans=plans,
+            arms=QUICK_ARMS,
         )
 
     @classmethod
@@ -212,24 +433,34 @@ class Config:
 
     @classmethod
     def smoke(cls) -> Config:
-        """One tiny dual-input task, 2 steps, 1 seed, 3 points: seconds."""
+        """A tiny dual-input task and a tiny control, 2 steps, 2 seeds, 3 arms: seconds of
+        training (a minute or two of compilation)."""
+        tiny = TrainConfig(
+            lr=3e-3, warmup_steps=1, total_steps=2, batch_size=8, eval_every=1, progress=False
+        )
+        flat = dict(FLAT_LISTOPS, num_train=64, num_val=8, num_test=16)
         return cls(
-            tasks=("retrieval",),
+            tasks=("retrieval", "flat"),
             options=_offline_options("smoke"),
-            seeds=(0,),
+            seeds=(0, 1),
             dim=16,
             num_heads=2,
             num_layers=2,
-            train=TrainConfig(lr=3e-3, warmup_steps=1, total_steps=2, batch_size=8, progress=False),
-            points=("after_embedding", "after_attention", "between_layers"),
-            scales=(("multi", (1, 2)),),
+            train=tiny,
             eval_batch_size=16,
+            plans={"flat": TaskPlan("listops", flat, 8, 2, 2, tiny, control=True, run_s=1.0)},
+            arms=(
+                Arm("after_embedding", "multi", (1, 2)),
+                Arm("after_embedding", "adaptive", (1,), pf.AdaptiveDiffusionLayer),
+                Arm("between_layers", "multi", (1, 2)),
+            ),
         )
 
 
-def _model(task, config: Config, seed: int, dilations: tuple[int, ...], active: str | None):
-    """The baseline classifier (`active=None`) or the same classifier with one diffusion
-    layer at `active`.
+def _model(task, plan: TaskPlan, seed: int, arm: Arm | None, lra_config=None):
+    """The baseline classifier (`arm=None`) or the same classifier with the arm's diffusion
+    layer at its point: of `plan`'s sizes, or with `lra_config` (an `lra.LraTask`), that
+    configuration's model (dropout, pooling, MLP head; `pf.DiffusionLayer` arms only).
 
     The layers' keys are folded from the model key by insertion point, so adding a layer
     leaves every other weight as it is: every arm of a seed starts from the baseline's
@@ -238,26 +469,26 @@ def _model(task, config: Config, seed: int, dilations: tuple[int, ...], active: 
     their compute on every step, which at the quick sizes outweighs the compiles; the seeds
     of an arm share one compile.)
     """
-    if config.lra_configs:
+    if lra_config is not None:
         splits = (task.train, task.val, task.test)
-        return config.lra_task(task.name).model(
+        return lra_config.model(
             key=jr.PRNGKey(seed),
             vocab_size=task.vocab_size,
             num_classes=task.num_classes,
             max_len=max(int(s.tokens.shape[1]) for s in splits),
-            diffusion_at=() if active is None else (active,),
-            dilations=dilations or (1,),
+            diffusion_at=() if arm is None else (arm.point,),
+            dilations=(1,) if arm is None else arm.dilations,
         )
     cls = pf.DualClassifier if task.dual else pf.Classifier
     return cls(
         task.vocab_size,
-        config.dim,
-        config.num_heads,
-        config.num_layers,
+        plan.dim,
+        plan.num_heads,
+        plan.num_layers,
         task.num_classes,
         key=jr.PRNGKey(seed),
-        diffusion_at=() if active is None else (active,),
-        diffusion_layer=functools.partial(pf.DiffusionLayer, dilations=dilations),
+        diffusion_at=() if arm is None else (arm.point,),
+        diffusion_layer=pf.DiffusionLayer if arm is None else arm.factory(),
     )
 
 
@@ -270,13 +501,29 @@ def _layer(model, point: str):
     return getattr(encoder.field.blocks, point)
 
 
+def _alphas(model, point: str) -> np.ndarray:
+    """The coefficients of the layer at `point` per scale, averaged over channels: shape
+    `(scales,)`, or `(layers, scales)` for a layer stacked per layer or boundary.
+
+    `DiffusionLayer`: `alpha_s`. `AdaptiveDiffusionLayer`: the conductance of an edge whose
+    gate input `W^T (u_a + u_b) / 2` is zero, `alpha_max softmax(mix)_s sigmoid(b_s)` (its
+    value at `W = 0`, where the layer is the constant-coefficient one).
+    """
+    layer = _layer(model, point)
+    if isinstance(layer, pf.AdaptiveDiffusionLayer):
+        mix = jax.nn.softmax(layer.mix, axis=-2)
+        coef = layer.alpha_max * mix * jax.nn.sigmoid(layer.gate_bias)
+    else:
+        op = layer.operator
+        total = op.alpha_max * jax.nn.sigmoid(op.theta)
+        coef = total[..., None, :] * jax.nn.softmax(op.mix, axis=-2)
+    return np.asarray(jnp.mean(coef, axis=-1))
+
+
 def _coefficient_sum(model, point: str) -> float:
-    """The largest total coefficient of the layer at `point`."""
-    op = _layer(model, point).operator
-    total = lambda o: o.total()
-    for _ in range(op.theta.ndim - 1):  # stacked per layer or per boundary
-        total = eqx.filter_vmap(total)
-    return float(jnp.max(total(op)))
+    """The largest total coefficient of the layer at `point` (over layers, mean over
+    channels)."""
+    return float(np.max(np.sum(_alphas(model, point), axis=-1)))
 
 
 def _diagnostics(model, task, batch_size: int) -> dict[str, Any]:
@@ -296,19 +543,39 @@ def _diagnostics(model, task, batch_size: int) -> dict[str, Any]:
     }
 
 
-def _arms(config: Config) -> list[tuple[str, str | None, tuple[int, ...]]]:
-    """`(name, point, dilations)`: the baseline, then every point at every scale."""
-    arms: list[tuple[str, str | None, tuple[int, ...]]] = [("baseline", None, ())]
+def _arms(config: Config) -> list[tuple[str, Arm | None]]:
+    """`(name, arm)`: the baseline (`None`), then the config's arms (by default every point
+    at every scale)."""
+    arms: list[tuple[str, Arm | None]] = [("baseline", None)]
     if config.baseline_only:
         return arms
-    for scale, dilations in config.scales:
-        arms += [(f"{p} ({scale})", p, dilations) for p in config.points]
-    return arms
+    chosen = config.arms
+    if not chosen:
+        chosen = tuple(Arm(p, scale, d) for scale, d in config.scales for p in config.points)
+    return arms + [(a.name, a) for a in chosen]
+
+
+def _estimate(config: Config, runs_per_task: int) -> tuple[float | None, dict[str, float]]:
+    """Seconds the study should take from the plans' measured run times (`None` where a
+    task's is unknown), in total and per task."""
+    per_task = {}
+    for name in config.tasks:
+        run_s = config.plan(name).run_s
+        if run_s is not None:
+            per_task[name] = run_s * runs_per_task
+    total = sum(per_task.values()) if len(per_task) == len(config.tasks) else None
+    return total, per_task
+
+
+def _curve(history: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """The validation accuracy recorded during training: steps (1-based) and values."""
+    rows = [r for r in history if "val_accuracy" in r]
+    return [r["step"] + 1 for r in rows], [float(r["val_accuracy"]) for r in rows]
 
 
 def main(config: Config) -> dict[str, Any]:
-    """Train every arm on every task and seed; write `results.md`, `results.json` and
-    `placement.png` into `config.out`.
+    """Train every arm on every task and seed; write `results.md`, `results.json`,
+    `placement.png` and `curves.png` into `config.out`.
 
     **Returns:**
 
@@ -325,59 +592,99 @@ def main(config: Config) -> dict[str, Any]:
     results: dict[str, Any] = {"meta": meta, "tasks": {}, "arms": [a[0] for a in arms]}
     if config.lra_configs:
         results["lra"] = _lra_record(config)
-    total = len(config.tasks) * len(arms) * len(config.seeds)
+    runs_per_task = len(arms) * len(config.seeds)
+    total = len(config.tasks) * runs_per_task
+    estimate, per_task = _estimate(config, runs_per_task)
+    log(
+        f"{total} training runs ({len(config.tasks)} tasks x {len(arms)} arms x "
+        f"{len(config.seeds)} seeds); estimated "
+        + (
+            f"{estimate / 60:.0f} min on two cores ("
+            + ", ".join(f"{t} {v / 60:.0f} min" for t, v in per_task.items())
+            + ") plus compilation"
+            if estimate is not None
+            else "time unknown (no measured run time for every task)"
+        )
+    )
+    meta["estimated_s"] = estimate
     done = 0
     all_gates: dict[str, dict[str, Any]] = {}
     for name in config.tasks:
-        opts = _task_options(config, name)
-        task = load_task(name, config.data_dir, **opts)
-        log(f"{task.name}: {len(task.train)} train / {len(task.test)} test examples")
-        entry: dict[str, Any] = {"data": common.data_summary(task), "arms": {}}
+        plan = config.plan(name)
+        task = load_task(plan.task, config.data_dir, **_task_options(config, plan))
+        lra_config = config.lra_task(plan.task) if config.lra_configs else None
+        log(f"{name} ({task.name}): {len(task.train)} train / {len(task.test)} test examples")
+        t_task = time.perf_counter()
+        entry: dict[str, Any] = {
+            "data": common.data_summary(task),
+            "loader": plan.task,
+            "control": plan.control,
+            "note": plan.note,
+            "model": {"dim": plan.dim, "num_heads": plan.num_heads, "num_layers": plan.num_layers},
+            "train": report.describe(plan.train),
+            "arms": {},
+        }
         if config.lra_configs:
             entry["stand_in"] = config.data_dir is None
         gates: dict[str, Any] = {}
-        for arm, point, dilations in arms:
-            accs, times = [], []
+        for arm_name, arm in arms:
+            record: dict[str, Any] = {
+                "accuracy": [],
+                "train_wall_s": [],
+                "final_loss": [],
+                "curves": [],
+                "alphas_init": None,
+                "alphas": [],
+            }
             for seed in config.seeds:
-                model = _model(task, config, seed, dilations, point)
-                train_config = dataclasses.replace(config.training(task), seed=seed)
+                model = _model(task, plan, seed, arm, lra_config)
+                if arm is not None and record["alphas_init"] is None:
+                    record["alphas_init"] = _alphas(model, arm.point).tolist()
+                train_config = dataclasses.replace(plan.train, seed=seed)
                 t0 = time.perf_counter()
                 model, history = train(model, task, pf.Discrete(), train_config)
                 wall = time.perf_counter() - t0
                 ev = evaluate(model, task.test, pf.Discrete(), config.eval_batch_size)
-                accs.append(ev.accuracy)
-                times.append(wall)
+                steps, curve = _curve(history)
+                record["accuracy"].append(ev.accuracy)
+                record["train_wall_s"].append(wall)
+                record["final_loss"].append(final_train_loss(history))
+                record["curves"].append(curve)
+                record["curve_steps"] = steps
                 done += 1
-                coef = (
-                    ""
-                    if point is None
-                    else f", total coefficient {_coefficient_sum(model, point):.3f}"
-                )
+                coef = ""
+                if arm is not None:
+                    alphas = _alphas(model, arm.point)
+                    record["alphas"].append(alphas.tolist())
+                    coef = f", total coefficient {_coefficient_sum(model, arm.point):.3f}"
                 log(
-                    f"[{done}/{total}] {task.name} | {arm} | seed {seed}: test accuracy "
+                    f"[{done}/{total}] {name} | {arm_name} | seed {seed}: test accuracy "
                     f"{ev.accuracy:.3f}, final loss {history[-1]['loss']:.3f}{coef}, {wall:.1f} s"
                 )
-                if point is None:
+                if arm is None:
                     gates[f"seed {seed}"] = common.gate_of(task, ev.accuracy, history)
-                if point is None and seed == config.seeds[0]:
+                if arm is None and seed == config.seeds[0]:
+                    left = (runs_per_task - 1) * (time.perf_counter() - t_task)
+                    log(f"{name}: about {left / 60:.1f} min left for this task at this pace")
                     entry["baseline_diagnostics"] = _diagnostics(
                         model, task, config.eval_batch_size
                     )
-            entry["arms"][arm] = {
-                "accuracy": accs,
-                "mean": float(np.mean(accs)),
-                "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-                "train_wall_s": times,
-            }
+            accs = record["accuracy"]
+            record["mean"] = float(np.mean(accs))
+            record["std"] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+            entry["arms"][arm_name] = record
         # The learning gate of the baseline, every seed: a task enters the study's claims
         # only if the baseline passed it on all of them.
         entry["gate"] = {k: common.gate_record(g) for k, g in gates.items()}
         entry["gate_passed"] = all(g.passed for g in gates.values())
-        all_gates[task.name] = gates
-        results["tasks"][task.name] = entry
+        entry["paired"] = _paired_task(entry)
+        entry["wall_s"] = time.perf_counter() - t_task
+        all_gates[name] = gates
+        results["tasks"][name] = entry
     meta["wall_s"] = time.perf_counter() - t_start
     results["gate_passed"] = any(e["gate_passed"] for e in results["tasks"].values())
     results["summary"] = _summary(results, config)
+    results["replication"] = _replication(results, config)
     report.write(
         out,
         results,
@@ -390,15 +697,48 @@ def main(config: Config) -> dict[str, Any]:
         log("baseline only: no placement plot")
     else:
         _plot(results, config, out, log)
+        _plot_curves(results, out, log)
     return results
+
+
+def _paired_record(p: stats.Paired, p_holm: float) -> dict[str, Any]:
+    return {**dataclasses.asdict(p), "p_holm": p_holm, "resolved": p_holm <= ALPHA}
+
+
+def _paired_task(entry: dict[str, Any]) -> dict[str, Any]:
+    """Per arm, the paired differences from the baseline over seeds, in points: of the final
+    test accuracy (`final`) and of the mean validation accuracy over the learning curve
+    (`curve`, where one was recorded), each with its 95% t-interval and its p-value
+    Holm-corrected across the task's arms."""
+    arms = entry["arms"]
+    base = arms["baseline"]
+    out: dict[str, Any] = {}
+    for key in ("final", "curve"):
+        found: dict[str, stats.Paired] = {}
+        for arm, rec in arms.items():
+            if arm == "baseline":
+                continue
+            if key == "final":
+                d = np.subtract(rec["accuracy"], base["accuracy"])
+            else:
+                if not all(rec["curves"]) or not all(base["curves"]):
+                    continue
+                d = np.subtract(
+                    [np.mean(c) for c in rec["curves"]], [np.mean(c) for c in base["curves"]]
+                )
+            found[arm] = stats.paired(100 * d)
+        adjusted = stats.holm({a: p.p for a, p in found.items()})
+        for arm, p in found.items():
+            out.setdefault(arm, {})[key] = _paired_record(p, adjusted[arm])
+    return out
 
 
 def _informative(entry: dict[str, Any]) -> bool:
     """Whether the trained baseline passed the learning gate on every seed
     (`pdeformer.training.learning_gate`: 5 points above the best trivial rule, training loss
     0.2 nats below its conditional entropy): a task it has not learnt cannot show a
-    placement effect."""
-    return bool(entry["gate_passed"])
+    placement effect. A control task (where locality should not matter) enters no claim."""
+    return bool(entry["gate_passed"]) and not entry.get("control", False)
 
 
 def _verdict(results: dict[str, Any]) -> report.Verdict:
@@ -467,8 +807,10 @@ def _summary(results: dict[str, Any], config: Config) -> dict[str, Any]:
                 "worst": min(scale_arms, key=delta.get),
                 "mean_delta_points": float(np.mean([delta[a] for a in scale_arms])),
             }
+    on_learnt = _paired_average(results, arms, informative)
     return {
         "average_accuracy": avg,
+        "paired_on_informative_tasks": on_learnt,
         "delta_points_vs_baseline": delta,
         "delta_standard_error_points": {a: se for a, (_, se) in paired.items()},
         "informative_tasks": informative,
@@ -476,6 +818,124 @@ def _summary(results: dict[str, Any], config: Config) -> dict[str, Any]:
         "ranking": ranking,
         "per_scale": per_scale,
     }
+
+
+def _per_seed(results: dict[str, Any], arm: str, tasks: list[str], other: str = "baseline"):
+    """The per-seed change `arm − other` in points, averaged over `tasks`."""
+    return 100 * np.mean(
+        [
+            np.subtract(
+                results["tasks"][t]["arms"][arm]["accuracy"],
+                results["tasks"][t]["arms"][other]["accuracy"],
+            )
+            for t in tasks
+        ],
+        axis=0,
+    )
+
+
+def _paired_average(results: dict[str, Any], arms: list[str], tasks: list[str]) -> dict:
+    """Per arm, the paired change from the baseline averaged over `tasks` (seed by seed),
+    with its 95% t-interval and Holm-corrected p-value across the arms (empty without
+    tasks)."""
+    if not tasks or not arms:
+        return {}
+    found = {a: stats.paired(_per_seed(results, a, tasks)) for a in arms}
+    adjusted = stats.holm({a: p.p for a, p in found.items()})
+    return {a: _paired_record(p, adjusted[a]) for a, p in found.items()}
+
+
+def _replication(results: dict[str, Any], config: Config) -> list[dict[str, Any]]:
+    """The entries of paper A's claims that this run measures, for the site's replication
+    table (`docs/hooks/replication.py`): each with the measured change in points, its 95%
+    interval, the basis and a verdict by `report.claim_verdict` (holds: the interval lies on
+    the claimed side of zero with a Holm-corrected p-value at most `ALPHA`; does not hold:
+    the same on the other side; not resolved otherwise). Only the tasks whose baseline
+    passed the learning gate on every seed, controls excluded, count; without one, every
+    claim is not resolved. A1 and A2 use the Holm p-value across the arms; A3 (multi −
+    single, one row per point that has both) and A4 (the best after_embedding arm − the
+    best other arm; the pair is chosen by the same data, so read it as descriptive) use the
+    uncorrected p-value of their one comparison."""
+    summary = results["summary"]
+    tasks = summary["informative_tasks"]
+    arms = [a for a in results["arms"] if a != "baseline"]
+    if not arms:
+        return []
+    seeds = len(config.seeds)
+    basis = (
+        f"{', '.join(tasks) if tasks else 'no task passed the learning gate'}; "
+        f"{seeds} paired seeds; "
+        + ("official data" if config.data_dir else _stand_in_basis(config))
+        + ("; the LRA Transformer's per-task configurations" if config.lra_configs else "")
+    )
+    scale = "lra" if config.data_dir else "cpu"
+    paired = summary["paired_on_informative_tasks"]
+    entries = []
+
+    def entry(claim, measured, *, direction, p_holm, note=""):
+        if measured is None:
+            verdict, text = "not resolved", "no task passed the learning gate"
+        else:
+            verdict = report.claim_verdict(
+                measured["low"], measured["high"], 0.0, direction, p_holm, ALPHA
+            )
+            text = (
+                f"{measured['mean']:+.1f} points [{measured['low']:+.1f}, "
+                f"{measured['high']:+.1f}]" + ("" if p_holm is None else f", Holm p = {p_holm:.2g}")
+            )
+        entries.append(
+            {
+                "id": claim,
+                "measured": text + (f"; {note}" if note else ""),
+                "mean": None if measured is None else measured["mean"],
+                "low": None if measured is None else measured["low"],
+                "high": None if measured is None else measured["high"],
+                "verdict": verdict,
+                "basis": basis,
+                "scale": scale,
+            }
+        )
+
+    for claim, point, direction in (
+        ("A1", "after_embedding (single)", "above"),
+        ("A2", "after_attention (single)", "below"),
+    ):
+        if point in arms:
+            m = paired.get(point)
+            entry(claim, m, direction=direction, p_holm=None if m is None else m["p_holm"])
+    for point in pf.INSERTION_POINTS:
+        single, multi = f"{point} (single)", f"{point} (multi)"
+        if single in arms and multi in arms:
+            m = None
+            if tasks:
+                m = dataclasses.asdict(stats.paired(_per_seed(results, multi, tasks, other=single)))
+            entry(
+                "A3",
+                m,
+                direction="above",
+                p_holm=None if m is None else m["p"],
+                note=f"multi − single at {point}",
+            )
+    ae = [a for a in arms if a.startswith("after_embedding ")]
+    rest = [a for a in arms if not a.startswith("after_embedding ")]
+    if ae and rest:
+        m = None
+        note = ""
+        if tasks:
+            delta = summary["delta_points_on_informative_tasks"]
+            best_ae, best_rest = max(ae, key=delta.get), max(rest, key=delta.get)
+            m = dataclasses.asdict(
+                stats.paired(_per_seed(results, best_ae, tasks, other=best_rest))
+            )
+            note = f"{best_ae} − {best_rest} (the best arm elsewhere)"
+        entry("A4", m, direction="above", p_holm=None if m is None else m["p"], note=note)
+    return entries
+
+
+def _stand_in_basis(config: Config) -> str:
+    if config.lra_configs:
+        return "offline STAND-IN data, not LRA"
+    return "offline CPU-sized tasks, not LRA"
 
 
 def _title(config: Config) -> str:
@@ -488,12 +948,12 @@ def _title(config: Config) -> str:
     return title
 
 
-def _task_options(config: Config, name: str) -> dict[str, Any]:
+def _task_options(config: Config, plan: TaskPlan) -> dict[str, Any]:
     """`load_task` options: the official reader's (LRA's maximum length with `lra_configs`), or
-    the offline generator's (`options`, seed 0)."""
+    the offline generator's (the plan's `options`, seed 0)."""
     if config.data_dir:
-        return config.lra_task(name).data_options() if config.lra_configs else {}
-    opts = dict(config.options.get(name, {}))
+        return config.lra_task(plan.task).data_options() if config.lra_configs else {}
+    opts = dict(plan.options)
     opts.setdefault("seed", 0)
     return opts
 
@@ -508,6 +968,12 @@ def _check_lra_data(config: Config) -> None:
         raise ValueError(
             f"no LRA configuration for {missing}; with --lra-configs (--preset full) pass "
             f"tasks of {tuple(lra.TASKS)}."
+        )
+    other = [a.name for a in config.arms if a.layer is not pf.DiffusionLayer]
+    if other:
+        raise ValueError(
+            f"the LRA configurations build pf.DiffusionLayer arms only; drop {other} or "
+            "leave --lra-configs off."
         )
     if config.data_dir is None and not config.allow_stand_in:
         raise ValueError(
@@ -531,8 +997,7 @@ def _lra_setup_text(config: Config) -> str:
     data = "offline STAND-IN data" if config.data_dir is None else "the official data"
     return (
         "The LRA Transformer's per-task configurations (experiments/studies/lra.py), pre-LN, "
-        f"discrete mode, on {data}: " + "; ".join(parts) + f". Seeds: {list(config.seeds)}. "
-        "Test accuracy in %, mean ± std over seeds."
+        f"discrete mode, on {data}: " + "; ".join(parts) + "."
     )
 
 
@@ -553,9 +1018,10 @@ def _dry_run(config: Config) -> dict[str, Any]:
         )
     _check_lra_data(dataclasses.replace(config, allow_stand_in=True))
     configs = {t: config.lra_task(t) for t in config.tasks}
+    arms = [(n, None, ()) if a is None else (n, a.point, a.dilations) for n, a in _arms(config)]
     estimate = lra.dry_run(
         config.tasks,
-        _arms(config),
+        arms,
         steps=config.steps,
         seeds=len(config.seeds),
         mfu=config.mfu,
@@ -567,24 +1033,60 @@ def _dry_run(config: Config) -> dict[str, Any]:
     return estimate
 
 
+def _rule_rows(results: dict[str, Any], tasks: list[str]) -> list[str]:
+    """One row per trivial rule of the learning gate (majority class; for ListOps the
+    outermost operator), its test accuracy on each task."""
+    by_rule: dict[str, dict[str, float]] = {}
+    for t in tasks:
+        gate = results["tasks"][t].get("gate") or {}
+        if not gate:
+            continue
+        for rule in next(iter(gate.values()))["rules"]:
+            by_rule.setdefault(rule["name"], {})[t] = 100 * rule["test_accuracy"]
+    rows = []
+    for name, accs in by_rule.items():
+        cells = [f"{accs[t]:.1f}" if t in accs else "" for t in tasks]
+        avg = f"{np.mean(list(accs.values())):.1f}" if len(accs) == len(tasks) else ""
+        rows.append(f"| *{name} (rule)* | " + " | ".join(cells) + f" | {avg} | |")
+    return rows
+
+
+def _interval(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p['mean']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+
+
 def _markdown(results: dict[str, Any], config: Config) -> str:
     tasks = list(results["tasks"])
     summary = results["summary"]
-    lines = [
-        f"Model: width {config.dim}, {config.num_heads} heads, {config.num_layers} layers, "
-        f"pre-LN, discrete mode. Training: {config.training().total_steps} steps, batch "
-        f"{config.train.batch_size}, lr {config.train.lr:g} (AdamW, warmup + cosine). "
-        f"Seeds: {list(config.seeds)}. Test accuracy in %, mean ± std over seeds.",
+    lines = ["Every run: pre-LN, discrete mode, AdamW with warm-up and cosine decay.", ""]
+    lines += ["| task | data | model | training | seeds |", "|---|---|---|---|---|"]
+    for t in tasks:
+        e = results["tasks"][t]
+        m, tr = e["model"], e["train"]
+        kind = " (control)" if e["control"] else ""
+        lines.append(
+            f"| {t}{kind} | {e['note'] or e['data'].get('description', e['loader'])}; "
+            f"{e['data']['num_train']} train / {e['data']['num_test']} test | width "
+            f"{m['dim']}, {m['num_heads']} heads, {m['num_layers']} layers | "
+            f"{tr['total_steps']} steps, batch {tr['batch_size']}, lr {tr['lr']:g} | "
+            f"{len(config.seeds)} |"
+        )
+    lines += [
+        "",
+        "Test accuracy in %, mean ± std over seeds.",
     ]
     if config.lra_configs:
         lines[0] = _lra_setup_text(config)
     if not config.baseline_only:
         lines.append(
-            "Single scale: dilation 1; multi-scale: dilations 1, 2, 4, 8 (one budget "
-            "sum alpha < 0.45). Δ avg: change of the task-averaged accuracy from the baseline, "
-            "in points, mean ± standard error over seeds of the per-seed (paired) change: "
-            "every arm of a seed starts from the baseline's weights and sees its data in its "
-            "order."
+            "Single scale: dilation 1; multi-scale: dilations 1, 2, 4, 8; adaptive: "
+            "token-adaptive conductances, dilation 1; all under one budget (sum alpha < "
+            "0.45), starting from the same total coefficient 0.1. Δ avg: change of the "
+            "accuracy averaged over the tasks, in points, mean ± standard error over seeds "
+            "of the per-seed (paired) change: every arm of a seed starts from the "
+            "baseline's weights and sees its data in its order."
         )
     lines += [
         "",
@@ -601,39 +1103,31 @@ def _markdown(results: dict[str, Any], config: Config) -> str:
         avg = 100 * summary["average_accuracy"][arm]
         d = "" if arm == "baseline" else f"{delta[arm]:+.1f} ± {se[arm]:.1f}"
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {avg:.1f} | {d} |")
-    majority = [100 * results["tasks"][t]["data"]["test_majority_fraction"] for t in tasks]
-    lines.append(
-        "| *majority class* | "
-        + " | ".join(f"{m:.1f}" for m in majority)
-        + f" | {np.mean(majority):.1f} | |"
-    )
-    best_rule = []
-    for t in tasks:
-        first = next(iter(results["tasks"][t]["gate"].values()))
-        best_rule.append((first["best_rule"], 100 * first["best_rule_accuracy"]))
-    lines.append(
-        "| *best trivial rule* | "
-        + " | ".join(f"{a:.1f} ({n})" for n, a in best_rule)
-        + f" | {np.mean([a for _, a in best_rule]):.1f} | |"
-    )
+    lines += _rule_rows(results, tasks)
     informative = summary["informative_tasks"]
     lines += ["", "## Does the baseline learn each task?", ""]
     for t in tasks:
         entry = results["tasks"][t]
         base = 100 * entry["arms"]["baseline"]["mean"]
-        name, rule = best_rule[tasks.index(t)]
-        verdict = (
-            "learnt (passed the learning gate on every seed)"
-            if t in informative
-            else "**not learnt** (failed the learning gate): no placement effect can show "
-            "on this task"
-        )
+        first = next(iter(entry["gate"].values()))
+        name, rule = first["best_rule"], 100 * first["best_rule_accuracy"]
+        if t in informative:
+            verdict = "learnt (passed the learning gate on every seed)"
+        elif entry["gate_passed"]:
+            verdict = "learnt; a control, which enters no claim"
+        else:
+            verdict = (
+                "**not learnt** (failed the learning gate): no placement effect can show "
+                "on this task"
+            )
         lines.append(
             f"- {t}: baseline {base:.1f}% against {rule:.1f}% for the best trivial rule "
             f"({name}; {entry['data']['num_test']} test examples): {verdict}."
         )
     if delta:
+        lines += _paired_lines(results)
         lines += _claim_lines(results, config)
+        lines += _curve_lines(results)
     lines += ["", "## Roughness at each point (trained baseline, first seed)", ""]
     lines.append(
         "Relative Dirichlet energy E(x)/‖x‖² of the signal each point receives (0 smooth, "
@@ -654,79 +1148,115 @@ def _markdown(results: dict[str, Any], config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _claim_lines(results: dict[str, Any], config: Config) -> list[str]:
-    """The markdown section on the papers' claims, with each change's resolution."""
-    tasks = list(results["tasks"])
-    summary = results["summary"]
-    delta = summary["delta_points_vs_baseline"]
-    se = summary["delta_standard_error_points"]
-    informative = summary["informative_tasks"]
-    lines: list[str] = []
-    resolved = lambda a: abs(delta[a]) > 2 * se[a] > 0
-    mark = lambda a: f"{delta[a]:+.1f} ± {se[a]:.1f}" + ("" if resolved(a) else " (not resolved)")
-    lines += ["", "## The papers' claims in this run", ""]
-    lines.append(
-        "A change is *resolved* when it exceeds twice its standard error over seeds; "
-        f"this run has {len(config.seeds)} seeds."
+def _alpha_text(rec: dict[str, Any]) -> str:
+    """The learned coefficients per scale, mean over seeds (and the initial ones)."""
+    if not rec.get("alphas"):
+        return ""
+    mean = np.mean(np.asarray(rec["alphas"], dtype=float), axis=0)
+    init = np.asarray(rec["alphas_init"], dtype=float)
+    show = lambda a: "; ".join(
+        "(" + ", ".join(f"{x:.3f}" for x in row) + ")" for row in np.atleast_2d(a)
     )
-    ae_prefix = "after_embedding "
-    if informative and len(informative) < len(tasks):
-        learnt = summary["delta_points_on_informative_tasks"]
-        best = max(learnt, key=learnt.get)
-        lines.append(
-            f"- On the tasks the baseline learnt ({', '.join(informative)}) alone: best arm "
-            f"{best} ({learnt[best]:+.1f}); after_embedding "
-            + ", ".join(f"{a[16:]} {learnt[a]:+.1f}" for a in learnt if a.startswith(ae_prefix))
-            + "."
-        )
-    elif not informative:
+    return f"{show(mean)} (init {show(init)})"
+
+
+def _paired_lines(results: dict[str, Any]) -> list[str]:
+    """Per task, each arm's paired change from the baseline with its interval and its
+    Holm-corrected p-value, final and over the learning curve, and its coefficients."""
+    lines = [
+        "",
+        "## Paired changes from the baseline, per task",
+        "",
+        "Change in points, mean over seeds of `arm − baseline` with its 95% t-interval; p: "
+        f"two-sided t-test, Holm-corrected across the task's arms (resolved: p ≤ {ALPHA:g}). "
+        "*Final*: test accuracy after training. *Curve*: mean validation accuracy over the "
+        "learning curve (a faster-learning arm gains here even where its final model does "
+        "not). α per scale: the learned coefficients (mean over channels and seeds; one "
+        "tuple per layer for the branch points; adaptive: the conductance at zero gate "
+        "input).",
+    ]
+    for t, entry in results["tasks"].items():
+        paired = entry.get("paired", {})
+        if not paired:
+            continue
+        lines += [
+            "",
+            f"**{t}**" + (" (control)" if entry.get("control") else ""),
+            "",
+            "| arm | final Δ [95% CI] | Holm p | curve Δ [95% CI] | Holm p | α per scale |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arm, rec in paired.items():
+            f, c = rec.get("final"), rec.get("curve")
+            lines.append(
+                f"| {arm} | {_interval(f)} | {f['p_holm']:.2g} | {_interval(c)} | "
+                + ("-" if c is None else f"{c['p_holm']:.2g}")
+                + f" | {_alpha_text(entry['arms'][arm])} |"
+            )
+    return lines
+
+
+def _curve_lines(results: dict[str, Any]) -> list[str]:
+    """Mean validation accuracy (%) at each evaluation, per task and arm."""
+    lines: list[str] = []
+    for t, entry in results["tasks"].items():
+        base = entry["arms"]["baseline"]
+        steps = base.get("curve_steps") or []
+        if not steps or not all(base["curves"]):
+            continue
+        if not lines:
+            lines += ["", "## Learning curves (validation accuracy in %, mean over seeds)"]
+        lines += [
+            "",
+            f"**{t}**",
+            "",
+            "| arm | " + " | ".join(str(s) for s in steps) + " |",
+            "|---|" + "---:|" * len(steps),
+        ]
+        for arm, rec in entry["arms"].items():
+            mean = 100 * np.mean(np.asarray(rec["curves"], dtype=float), axis=0)
+            lines.append(f"| {arm} | " + " | ".join(f"{x:.1f}" for x in mean) + " |")
+    if lines:
+        lines += ["", "![learning curves](curves.png)"]
+    return lines
+
+
+def _claim_lines(results: dict[str, Any], config: Config) -> list[str]:
+    """The markdown section on the papers' claims, from the replication entries."""
+    summary = results["summary"]
+    informative = summary["informative_tasks"]
+    lines = ["", "## The papers' claims in this run", ""]
+    lines.append(
+        "Over the tasks whose baseline passed the learning gate on every seed (controls "
+        f"excluded: {', '.join(informative) or 'none'}), per-seed changes averaged over "
+        f"those tasks; {len(config.seeds)} paired seeds. A claim *holds* when the 95% "
+        "interval lies on its side of zero (and, for an arm against the baseline, the "
+        f"Holm-corrected p-value across arms is at most {ALPHA:g}), *does not hold* when it "
+        "lies on the other side, and is *not resolved* otherwise. These are CPU-scale "
+        "tasks, not LRA."
+    )
+    lines.append("")
+    if not informative:
         lines.append(
             "- **The baseline learnt none of the tasks: this run cannot test the claims.**"
         )
-    for scale, sc in summary["per_scale"].items():
-        lines.append(
-            f"- {scale} scale: best point {sc['best']} ({mark(sc['best'])}), worst "
-            f"{sc['worst']} ({mark(sc['worst'])}), mean over points "
-            f"{sc['mean_delta_points']:+.1f} points."
-        )
-    ae = [a for a in delta if a.startswith("after_embedding")]
-    aa = [a for a in delta if a.startswith("after_attention")]
-    if ae:
-        best = summary["ranking"][0]
-        verdict = "holds" if best.startswith("after_embedding") else "does not hold"
-        lines.append(
-            f"- Claim 'after_embedding helps most (+4.1 points)': {verdict} here; "
-            + ", ".join(f"{a}: {mark(a)}" for a in ae)
-            + f"; best arm overall: {best} ({mark(best)})."
-        )
-    if aa:
-        worst = summary["ranking"][-1]
-        verdict = "holds" if worst.startswith("after_attention") else "does not hold"
-        lines.append(
-            f"- Claim 'after_attention hurts most (−2.5 points)': {verdict} here; "
-            + ", ".join(f"{a}: {mark(a)}" for a in aa)
-            + f"; worst arm overall: {worst} ({mark(worst)})."
-        )
-    if len(summary["per_scale"]) == 2:
-        sc, m = summary["per_scale"]["single"], summary["per_scale"]["multi"]
-        better = sum(
-            delta[f"{p} (multi)"] > delta[f"{p} (single)"]
-            for p in config.points
-            if f"{p} (multi)" in delta and f"{p} (single)" in delta
-        )
-        lines.append(
-            f"- Claim 'multi-scale beats single scale': multi-scale is better at {better} of "
-            f"{len(config.points)} points; mean Δ {m['mean_delta_points']:+.1f} (multi) vs "
-            f"{sc['mean_delta_points']:+.1f} (single)."
-        )
-    spread = max(
-        100 * results["tasks"][t]["arms"][a]["std"] for t in tasks for a in results["arms"]
-    )
-    unresolved = sum(not resolved(a) for a in delta)
-    lines.append(
-        f"- Seed-to-seed std of single accuracies reaches {spread:.1f} points; "
-        f"{unresolved} of {len(delta)} arms' changes are not resolved."
-    )
+    names = {
+        "A1": "after_embedding (single) improves accuracy (paper: +4.1 points)",
+        "A2": "after_attention (single) lowers accuracy (paper: −2.5 points)",
+        "A3": "multi-scale beats single scale (paper: on every task)",
+        "A4": "after_embedding is the best point",
+    }
+    for e in results["replication"]:
+        lines.append(f"- {names[e['id']]}: **{e['verdict']}**; {e['measured']}.")
+    paired = summary["paired_on_informative_tasks"]
+    if paired:
+        lines += [
+            "",
+            "| arm | Δ over the learnt tasks [95% CI] | Holm p |",
+            "|---|---|---|",
+        ]
+        for arm, p in paired.items():
+            lines.append(f"| {arm} | {_interval(p)} | {p['p_holm']:.2g} |")
     return lines
 
 
@@ -735,23 +1265,44 @@ def _plot(results: dict[str, Any], config: Config, out: Path, log) -> None:
     if plt is None:
         return
     tasks = list(results["tasks"])
+    arms = results["arms"][1:]
     delta = results["summary"]["delta_points_vs_baseline"]
     se = results["summary"]["delta_standard_error_points"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    x = np.arange(len(config.points))
-    width = 0.8 / max(1, len(config.scales))
-    for k, (scale, _) in enumerate(config.scales):
-        vals = [delta[f"{p} ({scale})"] for p in config.points]
-        # Error bar: the standard error over seeds of the paired change, in points.
-        errs = [se[f"{p} ({scale})"] for p in config.points]
-        ax.bar(x + k * width, vals, width, yerr=errs, capsize=3, label=scale)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(arms) + 2), 4))
+    x = np.arange(len(arms))
+    # Error bar: the standard error over seeds of the paired change, in points.
+    ax.bar(x, [delta[a] for a in arms], 0.7, yerr=[se[a] for a in arms], capsize=3)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(x + width * (len(config.scales) - 1) / 2)
-    ax.set_xticklabels(config.points, rotation=30, ha="right")
+    ax.set_xticks(x)
+    ax.set_xticklabels(arms, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("Δ task-averaged test accuracy (points)\n± s.e. of the paired change")
     ax.set_title(f"Diffusion layer vs baseline ({', '.join(tasks)})")
-    ax.legend()
     report.save_figure(fig, out / "placement.png", log)
+
+
+def _plot_curves(results: dict[str, Any], out: Path, log) -> None:
+    """Mean validation accuracy against the step, one panel per task, one line per arm."""
+    curved = {
+        t: e
+        for t, e in results["tasks"].items()
+        if e["arms"]["baseline"].get("curve_steps") and all(e["arms"]["baseline"]["curves"])
+    }
+    if not curved:
+        return
+    plt = report.pyplot(log)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(curved), figsize=(5 * len(curved), 4), squeeze=False)
+    for ax, (t, e) in zip(axes[0], curved.items(), strict=True):
+        for arm, rec in e["arms"].items():
+            mean = 100 * np.mean(np.asarray(rec["curves"], dtype=float), axis=0)
+            style = dict(color="k", lw=2) if arm == "baseline" else dict(lw=1)
+            ax.plot(rec["curve_steps"], mean, label=arm, **style)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation accuracy (%), mean over seeds")
+        ax.set_title(t + (" (control)" if e.get("control") else ""))
+    axes[0][0].legend(fontsize=7)
+    report.save_figure(fig, out / "curves.png", log)
 
 
 PRESETS = {"smoke": Config.smoke, "quick": Config.quick, "full": Config.full}

@@ -3,7 +3,8 @@
 Paper B (Zhang & Zhou, arXiv 2408.09523) reads the Transformer as a PDE whose residual
 connections and LayerNorm are stabilizers, and claims that without the residual the
 representations drift catastrophically and that without LayerNorm training is explosive.
-This script tests both claims on one small model trained on offline ListOps, in four arms:
+This script tests both claims on one small model trained on a task whose baseline passes
+the learning gate (the quick preset: the 8x8 digits), in four arms:
 
 - `residual + norm`: the standard pre-LN Transformer, `Discrete()`;
 - `no residual`: each sub-step replaces the state, `u <- A(N u)`, `u <- R(N' u)`
@@ -11,8 +12,11 @@ This script tests both claims on one small model trained on offline ListOps, in 
 - `no norm`: every norm of the field and the final norm are `Identity`;
 - `neither`: both.
 
-Each arm is trained at every learning rate of the config (a moderate one and a high one)
-from the same seeds. For each run it logs the loss and the gradient's global norm (before
+Each arm is trained at every learning rate of a sweep (the quick preset: eight rates from
+1e-4 to 0.3) from the same seeds, which turns the claims into measured thresholds: the
+largest stable learning rate per arm, under criteria written at the top of this script
+before any run of the sweep (`MAX_STABLE_SPIKES`, `LOSS_PROGRESS`, `DRIFT_COS_DROP`, ...).
+For each run it logs the loss and the gradient's global norm (before
 clipping) at every step, the activation norms on a fixed probe batch every few steps,
 non-finite events (a non-finite loss or gradient stops that run and is recorded; the
 experiment goes on) and loss spikes; and, at initialisation and after training, per-layer
@@ -20,12 +24,13 @@ statistics of the token states `u_l` (l = 0 the embedding): cosine similarity to
 `u_0`, relative distance `||u_l - u_0|| / ||u_0||`, RMS, the largest token norm, and token
 uniformity (mean pairwise cosine between the tokens of a sequence: 1 means rank collapse).
 
-    python experiments/studies/stabilizers.py                 # quick: minutes on a CPU
+    python experiments/studies/stabilizers.py                 # quick: ~25 min on 2 cores
     python experiments/studies/stabilizers.py --preset full   # deeper, longer: a GPU
     python experiments/studies/stabilizers.py --preset smoke  # seconds, for tests
 
-Writes `results.md`, `results.json` and `loss.png`, `grad_norm.png`, `activations.png`,
-`drift.png` into `--out` (default `runs/stabilizers`).
+Writes `results.md`, `results.json` (with the `thresholds` per arm and the `replication`
+entries of the site's table) and `loss.png`, `grad_norm.png`, `activations.png`,
+`drift.png`, `lr_sweep.png` into `--out` (default `runs/stabilizers`).
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _cli  # noqa: E402
+import _stats as stats  # noqa: E402
 import report  # noqa: E402
 from _common import (  # noqa: E402
     ListOpsSetup,
+    TaskSetup,
     data_summary,
     gate_of,
     gate_record,
@@ -56,8 +63,8 @@ from _common import (  # noqa: E402
 )
 from ablations import NoResidual  # noqa: E402
 from pdeformer import Discrete, Identity  # noqa: E402
-from pdeformer.data import ListOpsConfig, iterate_batches, iterate_forever  # noqa: E402
-from pdeformer.training import TrainConfig, evaluate, make_optimizer, train_step  # noqa: E402
+from pdeformer.data import iterate_batches, iterate_forever  # noqa: E402
+from pdeformer.training import evaluate, make_optimizer, train_step  # noqa: E402
 from report import fmt  # noqa: E402
 
 _log = report.logger("stabilizers")
@@ -65,6 +72,54 @@ _log = report.logger("stabilizers")
 
 LAYER_STATS = ("cos_to_input", "rel_distance", "rms", "max_token_norm", "token_uniformity")
 """The per-layer statistics of the token states."""
+
+# ---------------------------------------------------------------------------------------
+# The criteria, fixed before any run of the learning-rate sweep (paper B gives none)
+# ---------------------------------------------------------------------------------------
+
+SPIKE_FACTOR = 2.0
+"""A *loss spike* is a step whose training loss exceeds `SPIKE_FACTOR` times the median of
+the previous `SPIKE_WINDOW` losses."""
+
+SPIKE_WINDOW = 20
+"""The window of the loss-spike median, in steps."""
+
+MAX_STABLE_SPIKES = 3
+"""A run with more loss spikes than this is *unstable*."""
+
+LOSS_PROGRESS = 0.9
+"""A run is *unstable* unless its final training loss (mean of its last 50 steps) is below
+`LOSS_PROGRESS` times its initial loss (mean of its first 10 steps): a run must end clearly
+better than it started. A run stopped by a non-finite loss, gradient or activation is
+unstable too."""
+
+# A learning rate is *stable* for an arm when every seed's run at it is stable; the arm's
+# *largest stable learning rate* is the largest rate of the sweep at which it and every
+# smaller rate are stable (a stable rate above an unstable one does not count); `None`
+# when the smallest rate is unstable.
+
+DRIFT_COS_DROP = 0.3
+"""Drift at initialisation: the arm's last-layer cosine of the token states to the input
+lies at least this far below the baseline's (paired by seed; the claim holds when the 95%
+interval of the difference lies below `-DRIFT_COS_DROP`)."""
+
+DRIFT_ACCURACY_DROP = 0.05
+"""Catastrophic drift after training: at its best learning rate, the arm's test accuracy
+lies at least this far (5 points) below the baseline's at the baseline's best rate (paired
+by seed; holds when the 95% interval lies below `-DRIFT_ACCURACY_DROP`)."""
+
+EXPLOSION_FACTOR = 10.0
+"""Explosion at one learning rate: a non-finite event, or the run's largest gradient norm
+or activation RMS at least this multiple of the baseline's at the same rate."""
+
+PARTLY_FACTOR = 3.0
+"""Partly explosive at one learning rate: that multiple at least `PARTLY_FACTOR`, or more
+loss spikes than the baseline."""
+
+# The explosion claim as a threshold: it holds when the arm's largest stable learning rate
+# is below the baseline's, does not hold when it is at least the baseline's (and the
+# baseline meets an unstable rate in the sweep), and is not resolved when the baseline has
+# no stable rate or both are stable at every rate of the sweep.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +164,7 @@ class StabilizerConfig:
     **Arguments:**
 
     - `name`: a label for the outputs (`quick`, `full`, `smoke`).
-    - `setup`: the task, the model sizes and the training (`_common.ListOpsSetup`); every
+    - `setup`: the task, the model sizes and the training (`_common.TaskSetup`); every
       arm uses the same. Its `model_seed` and `train.seed` are replaced by each seed.
     - `lrs`: peak learning rates; each replaces `setup.train.lr` (one run per arm, rate and
       seed).
@@ -121,19 +176,22 @@ class StabilizerConfig:
     - `spike_factor`, `spike_window`: a loss spike is a step whose loss exceeds
       `spike_factor` times the median of the previous `spike_window` losses.
     - `out`: the output directory.
+    - `run_s`: measured seconds of one run on two cores, for the time estimate (`None`:
+      unknown).
     """
 
     name: str
-    setup: ListOpsSetup
+    setup: TaskSetup
     lrs: tuple[float, ...]
     seeds: tuple[int, ...]
     arms: tuple[Arm, ...] = ARMS
     probe_size: int = 64
     probe_every: int = 10
     eval_batch_size: int = 128
-    spike_factor: float = 2.0
-    spike_window: int = 20
+    spike_factor: float = SPIKE_FACTOR
+    spike_window: int = SPIKE_WINDOW
     out: Path = Path("runs/stabilizers")
+    run_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -150,51 +208,37 @@ class StabilizerConfig:
 
     @classmethod
     def quick(cls) -> StabilizerConfig:
-        """Minutes on a 2-core CPU: a 4-layer width-32 model, 200 steps, 2 seeds, learning
-        rates 1e-2 (all arms train normally) and 5e-2 (high)."""
+        """The learning-rate sweep on a task that passes the learning gate: the 8x8 digits
+        (`TaskSetup.digits`: 4 layers, width 32), 400 steps (warm-up 40), 8 peak learning
+        rates from 1e-4 to 0.3 (a factor of about 3 apart), the four arms, 3 seeds: 96
+        runs, about 25 minutes on two cores (the script prints its estimate)."""
+        digits = TaskSetup.digits(400)
         return cls(
             name="quick",
-            setup=ListOpsSetup(
-                listops=ListOpsConfig(
-                    max_depth=4,
-                    min_length=20,
-                    max_length=50,
-                    num_train=4000,
-                    num_val=64,
-                    num_test=256,
-                ),
-                data_seed=0,
-                dim=32,
-                num_heads=4,
-                num_layers=4,
-                model_seed=0,
-                train=TrainConfig(
-                    lr=1e-2,
-                    warmup_steps=20,
-                    total_steps=200,
-                    batch_size=32,
-                    weight_decay=0.01,
-                    clip_norm=1.0,
-                    progress=False,
-                ),
+            setup=dataclasses.replace(
+                digits, train=dataclasses.replace(digits.train, warmup_steps=40)
             ),
-            lrs=(1e-2, 5e-2),
-            seeds=(0, 1),
+            lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+            seeds=(0, 1, 2),
             probe_size=64,
-            probe_every=10,
-            eval_batch_size=128,
+            probe_every=20,
+            eval_batch_size=269,
+            run_s=13.0,
         )
 
     @classmethod
     def full(cls) -> StabilizerConfig:
-        """An 8-layer width-128 model on longer sequences, 3000 steps, 3 seeds, learning
-        rates 1e-3 and 1e-2: for a GPU."""
+        """An 8-layer width-128 model on longer ListOps, 3000 steps, 3 seeds, 8 learning
+        rates from 1e-4 to 0.3: for a GPU."""
         base = ListOpsSetup.full()
         return cls(
             name="full",
-            setup=dataclasses.replace(
-                base,
+            setup=TaskSetup(
+                task="listops",
+                dim=base.dim,
+                num_heads=base.num_heads,
                 num_layers=8,
+                listops=base.listops,
                 train=dataclasses.replace(
                     base.train,
                     lr=3e-3,
@@ -205,7 +249,7 @@ class StabilizerConfig:
                     progress=False,
                 ),
             ),
-            lrs=(1e-3, 1e-2),
+            lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
             seeds=(0, 1, 2),
             probe_size=128,
             probe_every=50,
@@ -214,18 +258,20 @@ class StabilizerConfig:
 
     @classmethod
     def smoke(cls) -> StabilizerConfig:
-        """Seconds: the tiny setup, 3 steps, one seed, the baseline and `neither` (for tests;
-        `neither` goes through both ablated code paths, and each arm is a new compilation)."""
+        """Seconds: the tiny digits setup, 3 steps, one seed, two learning rates, the
+        baseline and `neither` (for tests; `neither` goes through both ablated code paths,
+        and each arm and rate is a new compilation)."""
         return cls(
             name="smoke",
-            setup=ListOpsSetup.smoke(),
-            lrs=(3e-3,),
+            setup=TaskSetup.smoke(),
+            lrs=(3e-3, 3e-1),
             seeds=(0,),
             arms=(ARMS[0], ARMS[3]),
             probe_size=8,
             probe_every=2,
             eval_batch_size=16,
             spike_window=2,
+            run_s=1.0,
         )
 
 
@@ -311,6 +357,41 @@ def count_spikes(losses: list[float], factor: float, window: int) -> int:
     return count
 
 
+def instability(losses: list[float], non_finite: bool, spikes: int) -> str | None:
+    """Why a run is unstable under the criteria above (`MAX_STABLE_SPIKES`,
+    `LOSS_PROGRESS`), or `None` if it is stable.
+
+    **Arguments:**
+
+    - `losses`: the training losses of its completed steps.
+    - `non_finite`: whether it met a non-finite loss, gradient or activation.
+    - `spikes`: its number of loss spikes.
+    """
+    if non_finite:
+        return "non-finite loss, gradient or activation"
+    if not losses:
+        return "no step completed"
+    if spikes > MAX_STABLE_SPIKES:
+        return f"{spikes} loss spikes (more than {MAX_STABLE_SPIKES})"
+    initial = float(np.mean(losses[:10]))
+    final = float(np.mean(losses[-50:]))
+    if not final < LOSS_PROGRESS * initial:
+        return f"final loss {final:.3g} not below {LOSS_PROGRESS:g} x the initial {initial:.3g}"
+    return None
+
+
+def largest_stable(stable_by_lr: dict[float, bool]) -> tuple[float | None, float | None]:
+    """`(largest stable rate, smallest unstable rate)` of a sweep: the largest rate at which
+    it and every smaller rate are stable (`None` if the smallest is not), and the first
+    unstable rate (`None` if there is none)."""
+    best = None
+    for lr in sorted(stable_by_lr):
+        if not stable_by_lr[lr]:
+            return best, lr
+        best = lr
+    return best, None
+
+
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
@@ -383,13 +464,22 @@ def _run(arm: Arm, lr: float, seed: int, task, probe, config: StabilizerConfig) 
         if history["loss"]
         else None
     )
+    spikes = count_spikes(history["loss"], config.spike_factor, config.spike_window)
+    unstable = instability(history["loss"], non_finite is not None or not act_finite, spikes)
+    rms = activations["max_rms"]
+    growth = _max(rms) / rms[0] if rms and _finite(rms[0]) and rms[0] > 0 and act_finite else None
     return {
         "seed": seed,
+        "lr": lr,
+        "stable": unstable is None,
+        "unstable_reason": unstable,
+        "initial_loss": float(np.mean(history["loss"][:10])) if history["loss"] else None,
+        "activation_growth": growth,
         "gate": gate,
         "steps_completed": len(history["step"]),
         "non_finite": non_finite,
         "non_finite_activations": not act_finite,
-        "loss_spikes": count_spikes(history["loss"], config.spike_factor, config.spike_window),
+        "loss_spikes": spikes,
         "final_loss": float(np.mean(history["loss"][-10:])) if history["loss"] else None,
         "max_loss": max(history["loss"]) if history["loss"] else None,
         "test_accuracy": ev.accuracy,
@@ -486,8 +576,8 @@ def assess_claims(groups: list[dict[str, Any]]) -> dict[str, Any]:
             cos = s["layers_init"]["cos_to_input"][-1]
             cos0 = base["layers_init"]["cos_to_input"][-1]
             acc, acc0 = s["test_accuracy"], base["test_accuracy"]
-            lost_input = cos is not None and cos0 is not None and cos <= cos0 - 0.3
-            failed = acc is not None and acc0 is not None and acc <= acc0 - 0.05
+            lost_input = cos is not None and cos0 is not None and cos <= cos0 - DRIFT_COS_DROP
+            failed = acc is not None and acc0 is not None and acc <= acc0 - DRIFT_ACCURACY_DROP
             entry["drift"][g["name"]] = {
                 "verdict": _VERDICTS[int(lost_input) + int(failed)],
                 "init_cos_to_input_last": cos,
@@ -503,9 +593,9 @@ def assess_claims(groups: list[dict[str, Any]]) -> dict[str, Any]:
             act_ratio = _ratio(s["max_activation_rms"], base["max_activation_rms"])
             events = s["non_finite_events"] + s["non_finite_activation_runs"]
             ratios = [r for r in (grad_ratio, act_ratio) if r is not None]
-            if events or any(r >= 10 for r in ratios):
+            if events or any(r >= EXPLOSION_FACTOR for r in ratios):
                 verdict = "held"
-            elif any(r >= 3 for r in ratios) or s["loss_spikes"] > base["loss_spikes"]:
+            elif any(r >= PARTLY_FACTOR for r in ratios) or s["loss_spikes"] > base["loss_spikes"]:
                 verdict = "partly"
             else:
                 verdict = "not held"
@@ -534,6 +624,143 @@ def assess_claims(groups: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def thresholds(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per arm, over the learning-rate sweep: which rates are stable (every seed's run
+    stable), the largest stable rate and the first unstable one (`largest_stable`), the
+    best rate (highest mean test accuracy) with its per-seed accuracies, the drift at
+    initialisation (last layer, per seed), and the explosion metrics at every rate."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(g["name"] for g in groups):
+        at = {g["lr"]: g for g in groups if g["name"] == name}
+        stable = {lr: all(r["stable"] for r in g["runs"]) for lr, g in at.items()}
+        largest, first_unstable = largest_stable(stable)
+        mean_acc = {lr: g["summary"]["test_accuracy"] for lr, g in at.items()}
+        scored = {lr: a for lr, a in mean_acc.items() if a is not None}
+        best = max(scored, key=scored.get) if scored else None
+        first = at[min(at)]
+        out[name] = {
+            "stable_by_lr": {f"{lr:g}": v for lr, v in stable.items()},
+            "largest_stable_lr": largest,
+            "first_unstable_lr": first_unstable,
+            "best_lr": best,
+            "best_accuracy": [r["test_accuracy"] for r in at[best]["runs"]] if best else [],
+            "init_cos_to_input_last": [r["layers_init"]["cos_to_input"][-1] for r in first["runs"]],
+            "init_token_uniformity_last": [
+                r["layers_init"]["token_uniformity"][-1] for r in first["runs"]
+            ],
+            "init_rel_distance_last": [r["layers_init"]["rel_distance"][-1] for r in first["runs"]],
+            "by_lr": {
+                f"{lr:g}": {
+                    "stable": stable[lr],
+                    "unstable_reasons": [r["unstable_reason"] for r in g["runs"]],
+                    "test_accuracy": g["summary"]["test_accuracy"],
+                    "max_grad_norm": g["summary"]["max_grad_norm"],
+                    "max_activation_rms": g["summary"]["max_activation_rms"],
+                    "max_activation_growth": max(
+                        (
+                            r["activation_growth"]
+                            for r in g["runs"]
+                            if _finite(r["activation_growth"])
+                        ),
+                        default=None,
+                    ),
+                    "loss_spikes": g["summary"]["loss_spikes"],
+                    "non_finite_events": g["summary"]["non_finite_events"]
+                    + g["summary"]["non_finite_activation_runs"],
+                }
+                for lr, g in at.items()
+            },
+        }
+    return out
+
+
+def _paired_or_none(a: list[float | None], b: list[float | None]) -> stats.Paired | None:
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if _finite(x) and _finite(y)]
+    return stats.paired([x - y for x, y in pairs]) if pairs else None
+
+
+def replication(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Paper B's claims as measured by the sweep, for the site's replication table
+    (`docs/hooks/replication.py`), by the criteria at the top of this script:
+
+    - `B1` drift at initialisation: the paired difference of the last-layer cosine to the
+      input (no residual − baseline), below `-DRIFT_COS_DROP`;
+    - `B1` drift after training: the paired difference of test accuracy, each arm at its
+      best rate, below `-DRIFT_ACCURACY_DROP` (needs the baseline to pass the learning gate
+      at its best rate);
+    - `B2` explosion: the no-norm arm's largest stable rate below the baseline's.
+    """
+    th = results["thresholds"]
+    names = list(th)
+    base = names[0]
+    seeds = len(th[base]["init_cos_to_input_last"])
+    basis = f"{results['data']['name']}; {seeds} seeds per arm and rate; CPU scale"
+    out: list[dict[str, Any]] = []
+
+    def add(claim, measured, verdict, p=None):
+        out.append(
+            {
+                "id": claim,
+                "measured": measured,
+                "mean": None if p is None else p.mean,
+                "low": None if p is None else p.low,
+                "high": None if p is None else p.high,
+                "verdict": verdict,
+                "basis": basis,
+                "scale": "cpu",
+            }
+        )
+
+    if "no residual" in th:
+        nr, b = th["no residual"], th[base]
+        p = _paired_or_none(nr["init_cos_to_input_last"], b["init_cos_to_input_last"])
+        if p is None:
+            add("B1", "last-layer cosine to the input not measured", "not resolved")
+        else:
+            add(
+                "B1",
+                f"last-layer cosine to the input at initialisation {p.mean:+.2f} [{p.low:+.2f}, "
+                f"{p.high:+.2f}] vs the baseline (criterion below {-DRIFT_COS_DROP:g})",
+                report.claim_verdict(p.low, p.high, -DRIFT_COS_DROP, "below"),
+                p,
+            )
+        gate_ok = b["best_lr"] is not None and results["gate_passed_by_lr"].get(
+            f"{b['best_lr']:g}", False
+        )
+        p = _paired_or_none(nr["best_accuracy"], b["best_accuracy"])
+        if p is None or not gate_ok:
+            add(
+                "B1", "test accuracy at the best rate: the baseline failed the gate", "not resolved"
+            )
+        else:
+            p = p.scaled(100.0)
+            add(
+                "B1",
+                f"test accuracy at each arm's best rate {p.mean:+.1f} points [{p.low:+.1f}, "
+                f"{p.high:+.1f}] vs the baseline (criterion below "
+                f"{-100 * DRIFT_ACCURACY_DROP:g})",
+                report.claim_verdict(p.low, p.high, -100 * DRIFT_ACCURACY_DROP, "below"),
+                p,
+            )
+    if "no norm" in th:
+        nn, b = th["no norm"], th[base]
+        text = (
+            f"largest stable learning rate {fmt(nn['largest_stable_lr'])} (baseline "
+            f"{fmt(b['largest_stable_lr'])}); first unstable {fmt(nn['first_unstable_lr'])} "
+            f"(baseline {fmt(b['first_unstable_lr'])})"
+        )
+        if b["largest_stable_lr"] is None:
+            verdict = "not resolved"
+        elif nn["largest_stable_lr"] is None or nn["largest_stable_lr"] < b["largest_stable_lr"]:
+            verdict = "holds"
+        elif b["first_unstable_lr"] is None and nn["first_unstable_lr"] is None:
+            verdict = "not resolved"
+        else:
+            verdict = "does not hold"
+        add("B2", text, verdict)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------
@@ -552,6 +779,73 @@ def _layer_table(groups, which: str, num_layers: int, with_lr: bool) -> list[str
         for key in LAYER_STATS:
             values = " | ".join(fmt(v) for v in g["summary"][which][key])
             lines.append(f"| {g['name']} | {lr_val}{key} | {values} |")
+    return lines
+
+
+def _threshold_lines(results: dict[str, Any]) -> list[str]:
+    """The sweep's stability thresholds per arm, the explosion metrics at every rate, and
+    paper B's claims as the thresholds decide them."""
+    th = results["thresholds"]
+    lrs = list(next(iter(th.values()))["by_lr"])
+    lines = [
+        "",
+        "## Stability thresholds (learning-rate sweep)",
+        "",
+        f"A run is *stable* when it meets no non-finite loss, gradient or activation, has at "
+        f"most {MAX_STABLE_SPIKES} loss spikes (a step whose loss exceeds {SPIKE_FACTOR:g}x "
+        f"the median of the previous {SPIKE_WINDOW}), and ends with a training loss (mean of "
+        f"its last 50 steps) below {LOSS_PROGRESS:g}x its initial loss (mean of its first "
+        "10); a rate is stable for an arm when every seed's run is; the *largest stable "
+        "rate* is the largest at which it and every smaller rate are stable. These criteria "
+        "are constants of `experiments/studies/stabilizers.py`, fixed before the sweep ran.",
+        "",
+        "| arm | largest stable lr | first unstable lr | best lr | test accuracy at best lr "
+        "| init cosine to input (last layer) | init token uniformity (last layer) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, t in th.items():
+        acc = [a for a in t["best_accuracy"] if _finite(a)]
+        cos = [c for c in t["init_cos_to_input_last"] if _finite(c)]
+        uni = [c for c in t["init_token_uniformity_last"] if _finite(c)]
+        lines.append(
+            f"| {name} | {fmt(t['largest_stable_lr'])} | {fmt(t['first_unstable_lr'])} | "
+            f"{fmt(t['best_lr'])} | "
+            + (
+                f"{100 * np.mean(acc):.1f}% ({100 * min(acc):.1f} to {100 * max(acc):.1f})"
+                if acc
+                else "-"
+            )
+            + f" | {fmt(_mean(cos))} | {fmt(_mean(uni))} |"
+        )
+    lines += [
+        "",
+        "Per rate (✓ stable, ✗ unstable; test accuracy, mean over seeds; largest activation "
+        "growth: activation RMS during training over its value at initialisation):",
+        "",
+        "| arm | " + " | ".join(lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
+    for name, t in th.items():
+        cells = []
+        for lr in lrs:
+            r = t["by_lr"][lr]
+            acc = r["test_accuracy"]
+            cells.append(
+                ("✓ " if r["stable"] else "✗ ")
+                + ("-" if acc is None else f"{100 * acc:.0f}%")
+                + f", growth {fmt(r['max_activation_growth'], 2)}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "![test accuracy against the learning rate](lr_sweep.png)", ""]
+    lines += ["**Paper B's claims at the thresholds:**", ""]
+    labels = {
+        "B1": "without residual connections, representations drift catastrophically",
+        "B2": "without LayerNorm, training is explosive",
+    }
+    for e in results["replication"]:
+        lines.append(f"- {labels[e['id']]}: **{e['verdict']}**; {e['measured']}.")
+    if not results["replication"]:
+        lines.append("- none measured: the claims need the arms `no residual` and `no norm`.")
     return lines
 
 
@@ -599,6 +893,7 @@ def _markdown(results: dict[str, Any]) -> str:
             f"| {fmt(s['median_grad_norm'])} | {fmt(s['max_grad_norm'])} "
             f"| {fmt(s['max_activation_rms'])} | {fmt(s['max_activation_token_norm'])} |"
         )
+    lines += _threshold_lines(results)
     num_layers = setup["num_layers"]
     first_lr = [g for g in groups if g["lr"] == lrs[0]]
     lines += [
@@ -689,8 +984,12 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     color = {name: colors[i % len(colors)] for i, name in enumerate(names)}
 
     def per_run(key: str, series: str, path: str, ylabel: str, title: str, log: bool) -> None:
-        fig, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.2), squeeze=False)
-        for ax, lr in zip(axes[0], lrs, strict=True):
+        ncols = min(4, len(lrs))
+        nrows = -(-len(lrs) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+        for ax in axes.flat[len(lrs) :]:
+            ax.set_visible(False)
+        for ax, lr in zip(axes.flat, lrs, strict=False):
             positive = False
             for g in (g for g in groups if g["lr"] == lr):
                 for j, run in enumerate(g["runs"]):
@@ -739,10 +1038,15 @@ def _plots(results: dict[str, Any], out: Path) -> None:
         ("rms", "activation RMS", True),
         ("token_uniformity", "token uniformity", False),
     )
+    # At most four rates, spread over the sweep: one column each.
+    shown = [
+        lrs[i]
+        for i in sorted(set(np.linspace(0, len(lrs) - 1, min(4, len(lrs))).round().astype(int)))
+    ]
     fig, axes = plt.subplots(
-        len(panels), len(lrs), figsize=(6 * len(lrs), 3.2 * len(panels)), squeeze=False
+        len(panels), len(shown), figsize=(5 * len(shown), 3.2 * len(panels)), squeeze=False
     )
-    for col, lr in enumerate(lrs):
+    for col, lr in enumerate(shown):
         for row, (key, label, log) in enumerate(panels):
             ax = axes[row][col]
             for g in (g for g in groups if g["lr"] == lr):
@@ -772,6 +1076,38 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     fig.suptitle("Per-layer token states, mean over seeds (dashed: init, solid: trained)")
     report.save_figure(fig, out / "drift.png", _log)
 
+    # The sweep: test accuracy of every run against its peak rate; unstable runs hollow.
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name in names:
+        at = [g for g in groups if g["name"] == name]
+        xs = [g["lr"] for g in at]
+        ax.plot(
+            xs,
+            [
+                np.nan if g["summary"]["test_accuracy"] is None else g["summary"]["test_accuracy"]
+                for g in at
+            ],
+            color=color[name],
+            label=name,
+        )
+        for g in at:
+            for run in g["runs"]:
+                acc = run["test_accuracy"]
+                ax.plot(
+                    g["lr"],
+                    np.nan if acc is None else acc,
+                    "o",
+                    ms=4,
+                    color=color[name],
+                    mfc=color[name] if run["stable"] else "none",
+                )
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("test accuracy (line: mean over seeds)")
+    ax.set_title("Learning-rate sweep (hollow: unstable run)")
+    ax.legend(fontsize=8)
+    report.save_figure(fig, out / "lr_sweep.png", _log)
+
 
 def main(config: StabilizerConfig) -> dict[str, Any]:
     """Run the ablation and write `results.md`, `results.json` and the plots into
@@ -785,8 +1121,19 @@ def main(config: StabilizerConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     info = report.meta(config)
-    _log(f"generating ListOps ({config.name})")
-    task = config.setup.task()
+    _log(f"loading {config.setup.task} ({config.name})")
+    task = config.setup.load()
+    runs_total = len(config.lrs) * len(config.arms) * len(config.seeds)
+    estimate = None if config.run_s is None else runs_total * config.run_s
+    _log(
+        f"{runs_total} runs ({len(config.lrs)} rates x {len(config.arms)} arms x "
+        f"{len(config.seeds)} seeds); estimated "
+        + (
+            f"{estimate / 60:.0f} min on two cores plus compilation"
+            if estimate is not None
+            else "time unknown"
+        )
+    )
     probe_size = min(config.probe_size, len(task.val))
     probe = next(iterate_batches(task.val, probe_size, shuffle=False, drop_remainder=True))
     groups = []
@@ -830,9 +1177,11 @@ def main(config: StabilizerConfig) -> dict[str, Any]:
         "arms": groups,
         "claims": assess_claims(groups),
     }
+    results["thresholds"] = thresholds(groups)
+    results["replication"] = replication(results)
     results["meta"]["wall_s"] = time.perf_counter() - start
     _plots(results, out)
-    title = "Stabilizer ablation: residual connection and LayerNorm (ListOps)"
+    title = f"Stabilizer ablation: residual connection and LayerNorm ({task.name})"
     ran = {k: g for k, g in gates.items() if g is not None}
     if ran:
         verdict = gate_verdict(ran, f"baseline '{config.arms[0].name}'")
