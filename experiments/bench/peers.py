@@ -69,7 +69,9 @@ Both comparisons run at atol = rtol / 10 (the library's rule).
      round, less sensitive to a load that drifts).
    Fields: `default` (`PerLayer` weights, `SequentialBlock`: as in comparison 1) and
    `smooth` (`Polynomial(3)` weights, `ParallelBlock`: one smooth piece); adjoints:
-   `Continuous`'s default `RecursiveCheckpointAdjoint` and `diffrax.BacksolveAdjoint()`.
+   `Continuous`'s default `RecursiveCheckpointAdjoint` and `diffrax.BacksolveAdjoint()`;
+   and the default field under the default adjoint with diffrax's own stage loop
+   (`unroll_stages=False`, `recursive_checkpoint_stage_loop`).
    The headline (`ratios["backward_per_nfe_over_forward"]`, target <= 3 on a CPU) is the
    default field under the default adjoint. Without PyTorch only this part runs.
 
@@ -141,6 +143,9 @@ class BenchConfig:
       anyway when those are not installed.
     - `backward_repeats`: interleaved rounds of the backward-per-NFE figure (3); 0 skips it.
     - `backward_backsolve`: also measure it under `diffrax.BacksolveAdjoint()`.
+    - `backward_stage_loop`: also measure the default field under the default adjoint with
+      diffrax's own stage loop (`Continuous(..., unroll_stages=False)`, the default before
+      issue 28), side by side.
     - `out`: the output directory (`None`: print only).
     """
 
@@ -167,6 +172,7 @@ class BenchConfig:
     peers: bool = True
     backward_repeats: int = 7
     backward_backsolve: bool = True
+    backward_stage_loop: bool = True
     out: Path | None = Path("runs/bench/peers")
 
 
@@ -188,6 +194,7 @@ SMOKE = {
     "adjoint_repeats": 1,
     "rtol2": None,
     "backward_repeats": 2,
+    "backward_stage_loop": False,
 }
 PRESETS = {
     "smoke": lambda: BenchConfig(**SMOKE),
@@ -873,16 +880,21 @@ def backward_per_nfe(config: BenchConfig) -> dict[str, Any]:
     c = config
     u0 = jr.normal(jr.PRNGKey(c.seed + 1), (c.ode_batch, c.ode_seq, c.ode_dim), jnp.float32)
     controller = diffrax.PIDController(rtol=c.rtol, atol=c.rtol / 10)
-    adjoints = {"recursive_checkpoint": None}
+    # (adjoint, unroll_stages) by name; the stage loop for the default field only.
+    adjoints = {"recursive_checkpoint": (None, True)}
     if c.backward_backsolve:
-        adjoints["backsolve"] = diffrax.BacksolveAdjoint()
+        adjoints["backsolve"] = (diffrax.BacksolveAdjoint(), True)
+    if c.backward_stage_loop:
+        adjoints["recursive_checkpoint_stage_loop"] = (None, False)
     arms, fns = {}, {}
     for field_name in BACKWARD_FIELDS:
         field = _backward_field(field_name, c)
         params, static = eqx.partition(field, eqx.is_array)
-        for adjoint_name, adjoint in adjoints.items():
+        for adjoint_name, (adjoint, unroll) in adjoints.items():
+            if field_name != "default" and not unroll:
+                continue
             name = f"{field_name}/{adjoint_name}"
-            depth = pf.Continuous(diffrax.Dopri5(), controller, adjoint)
+            depth = pf.Continuous(diffrax.Dopri5(), controller, adjoint, unroll_stages=unroll)
 
             def solve(p, u, depth=depth, static=static):
                 return depth(eqx.combine(p, static), u)
@@ -901,6 +913,7 @@ def backward_per_nfe(config: BenchConfig) -> dict[str, Any]:
             arms[name] = {
                 "field": BACKWARD_FIELDS[field_name],
                 "adjoint": report.describe(depth.adjoint),
+                "unroll_stages": unroll,
                 "nfe": int(sol.stats.nfe),
                 "steps": int(sol.stats.num_steps),
                 "evaluations": {
