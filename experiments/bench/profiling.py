@@ -25,7 +25,8 @@ attributed to the compiled program's HLO instructions by name, and each instruct
 - the instructions with the most self time, with their shape and JAX op name.
 
 Each field of `--solve.fields` (default: `default`, the `PerLayer` / `SequentialBlock`
-field, and `smooth`, `Polynomial(3)` weights with `ParallelBlock`) is profiled in turn;
+field; `smooth`, `Polynomial(3)` weights with `ParallelBlock`; `default_stage_loop`, the
+default field under diffrax's own stage loop, `unroll_stages=False`) is profiled in turn;
 the top-level figures are the first field's.
 
 Events of the runtime itself (thread-pool waits, the executor) are reported apart, by
@@ -141,8 +142,9 @@ class SolveConfig:
     - `unrolled`: profile `pf.Unrolled(diffrax.Dopri5())` (the same method with its stages
       unrolled) instead of `diffrax.Dopri5()` (this script's only use of `pf.Unrolled`).
     - `fields`: the fields profiled, each in turn: `"default"` (`PerLayer` weights,
-      `SequentialBlock`) and `"smooth"` (`Polynomial(3)` weights, `ParallelBlock`: one
-      smooth piece).
+      `SequentialBlock`), `"smooth"` (`Polynomial(3)` weights, `ParallelBlock`: one
+      smooth piece), and `"default_stage_loop"`: the default field solved with diffrax's
+      own stage loop (`Continuous(..., unroll_stages=False)`, the default before issue 28).
     """
 
     batch: int = 8
@@ -156,7 +158,11 @@ class SolveConfig:
     top: int = 20
     seed: int = 0
     unrolled: bool = False
-    fields: tuple[Literal["default", "smooth"], ...] = ("default", "smooth")
+    fields: tuple[Literal["default", "smooth", "default_stage_loop"], ...] = (
+        "default",
+        "smooth",
+        "default_stage_loop",
+    )
 
 
 SOLVE_SMOKE = dict(batch=2, seq=16, dim=16, heads=2, layers=2, hidden=32, calls=1, top=5)
@@ -221,7 +227,7 @@ def category(info: dict[str, Any], buffers: tuple[int, ...] = (7, 16)) -> str:
 
 
 def _solve_field(name: str, c: SolveConfig, key) -> pf.Field:
-    if name == "default":
+    if name in ("default", "default_stage_loop"):
         return pf.Field(c.dim, c.heads, c.layers, hidden=c.hidden, key=key)
     return pf.Field(
         c.dim,
@@ -240,7 +246,11 @@ def _profile_solve(c: SolveConfig, field_name: str) -> dict[str, Any]:
     params, static = eqx.partition(field, eqx.is_inexact_array)
     u0 = jr.normal(key_u, (c.batch, c.seq, c.dim), jnp.float32)
     solver = pf.Unrolled(diffrax.Dopri5()) if c.unrolled else diffrax.Dopri5()
-    depth = pf.Continuous(solver, diffrax.PIDController(rtol=c.rtol, atol=c.rtol / 10))
+    depth = pf.Continuous(
+        solver,
+        diffrax.PIDController(rtol=c.rtol, atol=c.rtol / 10),
+        unroll_stages=field_name != "default_stage_loop",
+    )
 
     def loss(p, u):
         sol = depth(eqx.combine(p, static), u)
