@@ -158,7 +158,13 @@ def test_bench_peers_smoke(experiments, monkeypatch, tmp_path):
     assert ode["matmul_precision"] == {"jax": "highest", "torch": "highest"}
     assert result["discrete_vs_pytorch"]["matmul_precision"]["torch"] == "highest"
     assert syncs and not unsynced
-    assert result["targets"] == module.TARGETS
+    assert result["targets"] == {**module.TARGETS, **module.BACKWARD_TARGETS}
+    assert set(result["backward_per_nfe"]["arms"]) == {
+        "default/recursive_checkpoint",
+        "default/backsolve",
+        "smooth/recursive_checkpoint",
+        "smooth/backsolve",
+    }
     assert set(run["memory_faults_fwd_bwd"]) == {
         "pdeformer",
         "pdeformer_unrolled",
@@ -197,6 +203,55 @@ def test_interleaved_counts_page_faults(experiments):
     assert max(counters["none"]["minor_faults"]) < min(counters["fresh"]["minor_faults"])
     medians = timing.counter_medians(counters)
     assert set(medians["fresh"]) == {"minor_faults_per_call", "system_cpu_ms_per_call"}
+
+
+def test_bench_peers_backward_figure_without_torch(experiments, monkeypatch, tmp_path):
+    """Without PyTorch the comparisons are skipped and the backward-per-NFE figure runs
+    alone; each arm's figure is the stated quotient of its own times and counts."""
+    module = experiments("bench/peers")
+    config = module._cli.parse(
+        module.PRESETS,
+        [
+            "--preset",
+            "smoke",
+            "--out",
+            str(tmp_path),
+            "--no-backward-backsolve",
+            "--backward-stage-loop",
+        ],
+        description="",
+    )
+
+    def missing():
+        raise SystemExit(f"{module.PEERS_MESSAGE} (No module named 'torch')")
+
+    monkeypatch.setattr(module, "_import_peers", missing)
+    result = json.loads(json.dumps(module.main(config)))
+    assert "pdeformer_vs_torchdiffeq" not in result and "discrete_vs_pytorch" not in result
+    assert 'pip install -e ".[peers]"' in result["peers_skipped"]
+    assert result["targets"] == module.BACKWARD_TARGETS
+    arms = result["backward_per_nfe"]["arms"]
+    assert set(arms) == {
+        "default/recursive_checkpoint",
+        "smooth/recursive_checkpoint",
+        "default/recursive_checkpoint_stage_loop",
+    }
+    for arm in arms.values():
+        ev = arm["evaluations"]
+        # The default adjoint differentiates every forward evaluation once, after
+        # recomputing it once (the step; the smoke solves take fewer steps than the
+        # adjoint's checkpoints), and diffrax's stage loop once more.
+        assert ev["forward"] == ev["backward_vjp"] == arm["nfe"] > 0
+        assert ev["backward_recomputed"] == (1 if arm["unroll_stages"] else 2) * arm["nfe"]
+        want = (arm["bwd_ms"] / ev["backward_vjp"]) / (arm["fwd_ms"] / arm["nfe"])
+        assert arm["backward_per_nfe_over_forward"] == pytest.approx(want)
+        assert arm["bwd_ms"] == pytest.approx(arm["fwd_bwd_ms"] - arm["fwd_ms"])
+        assert _finite(arm["per_round_median"]) and arm["compile_s"] > 0
+    headline = arms["default/recursive_checkpoint"]["backward_per_nfe_over_forward"]
+    assert result["ratios"]["backward_per_nfe_over_forward"] == headline
+    assert set(result["passed_targets"]) == {"backward_per_nfe_over_forward"}
+    page = (tmp_path / "results.md").read_text()
+    assert "PyTorch comparisons skipped" in page and "default/recursive_checkpoint" in page
 
 
 def test_bench_peers_names_the_extra_without_torch(experiments, monkeypatch):

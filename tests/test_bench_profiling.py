@@ -33,7 +33,21 @@ def test_solve_mode_smoke(experiments, tmp_path):
     assert all(v >= 0 for v in result["self_ms"].values())
     assert len(result["top"]) == 5 and result["instructions_profiled"] >= 5
     assert {row["pass"] for row in result["top"]} <= {"forward", "backward"}
-    assert "self time per call" in (tmp_path / "results.md").read_text()
+    assert set(result["fields"]) == {"default", "smooth", "default_stage_loop"}
+    for f in result["fields"].values():
+        assert set(f["phase_ms"]) == set(module.PHASES)
+        assert f["phase_ms"]["forward"] > 0 and f["phase_ms"]["backward: VJP"] > 0
+        for part, by_category in f["breakdown_ms"].items():
+            assert set(by_category) == set(module.CATEGORIES)
+            assert sum(by_category.values()) == pytest.approx(f["phase_ms"][part])
+    # diffrax's stage loop recomputes the stages inside the backward pass of each step;
+    # unrolled (the default), they are not.
+    phases = {k: f["phase_ms"] for k, f in result["fields"].items()}
+    assert phases["default_stage_loop"]["backward: stages recomputed"] > 0
+    # (a few bookkeeping instructions of the solve's loops may still be attributed there.)
+    stages = "backward: stages recomputed"
+    assert phases["default"][stages] < 0.1 * phases["default_stage_loop"][stages]
+    assert "self ms per call" in (tmp_path / "results.md").read_text()
     config = module._cli.parse(module.PRESETS, [*args, "--solve.unrolled"], description="")
     unrolled = module.main(config)
     assert unrolled["meta"]["config"]["solve"]["unrolled"] and unrolled["nfe"] == result["nfe"]
@@ -128,6 +142,40 @@ def test_products_timing_adds_up(experiments):
             sum(out[n]["per_call"] * out[n][lib]["median_ms"] for n in module.PRODUCTS)
         )
         assert all(out[n][lib]["min_ms"] > 0 for n in module.PRODUCTS)
+
+
+def test_phases_and_categories_of_a_checkpointed_solve(experiments):
+    # Op names as XLA reports them for Continuous(Dopri5()) under the default adjoint
+    # (abridged at the front), and for Unrolled(Dopri5()).
+    module = experiments("bench/profiling")
+    phase = module.phase
+    top = "jit(loss)/jvp(jit(diffeqsolve))/outer-loop"
+    inner = "checkpointed-bwd/while/body/cond/branch_1_fun/transpose(jvp(checkpointed-bwd))"
+    fwd = f"{top}/checkpointed-fwd/while/body/checkpointed-no-vjp/while/body/cond/dot_general"
+    step = f"{top}/checkpointed-bwd/while/body/jvp(checkpointed-fwd)/while/body/cond/dot_general"
+    stages = f"{inner}/while/body/jvp()/cond/branch_0_fun/dot_general"
+    vjp = f"{inner}/while/body/cond/branch_1_fun/transpose(jvp())/cond/branch_1_fun/dot_general"
+    unrolled_step = f"{top}/checkpointed-bwd/while/body/jvp()/cond/branch_0_fun/dot_general"
+    unrolled_vjp = f"{top}/checkpointed-bwd/while/body/transpose(jvp())/cond/dot_general"
+    assert phase(fwd) == "forward"
+    assert phase(step) == phase(unrolled_step) == "backward: step recomputed"
+    assert phase(stages) == "backward: stages recomputed"
+    assert phase(vjp) == phase(unrolled_vjp) == "backward: VJP"
+    assert phase("jit(loss)/transpose(jvp(jit(diffeqsolve)))") == "backward: VJP"
+    category = lambda name, shape, ops, matmul=False: module.category(
+        {"op_name": name, "shape": shape, "ops": ops, "matmul": matmul}
+    )
+    attention = f"{vjp}/while/body/closed_call/exp"
+    assert category(attention, "f32[16,256,256]{2,1,0}", ["exponential"]) == module.CATEGORIES[0]
+    assert category(vjp, "f32[2048,256]{1,0}", ["dot"], True) == module.CATEGORIES[1]
+    assert category(f"{fwd}/checkpoint/mul", "f32[2048,256]", ["multiply"]) == module.CATEGORIES[2]
+    assert category(vjp, "f32[7,8,256,64]{3,2,1,0}", ["add", "copy"]) == module.CATEGORIES[3]
+    assert category(vjp, "f32[16,8,256,64]{3,2,1,0}", ["broadcast"]) == module.CATEGORIES[3]
+    weights = ["bitcast", "constant", "dynamic-update-slice", "parameter"]
+    assert category(vjp, "f32[4,64,256]{2,1,0}", weights) == module.CATEGORIES[4]
+    assert category(vjp, "f32[2048,64]{1,0}", ["broadcast", "parameter"]) == module.CATEGORIES[5]
+    assert category(vjp, "f32[2048,64]{1,0}", ["copy", "transpose"]) == module.CATEGORIES[6]
+    assert category(vjp, "f32[2048,64]{1,0}", ["add", "multiply"]) == module.CATEGORIES[7]
 
 
 def test_kinds_of_instructions(experiments):

@@ -77,7 +77,7 @@ def test_same_solution_as_the_wrapped_solver(name, seed):
         field, u0, mask = _problem(seed)
         controller = _controller(name)
         solver = getattr(diffrax, name)()
-        s0 = _forward(pf.Continuous(solver, controller), field, u0, mask)
+        s0 = _forward(pf.Continuous(solver, controller, unroll_stages=False), field, u0, mask)
         unrolled = pf.Continuous(pf.Unrolled(solver), controller)
         s1 = _forward(unrolled, field, u0, mask)
         assert int(s0.stats.num_rejected_steps) > 0
@@ -88,7 +88,7 @@ def test_same_solution_as_the_wrapped_solver(name, seed):
         def per_sequence(depth):
             return jax.vmap(lambda u, m: depth(field, u[None], m[None]).u[0])(u0, mask)
 
-        base = pf.Continuous(solver, controller)
+        base = pf.Continuous(solver, controller, unroll_stages=False)
         assert jnp.allclose(per_sequence(unrolled), per_sequence(base), rtol=0, atol=1e-12)
 
 
@@ -103,7 +103,7 @@ def test_same_gradient_as_the_wrapped_solver(seed):
         controller = diffrax.PIDController(rtol=1e-6, atol=1e-8)
 
         def value_and_grad(solver):
-            depth = pf.Continuous(solver, controller)
+            depth = pf.Continuous(solver, controller, unroll_stages=False)
             loss = lambda f: jnp.sum(depth(f, u0, mask).u ** 2)
             return eqx.filter_jit(eqx.filter_value_and_grad(loss))(field)
 
@@ -120,7 +120,8 @@ def test_same_method_with_dense_output_gradients(name, seed):
         field, u0, mask = _problem(seed)
         controller = _controller(name)
         solver = getattr(diffrax, name)()
-        (l0, s0), g0 = _solve_and_grad(pf.Continuous(solver, controller), field, u0, mask)
+        base = pf.Continuous(solver, controller, unroll_stages=False)
+        (l0, s0), g0 = _solve_and_grad(base, field, u0, mask)
         (l1, s1), g1 = _solve_and_grad(
             pf.Continuous(pf.Unrolled(solver), controller), field, u0, mask
         )
@@ -139,7 +140,10 @@ def test_backsolve_adjoint(seed):
         controller = diffrax.PIDController(rtol=1e-6, atol=1e-8)
         results = [
             _solve_and_grad(
-                pf.Continuous(solver, controller, diffrax.BacksolveAdjoint()), field, u0, mask
+                pf.Continuous(solver, controller, diffrax.BacksolveAdjoint(), unroll_stages=False),
+                field,
+                u0,
+                mask,
             )
             for solver in (diffrax.Tsit5(), pf.Unrolled(diffrax.Tsit5()))
         ]
@@ -248,6 +252,33 @@ def test_one_step_has_the_wrapped_solvers_gradient(name):
                 recomputed = fsal and first and i == 1
                 for g in jax.tree.leaves(grad):
                     assert (float(jnp.max(jnp.abs(g))) > 0) != recomputed, (first, i)
+
+
+def test_continuous_unrolls_the_stages_by_default(seed):
+    # An adaptive Continuous steps an explicit Runge-Kutta solver as Unrolled(solver): the
+    # same program as passing Unrolled itself, and in reverse mode each forward evaluation
+    # is recomputed once (the step from its checkpoint), not twice (diffrax's stage loop
+    # recomputes every stage again), with the gradient of diffrax's stage loop.
+    from pdeformer.diagnostics import evaluation_counts
+
+    with jax.enable_x64(True):
+        field, u0, mask = _problem(seed)
+        controller = diffrax.PIDController(rtol=1e-6, atol=1e-8)
+        default = pf.Continuous(diffrax.Bosh3(), controller)
+        loop = pf.Continuous(diffrax.Bosh3(), controller, unroll_stages=False)
+        (l0, s0), g0 = _solve_and_grad(default, field, u0, mask)
+        given = pf.Continuous(pf.Unrolled(diffrax.Bosh3()), controller)
+        (l1, s1), g1 = _solve_and_grad(given, field, u0, mask)
+        (l2, s2), g2 = _solve_and_grad(loop, field, u0, mask)
+        assert float(l0) == float(l1) and _max_diff(g0, g1) == 0
+        _check_same(s2, s0)
+        assert _max_diff(g0, g2) <= 1e-9
+        loss = lambda depth: lambda f, u: jnp.sum(depth(f, u, mask).u)
+        unrolled, looped = (evaluation_counts(loss(d), field, u0) for d in (default, loop))
+        # More steps than the adjoint's checkpoints: some steps are recomputed more than
+        # once (binomial checkpointing); the stage loop adds one evaluation per VJP.
+        assert unrolled.forward == unrolled.backward_vjp == int(s0.stats.nfe)
+        assert looped.backward_recomputed == unrolled.backward_recomputed + looped.backward_vjp
 
 
 def test_counts_and_refusals():

@@ -52,15 +52,40 @@ only with both on the CPU.
 
 Both comparisons run at atol = rtol / 10 (the library's rule).
 
+3. **`backward_per_nfe_over_forward`** (pdeformer alone; runs without PyTorch): what one
+   evaluation of the field costs in the backward pass of a continuous solve, as a multiple
+   of one in the forward solve. Per arm (a field and an adjoint, at the continuous
+   comparison's sizes, Dopri5 at `rtol`), interleaved and jitted:
+   - forward: the time of the forward solve alone (`jit` of the solve), over its NFE
+     (`stats.nfe`);
+   - backward: the time of `jax.value_and_grad` of the loss (the sum of the final state)
+     less that of the forward solve, over the backward pass's vector-Jacobian products of
+     the rate (`pdeformer.diagnostics.evaluation_counts(...).backward_vjp`: the forward NFE
+     under `RecursiveCheckpointAdjoint`, the backward solve's evaluations under
+     `BacksolveAdjoint`). What the backward pass recomputes (`backward_recomputed`) is in
+     that time and reported beside it, not counted as evaluations;
+   - the figure: backward ms per VJP over forward ms per NFE, from the medians of the
+     interleaved repeats (`per_round_median`: the median of the figure computed within each
+     round, less sensitive to a load that drifts).
+   Fields: `default` (`PerLayer` weights, `SequentialBlock`: as in comparison 1) and
+   `smooth` (`Polynomial(3)` weights, `ParallelBlock`: one smooth piece); adjoints:
+   `Continuous`'s default `RecursiveCheckpointAdjoint` and `diffrax.BacksolveAdjoint()`;
+   and the default field under the default adjoint with diffrax's own stage loop
+   (`unroll_stages=False`, `recursive_checkpoint_stage_loop`).
+   The headline (`ratios["backward_per_nfe_over_forward"]`, target <= 3 on a CPU) is the
+   default field under the default adjoint. Without PyTorch only this part runs.
+
 Usage:
 
     python experiments/bench/peers.py                  # quick: the recorded sizes
     python experiments/bench/peers.py --preset full    # also odeint_adjoint
     python experiments/bench/peers.py --preset smoke   # tiny sizes, seconds (the test)
+    python experiments/bench/peers.py --no-peers       # the backward-per-NFE figure alone
 
 Writes `results.json` and `results.md` into `--out` (default `runs/bench/peers`).
 
-Needs the `peers` extra: `pip install -e ".[peers]"` (torch and torchdiffeq).
+Comparisons 1 and 2 need the `peers` extra: `pip install -e ".[peers]"` (torch and
+torchdiffeq); without it they are skipped (said in the log and in `peers_skipped`).
 """
 
 from __future__ import annotations
@@ -86,6 +111,8 @@ from _timing import counter_medians, interleaved  # noqa: E402
 
 TARGETS = {"pdeformer_vs_torchdiffeq": 1.0, "discrete_vs_pytorch": 1.0}
 # On a GPU only the continuous comparison has a target.
+# pdeformer alone: the backward-per-NFE figure's target holds where JAX runs on the CPU.
+BACKWARD_TARGETS = {"backward_per_nfe_over_forward": 3.0}
 TARGETS_GPU = {"pdeformer_vs_torchdiffeq": 0.5}
 TORCH_DEVICES = ("auto", "cpu", "cuda")
 
@@ -112,6 +139,13 @@ class BenchConfig:
       force it (`"cuda"` without CUDA in PyTorch is an error). The targets apply only when
       both libraries run on the same kind of device.
     - `seed`: PRNG seed for weights and inputs.
+    - `peers`: run the comparisons with PyTorch and torchdiffeq (1 and 2); they are skipped
+      anyway when those are not installed.
+    - `backward_repeats`: interleaved rounds of the backward-per-NFE figure (3); 0 skips it.
+    - `backward_backsolve`: also measure it under `diffrax.BacksolveAdjoint()`.
+    - `backward_stage_loop`: also measure the default field under the default adjoint with
+      diffrax's own stage loop (`Continuous(..., unroll_stages=False)`, the default before
+      issue 28), side by side.
     - `out`: the output directory (`None`: print only).
     """
 
@@ -135,6 +169,10 @@ class BenchConfig:
     torch_threads: int | None = None
     torch_device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+    peers: bool = True
+    backward_repeats: int = 7
+    backward_backsolve: bool = True
+    backward_stage_loop: bool = True
     out: Path | None = Path("runs/bench/peers")
 
 
@@ -155,6 +193,8 @@ SMOKE = {
     "warmup": 0,
     "adjoint_repeats": 1,
     "rtol2": None,
+    "backward_repeats": 2,
+    "backward_stage_loop": False,
 }
 PRESETS = {
     "smoke": lambda: BenchConfig(**SMOKE),
@@ -798,6 +838,135 @@ def _grads_as_torch_names(grads) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
+# 3. The backward pass per evaluation, as a multiple of the forward's (pdeformer alone).
+# ---------------------------------------------------------------------------------------
+
+BACKWARD_FIELDS = {
+    "default": "PerLayer weights, SequentialBlock (jumps at t = k/2)",
+    "smooth": "Polynomial(3) weights, ParallelBlock (one smooth piece)",
+}
+
+
+def _backward_field(name: str, c: BenchConfig):
+    import jax.random as jr
+
+    import pdeformer as pf
+
+    if name == "default":
+        return _field(c.ode_dim, c.ode_heads, c.ode_layers, c.ode_hidden, c.seed)
+    return pf.Field(
+        c.ode_dim,
+        c.ode_heads,
+        c.ode_layers,
+        key=jr.PRNGKey(c.seed),
+        hidden=c.ode_hidden,
+        schedule=pf.Polynomial(3),
+        composition=pf.ParallelBlock(),
+    )
+
+
+def backward_per_nfe(config: BenchConfig) -> dict[str, Any]:
+    """`backward_per_nfe_over_forward` for each field and adjoint (see the module's
+    docstring, comparison 3): times, counts and the figure per arm."""
+    import diffrax
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    import pdeformer as pf
+    from pdeformer.diagnostics import evaluation_counts
+
+    c = config
+    u0 = jr.normal(jr.PRNGKey(c.seed + 1), (c.ode_batch, c.ode_seq, c.ode_dim), jnp.float32)
+    controller = diffrax.PIDController(rtol=c.rtol, atol=c.rtol / 10)
+    # (adjoint, unroll_stages) by name; the stage loop for the default field only.
+    adjoints = {"recursive_checkpoint": (None, True)}
+    if c.backward_backsolve:
+        adjoints["backsolve"] = (diffrax.BacksolveAdjoint(), True)
+    if c.backward_stage_loop:
+        adjoints["recursive_checkpoint_stage_loop"] = (None, False)
+    arms, fns = {}, {}
+    for field_name in BACKWARD_FIELDS:
+        field = _backward_field(field_name, c)
+        params, static = eqx.partition(field, eqx.is_array)
+        for adjoint_name, (adjoint, unroll) in adjoints.items():
+            if field_name != "default" and not unroll:
+                continue
+            name = f"{field_name}/{adjoint_name}"
+            depth = pf.Continuous(diffrax.Dopri5(), controller, adjoint, unroll_stages=unroll)
+
+            def solve(p, u, depth=depth, static=static):
+                return depth(eqx.combine(p, static), u)
+
+            def loss(p, u, solve=solve):
+                return jnp.sum(solve(p, u).u)
+
+            _log(f"backward per NFE: compiling {name}")
+            t0 = time.perf_counter()
+            fwd = jax.jit(solve).lower(params, u0).compile()
+            grad = jax.jit(jax.value_and_grad(loss)).lower(params, u0).compile()
+            compile_s = time.perf_counter() - t0
+            sol = jax.block_until_ready(fwd(params, u0))
+            jax.block_until_ready(grad(params, u0))
+            counts = evaluation_counts(lambda f, u, depth=depth: jnp.sum(depth(f, u).u), field, u0)
+            arms[name] = {
+                "field": BACKWARD_FIELDS[field_name],
+                "adjoint": report.describe(depth.adjoint),
+                "unroll_stages": unroll,
+                "nfe": int(sol.stats.nfe),
+                "steps": int(sol.stats.num_steps),
+                "evaluations": {
+                    "forward": counts.forward,
+                    "backward_recomputed": counts.backward_recomputed,
+                    "backward_vjp": counts.backward_vjp,
+                },
+                "compile_s": compile_s,
+            }
+            fns[f"{name} fwd"] = lambda f=fwd, p=params: jax.block_until_ready(f(p, u0))
+            fns[f"{name} fwd+bwd"] = lambda f=grad, p=params: jax.block_until_ready(f(p, u0))
+    samples = _interleaved(fns, c.backward_repeats, "backward per NFE")
+    for name, arm in arms.items():
+        f, fb = samples[f"{name} fwd"], samples[f"{name} fwd+bwd"]
+        vjps = arm["evaluations"]["backward_vjp"]
+
+        def figure(f_s: float, fb_s: float, arm=arm, vjps=vjps) -> float:
+            return ((fb_s - f_s) / vjps) / (f_s / arm["nfe"])
+
+        fwd_ms, fwd_bwd_ms = _median_ms(f), _median_ms(fb)
+        arm.update(
+            {
+                "fwd_ms": fwd_ms,
+                "fwd_bwd_ms": fwd_bwd_ms,
+                "bwd_ms": fwd_bwd_ms - fwd_ms,
+                "fwd_ms_per_nfe": fwd_ms / arm["nfe"],
+                "bwd_ms_per_vjp": (fwd_bwd_ms - fwd_ms) / vjps,
+                "backward_per_nfe_over_forward": figure(fwd_ms, fwd_bwd_ms),
+                "per_round_median": statistics.median(
+                    figure(a, b) for a, b in zip(f, fb, strict=True)
+                ),
+            }
+        )
+    return {
+        "how": "forward: median time of the jitted forward solve / its stats.nfe; backward: "
+        "median time of jax.value_and_grad of sum(u_T) less the forward's, / the backward "
+        "pass's VJPs of the rate (diagnostics.evaluation_counts().backward_vjp); figure: "
+        "backward per VJP / forward per NFE",
+        "solver": f"Dopri5, PIDController(rtol={c.rtol:g}, atol={c.rtol / 10:g})",
+        "sizes": {
+            "batch": c.ode_batch,
+            "seq": c.ode_seq,
+            "dim": c.ode_dim,
+            "heads": c.ode_heads,
+            "layers": c.ode_layers,
+            "hidden": c.ode_hidden,
+        },
+        "repeats": c.backward_repeats,
+        "arms": arms,
+    }
+
+
+# ---------------------------------------------------------------------------------------
 # 2. Discrete mode vs torch.nn.TransformerEncoder.
 # ---------------------------------------------------------------------------------------
 
@@ -934,18 +1103,66 @@ def _machine(torch, torchdiffeq, torch_device: str) -> dict[str, Any]:
     )
 
 
+def _try_import_peers():
+    """`(torch, torchdiffeq)`, or `None` (said in the log) when they are not installed."""
+    try:
+        return _import_peers()
+    except SystemExit as e:
+        _log(f"{e}; running the backward-per-NFE figure alone")
+        return None
+
+
 def main(config: BenchConfig) -> dict[str, Any]:
-    """Run both comparisons; write `results.json` and `results.md` into `config.out`.
+    """Run the comparisons; write `results.json` and `results.md` into `config.out`.
 
     **Returns:**
 
     A JSON-serialisable dict with `ratios`, `targets`, `passed_targets`,
-    `pdeformer_vs_torchdiffeq` (times, NFE, steps, errors against the float64 reference,
-    the breakdown, `matmul_precision` of both libraries), `discrete_vs_pytorch` (the same
-    for the discrete comparison), `devices` (where JAX and PyTorch ran) and `meta`
-    (command, date, machine with PyTorch's versions and threads, settings, wall time).
+    `backward_per_nfe` (comparison 3: times, counts and figure per field and adjoint),
+    and, with PyTorch and torchdiffeq, `pdeformer_vs_torchdiffeq` (times, NFE, steps,
+    errors against the float64 reference, the breakdown, `matmul_precision` of both
+    libraries), `discrete_vs_pytorch` (the same for the discrete comparison), `threads`
+    and `devices` (where JAX and PyTorch ran); without them `peers_skipped` says why.
+    `meta` holds the command, date, machine (with PyTorch's versions and threads when it
+    ran), settings and wall time.
     """
-    torch, torchdiffeq = _import_peers()
+    import jax
+
+    peers = _try_import_peers() if config.peers else None
+    backend = jax.default_backend()
+    meta = report.meta(config)
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"ratios": {}, "targets": {}}
+    if peers is not None:
+        result.update(_peers(config, *peers, backend))
+    else:
+        result["peers_skipped"] = PEERS_MESSAGE if config.peers else "peers=False"
+    if config.backward_repeats > 0:
+        bwd = backward_per_nfe(config)
+        result["backward_per_nfe"] = bwd
+        headline = bwd["arms"]["default/recursive_checkpoint"]["backward_per_nfe_over_forward"]
+        result["ratios"]["backward_per_nfe_over_forward"] = headline
+        for name, arm in bwd["arms"].items():
+            result["ratios"][f"backward_per_nfe_over_forward[{name}]"] = arm[
+                "backward_per_nfe_over_forward"
+            ]
+        if backend == "cpu":
+            result["targets"].update(BACKWARD_TARGETS)
+    result["passed_targets"] = {
+        k: bool(result["ratios"][k] <= v) for k, v in result["targets"].items()
+    }
+    result["meta"] = meta
+    meta["machine"] = (
+        _machine(*peers, result["devices"]["torch"]) if peers is not None else report.machine()
+    )
+    meta["wall_s"] = time.perf_counter() - t_start
+    title = "pdeformer against its peers: torchdiffeq and PyTorch"
+    report.write(config.out, result, title, summary(result), log=_log)
+    return result
+
+
+def _peers(config: BenchConfig, torch, torchdiffeq, backend: str) -> dict[str, Any]:
+    """Comparisons 1 and 2: their results, ratios and targets."""
     import jax
 
     threads = config.torch_threads or os.cpu_count() or 1
@@ -954,7 +1171,6 @@ def main(config: BenchConfig) -> dict[str, Any]:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set in this process (e.g. the test suite's second run)
         pass
-    backend = jax.default_backend()
     device = resolve_torch_device(config.torch_device, backend, torch.cuda.is_available())
     if backend != ("gpu" if device == "cuda" else "cpu"):
         _log(f"JAX runs on {backend}, PyTorch on {device}: no target applies to this run")
@@ -967,8 +1183,6 @@ def main(config: BenchConfig) -> dict[str, Any]:
 
     continuous_precision = pf.Continuous(diffrax.Dopri5()).matmul_precision
     discrete_precision = jax.config.jax_default_matmul_precision
-    meta = report.meta(config)
-    t_start = time.perf_counter()
     with _torch_precision(torch, torch_matmul_precision(continuous_precision, backend, device)):
         ode = _continuous(config, torch, torchdiffeq, dev, continuous_precision)
     with _torch_precision(torch, torch_matmul_precision(discrete_precision, backend, device)):
@@ -983,11 +1197,9 @@ def main(config: BenchConfig) -> dict[str, Any]:
         "pdeformer_unrolled_vs_torchdiffeq": ode["tolerances"][0]["ratio_unrolled_of_min_times"],
         "discrete_vs_pytorch": disc["times_ms_min"]["pdeformer"] / disc["times_ms_min"]["pytorch"],
     }
-    targets = targets_for(backend, device)
-    result = {
+    return {
         "ratios": ratios,
-        "targets": targets,
-        "passed_targets": {k: bool(ratios[k] <= targets[k]) for k in targets},
+        "targets": targets_for(backend, device),
         "ratios_of_min_times": ratios_min,
         "pdeformer_vs_torchdiffeq": ode,
         "discrete_vs_pytorch": disc,
@@ -997,38 +1209,46 @@ def main(config: BenchConfig) -> dict[str, Any]:
             "note": "XLA's CPU backend uses every core; PyTorch is given as many threads",
         },
         "devices": {"jax": backend, "torch": device},
-        "meta": meta,
     }
-    meta["machine"] = _machine(torch, torchdiffeq, device)
-    meta["wall_s"] = time.perf_counter() - t_start
-    title = "pdeformer against its peers: torchdiffeq and PyTorch"
-    report.write(config.out, result, title, summary(result), log=_log)
-    return result
 
 
 def summary(result: dict[str, Any]) -> str:
     """The headline figures as a fixed-width text (a Markdown code block)."""
     lines: list[str] = []
     print = lines.append  # noqa: A001 (the summary's lines, in order)
-    ode, disc = result["pdeformer_vs_torchdiffeq"], result["discrete_vs_pytorch"]
     m = result["meta"]["machine"]
-    print(f"jax {m['jax']}, torch {m['torch']}, {m['torch_threads']} PyTorch threads")
-    print(f"devices: JAX {result['devices']['jax']}, PyTorch {result['devices']['torch']}")
-    for run in ode["tolerances"]:
-        t, n, e = run["times_ms"], run["counts"], run["max_abs_error_vs_float64_reference"]
+    if "peers_skipped" in result:
+        print(f"jax {m['jax']}; PyTorch comparisons skipped: {result['peers_skipped']}")
+    else:
+        ode, disc = result["pdeformer_vs_torchdiffeq"], result["discrete_vs_pytorch"]
+        print(f"jax {m['jax']}, torch {m['torch']}, {m['torch_threads']} PyTorch threads")
+        print(f"devices: JAX {result['devices']['jax']}, PyTorch {result['devices']['torch']}")
+        for run in ode["tolerances"]:
+            t, n, e = run["times_ms"], run["counts"], run["max_abs_error_vs_float64_reference"]
+            print(
+                f"dopri5 rtol {run['rtol']:g} atol {run['atol']:g}: pdeformer "
+                f"{t['pdeformer_fwd_bwd_ms']:.0f} ms (NFE {n['pdeformer']['nfe']}, error "
+                f"{e['pdeformer']:.1e}), torchdiffeq {t['torchdiffeq_fwd_bwd_ms']:.0f} ms (NFE "
+                f"{n['torchdiffeq']['nfe']}, error {e['torchdiffeq']:.1e}), ratio "
+                f"{run['ratio']:.2f}; Unrolled(Dopri5()) {t['pdeformer_unrolled_fwd_bwd_ms']:.0f} "
+                f"ms, ratio {run['ratio_unrolled']:.2f}"
+            )
         print(
-            f"dopri5 rtol {run['rtol']:g} atol {run['atol']:g}: pdeformer "
-            f"{t['pdeformer_fwd_bwd_ms']:.0f} ms (NFE {n['pdeformer']['nfe']}, error "
-            f"{e['pdeformer']:.1e}), torchdiffeq {t['torchdiffeq_fwd_bwd_ms']:.0f} ms (NFE "
-            f"{n['torchdiffeq']['nfe']}, error {e['torchdiffeq']:.1e}), ratio {run['ratio']:.2f}; "
-            f"Unrolled(Dopri5()) {t['pdeformer_unrolled_fwd_bwd_ms']:.0f} ms, ratio "
-            f"{run['ratio_unrolled']:.2f}"
+            f"discrete: pdeformer {disc['times_ms']['pdeformer']:.0f} ms, PyTorch "
+            f"{disc['times_ms']['pytorch']:.0f} ms, ratio {disc['ratio']:.2f}"
         )
-    print(
-        f"discrete: pdeformer {disc['times_ms']['pdeformer']:.0f} ms, PyTorch "
-        f"{disc['times_ms']['pytorch']:.0f} ms, ratio {disc['ratio']:.2f}"
-    )
-    print(json.dumps(ode["breakdown"], indent=1))
+        print(json.dumps(ode["breakdown"], indent=1))
+    bwd = result.get("backward_per_nfe")
+    if bwd is not None:
+        print(f"backward per VJP over forward per NFE ({bwd['solver']}; {bwd['how']}):")
+        for name, arm in bwd["arms"].items():
+            ev = arm["evaluations"]
+            print(
+                f"  {name}: {arm['backward_per_nfe_over_forward']:.2f} (per round "
+                f"{arm['per_round_median']:.2f}); fwd {arm['fwd_ms']:.0f} ms / {arm['nfe']} NFE, "
+                f"bwd {arm['bwd_ms']:.0f} ms / {ev['backward_vjp']} VJPs "
+                f"({ev['backward_recomputed']} recomputed)"
+            )
     for k, v in result["ratios"].items():
         if k not in result["targets"]:
             print(f"{k}: {v:.3f}")

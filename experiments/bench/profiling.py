@@ -15,7 +15,19 @@ attributed to the compiled program's HLO instructions by name, and each instruct
   step's forward), `"forward"` for the rest of the program;
 - `kind`: `"matmul"` for a dot or a fusion that contains one, `"other"` for the rest
   (elementwise passes, reductions, copies, control flow);
+- `phase` (finer, in `fields.<name>.breakdown_ms`): the forward solve; in the backward
+  pass, the step recomputed from its checkpoint, the stages recomputed inside diffrax's own
+  checkpointed stage loop (none when the stages are unrolled, `Continuous`'s default since
+  issue 28), and the vector-Jacobian products (`phase()`);
+- `category`: the attention core, the other matmuls, the rematerialised norms and GELU,
+  the solver's stacked buffers (stages, checkpoints), the weight slice and its transpose,
+  zero fills, copies and transposes, the rest (`category()`);
 - the instructions with the most self time, with their shape and JAX op name.
+
+Each field of `--solve.fields` (default: `default`, the `PerLayer` / `SequentialBlock`
+field; `smooth`, `Polynomial(3)` weights with `ParallelBlock`; `default_stage_loop`, the
+default field under diffrax's own stage loop, `unroll_stages=False`) is profiled in turn;
+the top-level figures are the first field's.
 
 Events of the runtime itself (thread-pool waits, the executor) are reported apart, by
 name, as `runtime_ms`; a "wait" event spans work done on other threads. The figures are
@@ -129,6 +141,10 @@ class SolveConfig:
     - `seed`: PRNG seed of weights and inputs.
     - `unrolled`: profile `pf.Unrolled(diffrax.Dopri5())` (the same method with its stages
       unrolled) instead of `diffrax.Dopri5()` (this script's only use of `pf.Unrolled`).
+    - `fields`: the fields profiled, each in turn: `"default"` (`PerLayer` weights,
+      `SequentialBlock`), `"smooth"` (`Polynomial(3)` weights, `ParallelBlock`: one
+      smooth piece), and `"default_stage_loop"`: the default field solved with diffrax's
+      own stage loop (`Continuous(..., unroll_stages=False)`, the default before issue 28).
     """
 
     batch: int = 8
@@ -142,44 +158,128 @@ class SolveConfig:
     top: int = 20
     seed: int = 0
     unrolled: bool = False
+    fields: tuple[Literal["default", "smooth", "default_stage_loop"], ...] = (
+        "default",
+        "smooth",
+        "default_stage_loop",
+    )
 
 
 SOLVE_SMOKE = dict(batch=2, seq=16, dim=16, heads=2, layers=2, hidden=32, calls=1, top=5)
 
 
-def run_solve(c: SolveConfig) -> dict[str, Any]:
-    t_start = time.perf_counter()
+PHASES = (
+    "forward",
+    "backward: step recomputed",
+    "backward: stages recomputed",
+    "backward: VJP",
+)
+CATEGORIES = (
+    "attention core (logits, softmax, PV)",
+    "projections and FFN (matmul)",
+    "norms and GELU (rematerialised)",
+    "solver buffers (stages, checkpoints)",
+    "weight slice and its transpose",
+    "zero fills",
+    "copies and transposes",
+    "other (elementwise, reductions, control)",
+)
+
+
+def phase(op_name: str) -> str:
+    """Which part of a checkpointed solve's forward+backward an instruction belongs to,
+    from its JAX op name: the forward solve; in the backward pass (under diffrax's
+    `RecursiveCheckpointAdjoint`, the `checkpointed-bwd` loop), the step recomputed from
+    its checkpoint, the stages recomputed by diffrax's own checkpointed stage loop (a
+    second `checkpointed-bwd`, absent with `Unrolled`), and the vector-Jacobian products
+    (under `transpose(...)` after the last `checkpointed-bwd`)."""
+    if "checkpointed-bwd" not in op_name and "transpose(" not in op_name:
+        return PHASES[0]
+    if "transpose(" in op_name.rsplit("checkpointed-bwd", 1)[-1]:
+        return PHASES[3]
+    return PHASES[1] if op_name.count("checkpointed-bwd") == 1 else PHASES[2]
+
+
+def category(info: dict[str, Any], buffers: tuple[int, ...] = (7, 16)) -> str:
+    """What an instruction computes, from its op name, the opcodes it runs and its shape;
+    `buffers`: the leading sizes of the solver's stacked buffers of states (Dopri5's 7
+    stages, the default adjoint's 16 checkpoints)."""
+    name, ops = info["op_name"], set(info["ops"])
+    lead = info["shape"].split("[", 1)[-1].split("]", 1)[0].split(",")[0]
+    solver_buffer = lead in {str(b) for b in buffers} and info["shape"].count(",") >= 3
+    if "closed_call" in name or any(e in name for e in ("gbh,ghs", "ghb,gbs", "gbs,gsh")):
+        return CATEGORIES[0]
+    if info["matmul"]:
+        return CATEGORIES[1]
+    if "checkpoint/" in name:
+        return CATEGORIES[2]
+    if solver_buffer:
+        return CATEGORIES[3]
+    if ops & {"dynamic-update-slice", "scatter"} or (
+        "dynamic-slice" in ops and len(ops - {"bitcast", "parameter", "constant"}) == 1
+    ):
+        return CATEGORIES[4]
+    if ops <= {"broadcast", "parameter", "constant", "bitcast"}:
+        return CATEGORIES[5]
+    if ops & {"copy", "transpose"}:
+        return CATEGORIES[6]
+    return CATEGORIES[7]
+
+
+def _solve_field(name: str, c: SolveConfig, key) -> pf.Field:
+    if name in ("default", "default_stage_loop"):
+        return pf.Field(c.dim, c.heads, c.layers, hidden=c.hidden, key=key)
+    return pf.Field(
+        c.dim,
+        c.heads,
+        c.layers,
+        hidden=c.hidden,
+        key=key,
+        schedule=pf.Polynomial(3),
+        composition=pf.ParallelBlock(),
+    )
+
+
+def _profile_solve(c: SolveConfig, field_name: str) -> dict[str, Any]:
     key_field, key_u = jr.split(jr.PRNGKey(c.seed))
-    field = pf.Field(c.dim, c.heads, c.layers, hidden=c.hidden, key=key_field)
+    field = _solve_field(field_name, c, key_field)
     params, static = eqx.partition(field, eqx.is_inexact_array)
     u0 = jr.normal(key_u, (c.batch, c.seq, c.dim), jnp.float32)
     solver = pf.Unrolled(diffrax.Dopri5()) if c.unrolled else diffrax.Dopri5()
-    depth = pf.Continuous(solver, diffrax.PIDController(rtol=c.rtol, atol=c.rtol / 10))
+    depth = pf.Continuous(
+        solver,
+        diffrax.PIDController(rtol=c.rtol, atol=c.rtol / 10),
+        unroll_stages=field_name != "default_stage_loop",
+    )
 
     def loss(p, u):
         sol = depth(eqx.combine(p, static), u)
         return jnp.sum(sol.u), sol.stats.nfe
 
     grad = jax.jit(jax.grad(loss, has_aux=True))
-    _log("compiling")
+    _log(f"{field_name} field: compiling")
     compiled = grad.lower(params, u0).compile()
-    _log(f"profiling {c.calls} calls")
+    _log(f"{field_name} field: profiling {c.calls} calls")
     prof = profile(compiled, (params, u0), c.calls)
     _, nfe = prof["output"]
-    wall_ms = prof["wall_ms_per_call"]
 
     totals: collections.Counter = collections.Counter()
+    breakdown = {p: dict.fromkeys(CATEGORIES, 0.0) for p in PHASES}
     rows = []
     for name, info in prof["instructions"].items():
         side = "backward" if "transpose(" in info["op_name"] else "forward"
         kind = "matmul" if info["matmul"] else "other"
         totals[f"{side} {kind}"] += info["ms"]
+        part, what = phase(info["op_name"]), category(info)
+        breakdown[part][what] += info["ms"]
         rows.append(
             {
                 "instruction": name,
                 "ms": info["ms"],
                 "calls": info["calls"],
                 "pass": side,
+                "phase": part,
+                "category": what,
                 "kind": kind,
                 "shape": info["shape"],
                 "op_name": info["op_name"].rsplit("/", 2)[-2:],
@@ -187,6 +287,26 @@ def run_solve(c: SolveConfig) -> dict[str, Any]:
         )
     runtime = collections.Counter(prof["runtime_ms"])
     rows.sort(key=lambda r: -r["ms"])
+    phase_ms = {p: sum(v.values()) for p, v in breakdown.items()}
+    backward_ms = sum(phase_ms[p] for p in PHASES[1:])
+    return {
+        "field": field_name,
+        "nfe": int(nfe),
+        "wall_ms_per_call": prof["wall_ms_per_call"],
+        "self_ms": {k: totals[k] for k in sorted(totals)},
+        "phase_ms": phase_ms,
+        "backward_over_forward_self_time": backward_ms / phase_ms[PHASES[0]],
+        "breakdown_ms": breakdown,
+        "runtime_ms": {k: v for k, v in runtime.most_common(5)},
+        "instructions_profiled": len(rows),
+        "top": rows[: c.top],
+    }
+
+
+def run_solve(c: SolveConfig) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    profiles = {name: _profile_solve(c, name) for name in c.fields}
+    first = profiles[c.fields[0]]
     return {
         "sizes": {
             "batch": c.batch,
@@ -196,35 +316,50 @@ def run_solve(c: SolveConfig) -> dict[str, Any]:
             "layers": c.layers,
             "hidden": c.hidden,
         },
-        "nfe": int(nfe),
-        "wall_ms_per_call": wall_ms,
-        "self_ms": {k: totals[k] for k in sorted(totals)},
-        "runtime_ms": {k: v for k, v in runtime.most_common(5)},
-        "instructions_profiled": len(rows),
-        "top": rows[: c.top],
+        # The first field's figures at the top level, as before `fields` existed.
+        "nfe": first["nfe"],
+        "wall_ms_per_call": first["wall_ms_per_call"],
+        "self_ms": first["self_ms"],
+        "runtime_ms": first["runtime_ms"],
+        "instructions_profiled": first["instructions_profiled"],
+        "top": first["top"],
+        "fields": profiles,
         "wall_s": time.perf_counter() - t_start,
     }
 
 
 def solve_table(r: dict[str, Any], c: dict[str, Any]) -> str:
-    """The solve profile as a fixed-width text (a Markdown code block)."""
-    lines = [
-        f"Continuous {'Unrolled(Dopri5())' if c['unrolled'] else 'Dopri5()'} "
-        f"forward+backward, sizes {r['sizes']}, {r['nfe']} NFE: "
-        f"{r['wall_ms_per_call']:.1f} ms per call (under the profiler)",
-        "self time per call:",
-    ]
-    for k, v in r["self_ms"].items():
-        lines.append(f"  {k:>16}: {v:7.1f} ms")
-    for k, v in r["runtime_ms"].items():
-        lines.append(f"  runtime, {k[:40]}: {v:.1f} ms")
-    lines.append(f"top instructions of {r['instructions_profiled']}:")
-    for row in r["top"]:
+    """The solve profile as a fixed-width text (a Markdown code block): per field, the
+    self time by phase and category, the runtime's own events and the top instructions."""
+    lines = []
+    solver = "Unrolled(Dopri5())" if c["unrolled"] else "Dopri5()"
+    for name, f in r["fields"].items():
         lines.append(
-            f"  {row['ms']:6.1f} ms {row['calls']:4d}x {row['pass']:>8} {row['kind']:>6} "
-            f"{row['shape'][:32]:32} {'/'.join(row['op_name'])[:60]}"
+            f"{name} field: Continuous {solver} forward+backward, sizes {r['sizes']}, "
+            f"{f['nfe']} NFE: {f['wall_ms_per_call']:.1f} ms per call (under the profiler); "
+            f"backward / forward self time {f['backward_over_forward_self_time']:.2f}"
         )
-    return "\n".join(["```", *lines, "```"])
+        lines.append("self ms per call (share of its phase): " + " | ".join(PHASES))
+        for what in CATEGORIES:
+            cells = []
+            for part in PHASES:
+                ms, total = f["breakdown_ms"][part][what], f["phase_ms"][part]
+                cells.append(f"{ms:6.1f} ({100 * ms / total if total else 0:2.0f}%)")
+            lines.append(f"  {what[:34]:>34}: " + " | ".join(cells))
+        lines.append(
+            f"  {'total':>34}: " + " | ".join(f"{f['phase_ms'][p]:6.1f}      " for p in PHASES)
+        )
+        for k, v in f["runtime_ms"].items():
+            lines.append(f"  runtime, {k[:40]}: {v:.1f} ms")
+        lines.append(f"top instructions of {f['instructions_profiled']}:")
+        for row in f["top"]:
+            lines.append(
+                f"  {row['ms']:6.1f} ms {row['calls']:4d}x {row['phase'][:20]:>20} "
+                f"{row['category'][:20]:20} {row['shape'][:28]:28} "
+                f"{'/'.join(row['op_name'])[:50]}"
+            )
+        lines.append("")
+    return "\n".join(["```", *lines[:-1], "```"])
 
 
 # ---------------------------------------------------------------------------------------

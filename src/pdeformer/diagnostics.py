@@ -332,10 +332,12 @@ def evaluation_counts(fn: Callable[..., Scalar], model, *args) -> EvaluationCoun
     runs inside that rate's VJP). What was measured (2 layers,
     Tsit5): `Discrete()` and a constant-step `Continuous` recompute nothing (one VJP per
     step); diffrax's `RecursiveCheckpointAdjoint` with at least as many checkpoints as
-    steps runs every forward evaluation twice more in the backward pass (once re-run,
-    once under its VJP: 244 forward, 488 recomputed, 244 VJPs over 40 steps), and more
-    with fewer checkpoints (636 recomputed with 16); `BacksolveAdjoint`'s backward solve
-    evaluates the rate once per VJP.
+    steps, over diffrax's own stage loop (`Continuous(..., unroll_stages=False)`), runs
+    every forward evaluation twice more in the backward pass (the step re-run, then each
+    stage again under its VJP: 244 forward, 488 recomputed, 244 VJPs over 40 steps), and
+    more with fewer checkpoints (636 recomputed with 16); with the stages unrolled
+    (`Continuous`'s default) the stage loop's recomputation is gone, one fewer per VJP;
+    `BacksolveAdjoint`'s backward solve evaluates the rate once per VJP.
 
     Counts are of evaluations in the program run, not of executed arithmetic: the
     counting callbacks keep an evaluation whose result is unused from being removed as

@@ -31,6 +31,17 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 
+def can_unroll(solver) -> bool:
+    """Whether `Unrolled(solver)` accepts `solver`: an explicit Runge–Kutta method with one
+    Butcher tableau, not already `Unrolled`."""
+    tableau = getattr(solver, "tableau", None)
+    return (
+        isinstance(solver, diffrax.AbstractERK)
+        and isinstance(tableau, diffrax.ButcherTableau)
+        and not tableau.implicit
+    )
+
+
 def _check_solver(solver) -> diffrax.AbstractERK:
     tableau = getattr(solver, "tableau", None)
     if isinstance(solver, Unrolled):

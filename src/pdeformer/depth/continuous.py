@@ -21,7 +21,7 @@ from .._checks import (
     check_save_at,
     check_state,
 )
-from ..unrolled import Unrolled
+from ..unrolled import Unrolled, can_unroll
 from ._base import (
     AbstractDepth,
     DepthSolution,
@@ -245,6 +245,13 @@ class Continuous(AbstractContinuous):
       `jax.default_matmul_precision` (default `"highest"`: full float32, so that TF32
       rounding on recent NVIDIA GPUs does not pass for truncation error and inflate an
       adaptive solver's step count; no effect on CPU); `None` leaves JAX's default.
+    - `unroll_stages`: with an adaptive controller, step an explicit Runge–Kutta `solver`
+      as `pf.Unrolled(solver)` (default `True`): the same method and steps, its stages
+      straight-line code, so that reverse mode no longer recomputes every stage inside
+      diffrax's stage loop on top of the adjoint's recomputation of the step (a faster
+      backward pass, at a longer compile and, while a step is differentiated, all its
+      stages' intermediates held at once; see `docs/architecture.md`). `False` keeps
+      diffrax's stage loop. Solvers `Unrolled` does not take are used as given.
     - `regularisers`: a tuple of `KineticEnergy`, `JacobianFrobenius`, `ErrorEstimate`
       (see `pdeformer.regularisers`), integrated inside the same solve as extra state
       left out of step-size control (an adaptive controller's norm is restricted to the
@@ -270,6 +277,7 @@ class Continuous(AbstractContinuous):
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
     matmul_precision: str | None = eqx.field(static=True)
+    unroll_stages: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -282,6 +290,7 @@ class Continuous(AbstractContinuous):
         throw: bool = True,
         matmul_precision: str | None = "highest",
         regularisers: Sequence[reg.AbstractRegulariser] = (),
+        unroll_stages: bool = True,
     ):
         self.solver = diffrax.Tsit5() if solver is None else solver
         controller = default_controller() if controller is None else controller
@@ -292,8 +301,13 @@ class Continuous(AbstractContinuous):
         self.max_steps = max_steps
         self.throw = throw
         self.matmul_precision = matmul_precision
+        self.unroll_stages = unroll_stages
 
     def __check_init__(self):
+        if not isinstance(self.unroll_stages, bool):
+            raise ValueError(
+                f"unroll_stages must be True or False; got unroll_stages={self.unroll_stages!r}."
+            )
         if not isinstance(self.solver, diffrax.AbstractSolver):
             raise ValueError(
                 f"solver must be a diffrax solver, e.g. diffrax.Tsit5(); got {self.solver!r}."
@@ -379,15 +393,18 @@ class Continuous(AbstractContinuous):
     def _adaptive(self, field, u0, mask, ts_save, key):
         rate = VectorField(field, self.matmul_precision)
         regularised = bool(self.regularisers)
+        solver = self.solver
+        if self.unroll_stages and can_unroll(solver):
+            solver = Unrolled(solver)
         if regularised:
             # The augmented state (u, integrals) under the augmented rate, one probe per
             # solve; an ErrorEstimate is added by a wrapper around the solver.
             augmented = reg.augment(rate, self.regularisers, u0, mask, key=key)
             term = diffrax.ODETerm(augmented)
             y0 = augmented.initial(u0)
-            solver = reg.regularised_solver(self.solver, self.regularisers, augmented.count)
+            solver = reg.regularised_solver(solver, self.regularisers, augmented.count)
         else:
-            term, y0, solver = diffrax.ODETerm(rate), u0, self.solver
+            term, y0 = diffrax.ODETerm(rate), u0
         controller = self._controller(field, u0.dtype)
         adjoint = _backsolve_controller(
             self.adjoint,
