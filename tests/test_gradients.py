@@ -80,6 +80,7 @@ def default_gradient():
         return field, x, mask, flat, loss, g, int(steps)
 
 
+@pytest.mark.slow  # 256 float64 steps differentiated twice
 def test_default_adjoint_recomputes_exactly(default_gradient):
     """The default keeps 16 checkpoints: a solve of more steps recomputes some of them in the
     backward pass, which must give the gradient of keeping every step, up to rounding.

@@ -25,7 +25,12 @@ def _field(key, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "adjoint", [diffrax.RecursiveCheckpointAdjoint(), diffrax.BacksolveAdjoint()], ids=str
+    "adjoint",
+    [
+        diffrax.RecursiveCheckpointAdjoint(),
+        pytest.param(diffrax.BacksolveAdjoint(), marks=pytest.mark.slow),  # two more solves
+    ],
+    ids=str,
 )
 def test_adaptive_solve_pins_every_matmul_of_the_field(getkey, adjoint):
     field = _field(getkey())

@@ -254,6 +254,19 @@ def test_one_step_has_the_wrapped_solvers_gradient(name):
                     assert (float(jnp.max(jnp.abs(g))) > 0) != recomputed, (first, i)
 
 
+def test_continuous_steps_unrolled_stages_by_default(seed):
+    # The forward solve of an adaptive Continuous is that of Unrolled(solver), bit for bit
+    # (the gradients and evaluation counts: the slow test below).
+    with jax.enable_x64(True):
+        field, u0, mask = _problem(seed)
+        controller = diffrax.PIDController(rtol=1e-6, atol=1e-8)
+        default = _forward(pf.Continuous(diffrax.Bosh3(), controller), field, u0, mask)
+        given = _forward(pf.Continuous(pf.Unrolled(diffrax.Bosh3()), controller), field, u0, mask)
+        np.testing.assert_array_equal(default.us, given.us)
+        assert int(default.stats.nfe) == int(given.stats.nfe)
+
+
+@pytest.mark.slow  # three backward passes through adaptive solves
 def test_continuous_unrolls_the_stages_by_default(seed):
     # An adaptive Continuous steps an explicit Runge-Kutta solver as Unrolled(solver): the
     # same program as passing Unrolled itself, and in reverse mode each forward evaluation
