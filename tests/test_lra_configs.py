@@ -2,6 +2,7 @@
 from the built model, FLOPs by the stated formula, GPU time), and the placement study's
 `--preset full`: official data or a labelled stand-in, and `--dry-run`."""
 
+import dataclasses
 import json
 
 import jax.random as jr
@@ -86,6 +87,12 @@ def test_full_preset_dry_run_prints_json_and_trains_nothing(experiments, capsys,
         module.main(
             module._cli.parse(module.PRESETS, [*argv, "--out", str(tmp_path)], description="")
         )
+    # The LRA configurations build the plain diffusion layer only: a token-adaptive arm is
+    # refused before anything trains.
+    full = module._cli.parse(module.PRESETS, [*argv, "--dry-run"], description="")
+    adaptive = module.Arm("after_embedding", "adaptive", (1,), module.pf.AdaptiveDiffusionLayer)
+    with pytest.raises(ValueError, match=r"build pf.DiffusionLayer arms only; drop \['"):
+        module.main(dataclasses.replace(full, arms=(adaptive,), baseline_only=False))
 
 
 @pytest.mark.integration  # the LRA ListOps model (9M parameters) trained 2 steps on a CPU
