@@ -249,8 +249,8 @@ class Continuous(AbstractContinuous):
       as `pf.Unrolled(solver)` (default `True`): the same method and steps, its stages
       straight-line code, so that reverse mode no longer recomputes every stage inside
       diffrax's stage loop on top of the adjoint's recomputation of the step (a faster
-      backward pass, at a longer compile and, while a step is differentiated, all its
-      stages' intermediates held at once; see `docs/architecture.md`). `False` keeps
+      backward pass, with all of a differentiated step's stage intermediates held at once;
+      see `docs/architecture.md`). `False` keeps
       diffrax's stage loop. Solvers `Unrolled` does not take are used as given.
     - `regularisers`: a tuple of `KineticEnergy`, `JacobianFrobenius`, `ErrorEstimate`
       (see `pdeformer.regularisers`), integrated inside the same solve as extra state
