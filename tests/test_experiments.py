@@ -243,7 +243,7 @@ def test_stabilizers_smoke(experiments, tmp_path, monkeypatch):
     for name in ("residual + norm", "neither"):
         t = saved["thresholds"][name]
         assert set(t["stable_by_lr"]) == {"0.003", "0.3"}
-        assert t["largest_stable_lr"] is None and t["first_unstable_lr"] == 0.003
+        assert t["largest_stable_lr"] is None and t["first_failing_lr"] == 0.003
         assert len(t["init_cos_to_input_last"]) == 1
         for run in arms[name]["runs"]:
             assert run["stable"] is False and run["unstable_reason"]
