@@ -225,7 +225,9 @@ def test_stabilizer_criteria_thresholds_and_claims(experiments):
     # Failing at a lower rate than the baseline by not learning, without diverging, is not
     # explosive training: not resolved.
     quiet = [
-        _stab_group(g["name"], g["lr"], [0.88, 0.90, 0.89], stable=[True, False, True], diverged=False)
+        _stab_group(
+            g["name"], g["lr"], [0.88, 0.90, 0.89], stable=[True, False, True], diverged=False
+        )
         if g["name"] == "no norm" and g["lr"] == 1e-2
         else g
         for g in groups
