@@ -213,8 +213,9 @@ class StabilizerConfig:
     def quick(cls) -> StabilizerConfig:
         """The learning-rate sweep on a task that passes the learning gate: the 8x8 digits
         (`TaskSetup.digits`: 4 layers, width 32), 400 steps (warm-up 40), 8 peak learning
-        rates from 1e-4 to 0.3 (a factor of about 3 apart), the four arms, 3 seeds: 96
-        runs, about 25 minutes on two cores (the script prints its estimate)."""
+        rates from 1e-4 to 0.3 (a factor of about 3 apart), the four arms, 3 seeds (3 to 5:
+        seeds 0 to 2 ran under the criteria's first version): 96 runs, about 25 minutes on
+        two cores (the script prints its estimate)."""
         digits = TaskSetup.digits(400)
         return cls(
             name="quick",
@@ -222,7 +223,7 @@ class StabilizerConfig:
                 digits, train=dataclasses.replace(digits.train, warmup_steps=40)
             ),
             lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-            seeds=(0, 1, 2),
+            seeds=(3, 4, 5),
             probe_size=64,
             probe_every=20,
             eval_batch_size=269,
