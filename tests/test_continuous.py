@@ -78,13 +78,14 @@ def test_tolerance_trades_accuracy_for_compute():
 @pytest.mark.parametrize(
     "solver",
     [
+        # A fixed-step and an adaptive FSAL method in the default tier; the others slow.
         diffrax.Euler(),
-        diffrax.Heun(),
-        diffrax.Midpoint(),
-        diffrax.Bosh3(),
+        pytest.param(diffrax.Heun(), marks=pytest.mark.slow),
+        pytest.param(diffrax.Midpoint(), marks=pytest.mark.slow),
+        pytest.param(diffrax.Bosh3(), marks=pytest.mark.slow),
         diffrax.Tsit5(),
-        diffrax.Dopri5(),
-        diffrax.Dopri8(),
+        pytest.param(diffrax.Dopri5(), marks=pytest.mark.slow),
+        pytest.param(diffrax.Dopri8(), marks=pytest.mark.slow),
     ],
     ids=lambda s: type(s).__name__,
 )

@@ -63,24 +63,18 @@ def test_without_a_key_dropout_is_off():
     assert np.array_equal(_logits(model, tokens, mask), reference)
 
 
-def test_same_key_same_masks_other_key_other_masks():
-    tokens, mask = _inputs()
-    model = _model((0.3, 0.3))
-    a = _logits(model, tokens, mask, None, jr.PRNGKey(1))
-    b = _logits(model, tokens, mask, None, jr.PRNGKey(1))
-    c = _logits(model, tokens, mask, None, jr.PRNGKey(2))
-    off = _logits(model, tokens, mask)
-    assert np.array_equal(a, b)
-    assert not np.allclose(a, c) and not np.allclose(a, off)
-
-
 def test_discrete_equals_continuous_euler_with_the_same_key():
+    # The same key gives the same masks (in either integrator), another key other masks.
     tokens, mask = _inputs()
     model = _model((0.2, 0.3))
     key = jr.PRNGKey(7)
     d = _logits(model, tokens, mask, pf.Discrete(), key)
     c = _logits(model, tokens, mask, EULER_HALF, key)
     assert np.array_equal(d, c)
+    assert np.array_equal(d, _logits(model, tokens, mask, pf.Discrete(), jr.PRNGKey(7)))
+    other = _logits(model, tokens, mask, pf.Discrete(), jr.PRNGKey(8))
+    off = _logits(model, tokens, mask, pf.Discrete())
+    assert not np.allclose(d, other) and not np.allclose(d, off)
 
 
 def test_masks_are_held_fixed_on_a_piece():

@@ -1,6 +1,7 @@
 """The dual encoder for Retrieval, and training/evaluation on a dual-input task."""
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -18,17 +19,18 @@ def test_dual_classifier_is_the_shared_encoder_and_lra_head(getkey):
     t2 = jr.randint(getkey(), (3, 6), 0, 20)  # a shorter second document: padded inside
     m1 = prefix_mask([9, 4, 7], 9)
     m2 = prefix_mask([6, 6, 2], 6)
-    logits, sol = model(t1, m1, t2, m2)
+    run = eqx.filter_jit(lambda f, *args: f(*args))  # one compile, not op by op
+    logits, sol = run(model, t1, m1, t2, m2)
     assert logits.shape == (3, 2)
     assert sol.u.shape == (2, 3, 9, 8)  # both documents, stacked, one integration
     # Written out: each document through the same encoder on its own, then LRA's head.
-    x1, _ = model.encoder(t1, m1)
-    x2, _ = model.encoder(t2, m2)
+    x1, _ = run(model.encoder, t1, m1)
+    x2, _ = run(model.encoder, t2, m2)
     x = jnp.concatenate([x1, x2, x1 * x2, x1 - x2], axis=-1)
     h = jnp.maximum(x @ model.mlp_weight + model.mlp_bias, 0.0)
     assert max_abs_diff(logits, h @ model.head_weight + model.head_bias) <= 1e-5
     # Swapping the documents changes the logits (the head is not symmetric) ...
-    swapped, _ = model(t2, m2, t1, m1)
+    swapped, _ = run(model, t2, m2, t1, m1)
     assert max_abs_diff(swapped, logits) > 1e-6
     with pytest.raises(TypeError):  # jaxtyping (in tests) or the model says so
         model(t1, m1, t2[:2], m2[:2])

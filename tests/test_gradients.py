@@ -109,6 +109,11 @@ def test_default_adjoint_recomputes_exactly(default_gradient):
         assert jnp.linalg.norm(g_every) > 1e-3
 
 
+# The backward pass of a tight adaptive solve compiles for about 20 s: slow tier. The default
+# tier checks the gradient of one step of each adaptive method against the wrapped solver's
+# (tests/test_unrolled.py) and the discrete gradient against finite differences
+# (tests/test_regularisers.py).
+@pytest.mark.slow
 def test_gradient_matches_finite_differences(default_gradient):
     with jax.enable_x64(True):
         _, _, _, flat, loss, g, _ = default_gradient

@@ -121,7 +121,11 @@ def test_gradients_reach_every_point(getkey, depth):
         assert float(jnp.max(jnp.abs(t))) > 0, f"no gradient reaches {p}"
 
 
-@pytest.mark.parametrize("schedule", [pf.Shared(), pf.Interpolated()], ids=["shared", "interp"])
+@pytest.mark.parametrize(
+    "schedule",
+    [pytest.param(pf.Shared(), marks=pytest.mark.slow), pf.Interpolated()],
+    ids=["shared", "interp"],
+)
 def test_points_follow_the_schedule(getkey, schedule):
     """Branch layers are stacked like the blocks (one for Shared, L+1 nodes for
     Interpolated); Euler with step 1/2 still equals the discrete model."""

@@ -25,14 +25,16 @@ def _field(key, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "adjoint",
+    "adjoint,differentiate",
     [
-        diffrax.RecursiveCheckpointAdjoint(),
-        pytest.param(diffrax.BacksolveAdjoint(), marks=pytest.mark.slow),  # two more solves
+        # The forward solve in the default tier; tracing a backward pass takes 10 s or more.
+        (diffrax.RecursiveCheckpointAdjoint(), False),
+        pytest.param(diffrax.RecursiveCheckpointAdjoint(), True, marks=pytest.mark.slow),
+        pytest.param(diffrax.BacksolveAdjoint(), True, marks=pytest.mark.slow),
     ],
     ids=str,
 )
-def test_adaptive_solve_pins_every_matmul_of_the_field(getkey, adjoint):
+def test_adaptive_solve_pins_every_matmul_of_the_field(getkey, adjoint, differentiate):
     field = _field(getkey())
     u0 = jr.normal(getkey(), (2, 8, 16))
 
@@ -45,7 +47,7 @@ def test_adaptive_solve_pins_every_matmul_of_the_field(getkey, adjoint):
         fn = jax.jit(jax.grad(fn) if differentiate else fn)
         return fn.lower(field, u0).as_text()
 
-    pinned = dot_precisions(lowered("highest"))
+    pinned = dot_precisions(lowered("highest", differentiate))
     # Forward stages and the backward pass (Backsolve traces its adjoint solve after the
     # forward, outside any context the caller could set around the call) alike.
     assert len(pinned) > 10 and set(pinned) == {"HIGHEST"}
@@ -69,7 +71,11 @@ def test_matmul_precision_is_validated():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("composition", [pf.SequentialBlock(), pf.ParallelBlock()], ids=str)
+@pytest.mark.parametrize(
+    "composition",
+    [pf.SequentialBlock(), pytest.param(pf.ParallelBlock(), marks=pytest.mark.slow)],
+    ids=str,
+)
 def test_bfloat16_rate_is_close_to_float32_and_returned_in_the_state_dtype(getkey, composition):
     key = getkey()
     full = _field(key, composition=composition)

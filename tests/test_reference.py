@@ -303,7 +303,10 @@ def test_discrete_is_euler_with_half_step(getkey, dtype, diffusion):
         _assert_same_solves(field, x, mask, [0.0, 0.5, 1.0, 2.5, 3.0])
 
 
-@pytest.mark.parametrize("point", [*FIELD_POINTS, "all"])
+# Every point at once in the default tier; each point alone in the slow tier.
+@pytest.mark.parametrize(
+    "point", [*(pytest.param(p, marks=pytest.mark.slow) for p in FIELD_POINTS), "all"]
+)
 def test_insertion_points_euler_half_step_is_discrete(getkey, point):
     """With diffusion layers at each field insertion point (and at all of them, with the
     `D Lap(u)` rate term too), `Continuous(Euler, dt=1/2)` is bit-for-bit `Discrete()`,

@@ -53,6 +53,9 @@ def _dense(field, u0, mask):
     )
 
 
+# Three compiles of tight adaptive solves (about 20 s): slow tier. The default tier checks
+# the discrete integrals against sums over Euler steps.
+@pytest.mark.slow
 def test_integrals_equal_dense_quadrature(getkey):
     # The integrals accumulated inside the solve against Simpson's rule on a dense solve
     # of the same trajectory, the probe drawn from the same key.
@@ -86,6 +89,7 @@ def test_integrals_equal_dense_quadrature(getkey):
         assert float(kinetic) > 0 and float(jacobian) > 0
 
 
+@pytest.mark.slow  # a step-by-step replay of the solve: about 15 s
 def test_error_estimate_is_sum_over_accepted_steps(getkey):
     # `sum ||err|| |h|` recomputed step by step from the accepted steps of a plain solve
     # (the regularised solve takes the same steps).
@@ -124,10 +128,14 @@ def test_error_estimate_is_sum_over_accepted_steps(getkey):
 
 def _exact_jacobian(field, u, mask):
     flat = lambda v: field(jnp.asarray(0.7), v.reshape(u.shape), mask).ravel()
-    return jax.jacrev(flat)(u.ravel())
+    return jax.jit(jax.jacrev(flat))(u.ravel())
 
 
-@pytest.mark.parametrize("gaussian", [False, True], ids=["rademacher", "gaussian"])
+@pytest.mark.parametrize(
+    "gaussian",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["rademacher", "gaussian"],
+)
 def test_hutchinson_mean_is_frobenius_norm(getkey, gaussian):
     # The mean of many one-probe estimates against ||J||_F^2 / n from the dense Jacobian,
     # within 5 standard errors; the variance is known exactly from J:
@@ -217,6 +225,7 @@ def test_gradient_of_regularised_loss_matches_finite_differences(getkey, integra
         assert abs(float(ad)) > 1e-4
 
 
+@pytest.mark.slow  # two tight adaptive solves to compile
 def test_integrals_do_not_change_step_size_control(getkey):
     # A jumping field (PerLayer, SequentialBlock) at a tolerance with rejected steps: the
     # same steps and the same state with and without regularisers.
@@ -275,17 +284,23 @@ def test_discrete_integrals_are_sums_over_euler_steps(getkey):
         probe = R.draw_probe(regs, u0, mask, key)
         count = float(np.sum(mask))
         h = field.discrete_step
+
+        @jax.jit  # compiled once for every step, not op by op
+        def rate_and_jtp(t, v):
+            rate, vjp = jax.vjp(lambda v: field(t, v, mask), v)
+            return rate, vjp(probe)[0]
+
         u, ke, jf = u0, 0.0, 0.0
         for k in range(round(field.t1 / h)):
-            t = jnp.asarray(k * h)
-            rate, vjp = jax.vjp(lambda v, t=t: field(t, v, mask), u)
+            rate, jtp = rate_and_jtp(jnp.asarray(k * h), u)
             ke += h * float(jnp.sum(rate**2)) / count
-            jf += h * float(jnp.sum(vjp(probe)[0] ** 2)) / count
+            jf += h * float(jnp.sum(jtp**2)) / count
             u = u + h * rate
         np.testing.assert_allclose(sol.u, u, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose([float(v) for v in sol.regularisation], [ke, jf], rtol=1e-12)
 
 
+@pytest.mark.slow  # the default tier checks the integrals against the Euler sums above
 def test_discrete_is_fixed_step_euler_with_regularisers(getkey):
     # One stepping code for both: the same state and the same integrals, bit for bit.
     with jax.enable_x64(True):
@@ -494,8 +509,9 @@ def test_polynomial_degree_zero_is_shared(getkey):
     shared = pf.Field(4, 2, 3, key=key, hidden=8, schedule=pf.Shared())
     poly = pf.Field(4, 2, 3, key=key, hidden=8, schedule=pf.Polynomial(0))
     u = jr.normal(getkey(), (5, 4))
+    rate = eqx.filter_jit(lambda f, t: f(t, u))
     for t in (0.0, 0.7, 1.5, 2.99):
-        np.testing.assert_array_equal(poly(jnp.asarray(t), u), shared(jnp.asarray(t), u))
+        np.testing.assert_array_equal(rate(poly, jnp.asarray(t)), rate(shared, jnp.asarray(t)))
     with pytest.raises(ValueError, match=r"Polynomial degree must be an int >= 0; got degree=-1"):
         pf.Polynomial(-1)
     # The field binds the nodes to its depth; an unbound polynomial says so.

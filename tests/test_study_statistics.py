@@ -132,6 +132,8 @@ def test_placement_paired_table_and_replication(experiments):
         by_id.setdefault(e["id"], []).append(e)
     assert set(by_id) == {"A1", "A2", "A3", "A4"}
     assert by_id["A1"][0]["verdict"] == "holds" and by_id["A1"][0]["mean"] == pytest.approx(3.0)
+    # +3.0 points with a narrow interval: the paper's +4.1 is outside it, and the entry says so.
+    assert "the paper's +4.1 lies outside the interval" in by_id["A1"][0]["measured"]
     assert by_id["A2"][0]["verdict"] == "holds"  # after_attention lowers accuracy here
     # Multi − single: +2 points at after_embedding, 0 at after_attention.
     a3 = {e["measured"].split("at ")[-1]: e for e in by_id["A3"]}

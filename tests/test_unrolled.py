@@ -83,12 +83,21 @@ def test_same_solution_as_the_wrapped_solver(name, seed):
         assert int(s0.stats.num_rejected_steps) > 0
         _check_same(s0, s1)
 
-        # One sequence at a time under vmap (each takes its own steps, and the
-        # first-same-as-last test is a batched predicate): as the wrapped solver does.
+
+@pytest.mark.slow  # two more adaptive solves to compile
+def test_same_solution_as_the_wrapped_solver_under_vmap(seed):
+    # One sequence at a time under vmap (each takes its own steps, and the
+    # first-same-as-last test is a batched predicate): as the wrapped solver does.
+    with jax.enable_x64(True):
+        field, u0, mask = _problem(seed)
+        controller = _controller("Bosh3")
+        solver = diffrax.Bosh3()
+
         def per_sequence(depth):
             return jax.vmap(lambda u, m: depth(field, u[None], m[None]).u[0])(u0, mask)
 
         base = pf.Continuous(solver, controller, unroll_stages=False)
+        unrolled = pf.Continuous(pf.Unrolled(solver), controller)
         assert jnp.allclose(per_sequence(unrolled), per_sequence(base), rtol=0, atol=1e-12)
 
 
@@ -179,7 +188,12 @@ def _just_before_one(dtype):
 
 @pytest.mark.parametrize(
     "name, x64",
-    [(name, True) for name in ERK]
+    [
+        (name, True)
+        if name in ("Heun", "Bosh3", "Tsit5", "Dopri5")
+        else pytest.param(name, True, marks=pytest.mark.slow)
+        for name in ERK
+    ]
     # float32 for the peer benchmark's solver by default, for the rest in the slow run.
     + [
         (name, False) if name == "Dopri5" else pytest.param(name, False, marks=pytest.mark.slow)

@@ -896,13 +896,23 @@ def _replication(results: dict[str, Any], config: Config) -> list[dict[str, Any]
             }
         )
 
-    for claim, point, direction in (
-        ("A1", "after_embedding (single)", "above"),
-        ("A2", "after_attention (single)", "below"),
+    for claim, point, direction, paper in (
+        ("A1", "after_embedding (single)", "above", 4.1),
+        ("A2", "after_attention (single)", "below", -2.5),
     ):
         if point in arms:
             m = paired.get(point)
-            entry(claim, m, direction=direction, p_holm=None if m is None else m["p_holm"])
+            # The paper's effect size against the interval: an interval that excludes it
+            # says more than "not resolved".
+            outside = m is not None and not m["low"] <= paper <= m["high"]
+            note = f"the paper's {paper:+.1f} lies outside the interval" if outside else ""
+            entry(
+                claim,
+                m,
+                direction=direction,
+                p_holm=None if m is None else m["p_holm"],
+                note=note,
+            )
     for point in pf.INSERTION_POINTS:
         single, multi = f"{point} (single)", f"{point} (multi)"
         if single in arms and multi in arms:
@@ -1227,8 +1237,8 @@ def _claim_lines(results: dict[str, Any], config: Config) -> list[str]:
     informative = summary["informative_tasks"]
     lines = ["", "## The papers' claims in this run", ""]
     lines.append(
-        "Over the tasks whose baseline passed the learning gate on every seed (controls "
-        f"excluded: {', '.join(informative) or 'none'}), per-seed changes averaged over "
+        "Over the tasks whose baseline passed the learning gate on every seed, controls "
+        f"excluded (here: {', '.join(informative) or 'none'}), per-seed changes averaged over "
         f"those tasks; {len(config.seeds)} paired seeds. A claim *holds* when the 95% "
         "interval lies on its side of zero (and, for an arm against the baseline, the "
         f"Holm-corrected p-value across arms is at most {ALPHA:g}), *does not hold* when it "
