@@ -126,6 +126,10 @@ def test_gradient_matches_finite_differences(default_gradient):
             np.testing.assert_allclose(float(g @ v), float(fd), rtol=1e-5, atol=1e-7)
 
 
+# Slow tier: the default tier checks the discrete gradient against finite differences
+# (tests/test_regularisers.py), the forward passes bit for bit (tests/test_reference.py) and a
+# gradient through diffrax's Euler loop (tests/test_terms.py).
+@pytest.mark.slow
 def test_discrete_gradient_matches_continuous_euler(getkey):
     with jax.enable_x64(True):
         field, x, mask = _setup(getkey())

@@ -140,8 +140,13 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(task, tmp_path):
 
 
 def test_config_validation_says_the_fix():
-    with pytest.raises(ValueError, match=r"warmup_steps must lie in \[0, total_steps=10\]"):
+    with pytest.raises(ValueError, match=r"warmup_steps must lie in \[0, total_steps=10\)"):
         TrainConfig(warmup_steps=20, total_steps=10)
+    # The cosine schedule decays after the warm-up: a warm-up of every step is refused here,
+    # not by optax when the optimiser is made.
+    with pytest.raises(ValueError, match=r"warmup_steps must lie in \[0, total_steps=10\)"):
+        TrainConfig(warmup_steps=10, total_steps=10)
+    make_optimizer(TrainConfig(warmup_steps=9, total_steps=10))
     with pytest.raises(ValueError, match="clip_norm must be > 0"):
         TrainConfig(clip_norm=0.0)
 

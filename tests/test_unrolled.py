@@ -59,17 +59,11 @@ def _controller(name):
     return diffrax.PIDController(rtol=RTOL[name], atol=RTOL[name] / 100)
 
 
-# Bosh3 by default: first-same-as-last across rejected steps, as Dopri5, with four stages to
-# unroll instead of seven (Dopri5's step is checked one step at a time below). Heun and
-# Dopri5 in the slow run.
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param("Heun", marks=pytest.mark.slow),
-        "Bosh3",
-        pytest.param("Dopri5", marks=pytest.mark.slow),
-    ],
-)
+# Whole adaptive solves (first-same-as-last across rejected steps) in the slow tier; the
+# default tier checks one step of every method against the wrapped solver's, below, and the
+# default unrolled solve against the plain one (`test_continuous_steps_unrolled_stages_by_default`).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Heun", "Bosh3", "Dopri5"])
 def test_same_solution_as_the_wrapped_solver(name, seed):
     # Tight tolerances from a first step of one piece: steps are rejected, so an FSAL method's
     # first-same-as-last state is also checked across rejections.

@@ -126,7 +126,8 @@ class LraTask:
         **Arguments:**
 
         - `steps`: the number of steps (`None`: LRA's `total_steps`). The rsqrt schedule
-          keeps LRA's warm-up whatever the steps; the cosine one shortens it to `steps`.
+          keeps LRA's warm-up whatever the steps; the cosine one shortens it to below
+          `steps` (it decays after the warm-up).
         - `seed`: the data order's seed.
 
         **Returns:**
@@ -134,7 +135,9 @@ class LraTask:
         A `TrainConfig` (no validation during training; no progress bar).
         """
         total = self.total_steps if steps is None else steps
-        warmup = self.warmup_steps if self.schedule == "rsqrt" else min(self.warmup_steps, total)
+        warmup = (
+            self.warmup_steps if self.schedule == "rsqrt" else min(self.warmup_steps, total - 1)
+        )
         return TrainConfig(
             lr=self.lr,
             warmup_steps=warmup,

@@ -157,7 +157,11 @@ class TaskPlan:
 def _with_steps(train_config: TrainConfig, steps: int | None) -> TrainConfig:
     if steps is None:
         return train_config
-    return dataclasses.replace(train_config, total_steps=steps, warmup_steps=max(1, steps // 10))
+    # A tenth of the run, at least one step for rsqrt, and below the run for cosine.
+    warmup = max(1, steps // 10)
+    if train_config.schedule == "cosine":
+        warmup = min(warmup, steps - 1)
+    return dataclasses.replace(train_config, total_steps=steps, warmup_steps=warmup)
 
 
 NESTED_LISTOPS_QUICK = dict(

@@ -49,8 +49,9 @@ class TrainConfig:
 
     - `lr`: peak learning rate of AdamW with the `"cosine"` schedule; the base factor of
       the `"rsqrt"` schedule (its peak is `lr / sqrt(warmup_steps)`).
-    - `warmup_steps`: linear warm-up from 0 over this many steps (`"rsqrt"`: `>= 1`, and
-      it may exceed `total_steps`, as in LRA's Retrieval config).
+    - `warmup_steps`: linear warm-up from 0 over this many steps (`"cosine"`: below
+      `total_steps`; `"rsqrt"`: `>= 1`, and it may exceed `total_steps`, as in LRA's
+      Retrieval config).
     - `total_steps`: number of optimiser steps; the cosine decay reaches
       `lr * final_lr_fraction` here.
     - `final_lr_fraction`: the learning rate at the end, as a fraction of `lr` (`"cosine"`
@@ -109,10 +110,12 @@ class TrainConfig:
                 "the rsqrt schedule divides by sqrt(max(t, warmup_steps)): warmup_steps must "
                 f"be >= 1; got warmup_steps={self.warmup_steps}. Pass e.g. 1000."
             )
-        if self.schedule == "cosine" and not 0 <= self.warmup_steps <= self.total_steps:
+        if self.schedule == "cosine" and not 0 <= self.warmup_steps < self.total_steps:
+            # optax's cosine decay needs at least one step after the warm-up.
             raise ValueError(
-                f"warmup_steps must lie in [0, total_steps={self.total_steps}]; got "
-                f"warmup_steps={self.warmup_steps}."
+                f"warmup_steps must lie in [0, total_steps={self.total_steps}) for the cosine "
+                f"schedule, which decays after the warm-up; got warmup_steps="
+                f"{self.warmup_steps}."
             )
         for name in ("b1", "b2"):
             if not 0 <= getattr(self, name) < 1:
