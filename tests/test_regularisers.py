@@ -1,6 +1,8 @@
 """Regularisers of the flow: their integrals, estimates, gradients and errors; the smooth
 `Polynomial` schedule; the seminorm adjoint."""
 
+import functools
+
 import diffrax
 import equinox as eqx
 import jax
@@ -174,21 +176,24 @@ def _directional_fd(loss, params, direction, eps=1e-6):
 
 
 # The solves' gradients compile long: the adaptive (with the error estimate) and
-# constant-step cases are in the slow tier.
+# constant-step cases are in the slow tier, and so is the Jacobian term's gradient (a
+# derivative of a vector-Jacobian product) in the discrete case; the default tier
+# differentiates the kinetic term through the discrete steps.
 @pytest.mark.parametrize(
-    "integrator",
+    "integrator,jacobian",
     [
-        pytest.param("fixed_adaptive", marks=pytest.mark.slow),
-        pytest.param("constant", marks=pytest.mark.slow),
-        "discrete",
+        pytest.param("fixed_adaptive", True, marks=pytest.mark.slow),
+        pytest.param("constant", True, marks=pytest.mark.slow),
+        pytest.param("discrete", True, marks=pytest.mark.slow),
+        ("discrete", False),
     ],
 )
-def test_gradient_of_regularised_loss_matches_finite_differences(getkey, integrator):
+def test_gradient_of_regularised_loss_matches_finite_differences(getkey, integrator, jacobian):
     with jax.enable_x64(True):
         field = pf.Field(4, 2, 2, key=getkey(), hidden=8, dtype=jnp.float64)
         u0, mask = _state(getkey())
         key = getkey()
-        regs = (pf.KineticEnergy(0.3), pf.JacobianFrobenius(0.2))
+        regs = (pf.KineticEnergy(0.3),) + ((pf.JacobianFrobenius(0.2),) if jacobian else ())
         if integrator == "fixed_adaptive":
             # An adaptive solve whose steps are all accepted at dtmax: they do not move with
             # the weights (diffrax does not differentiate step sizes), so finite differences
@@ -496,8 +501,14 @@ def test_polynomial_weights_are_a_polynomial_in_depth(getkey):
         assert np.max(np.abs(d4)) <= 1e-10 * np.max(np.abs(values))
         assert np.max(np.abs(d3)) > 1e-6
         assert field.schedule.smooth
-        smooth = pf.Field(
-            4, 2, layers, key=getkey(), schedule=pf.Polynomial(2), composition=pf.ParallelBlock()
+        smooth = eqx.filter_eval_shape(  # structure only: no weights drawn
+            pf.Field,
+            4,
+            2,
+            layers,
+            key=getkey(),
+            schedule=pf.Polynomial(2),
+            composition=pf.ParallelBlock(),
         )
         # One smooth piece: no jump times.
         assert smooth.jump_times() == ()
@@ -539,15 +550,13 @@ class _UserSmooth(pf.AbstractSchedule):
 def test_pieces_follow_the_schedules_smooth_property(getkey):
     # A schedule the library does not know is one piece with ParallelBlock because it says
     # it is smooth; with SequentialBlock the half layers remain.
-    parallel = pf.Field(
-        4, 2, 3, key=getkey(), schedule=_UserSmooth(), composition=pf.ParallelBlock()
-    )
+    # Pieces are structure: the fields' shapes suffice (no weights are drawn).
+    shaped = functools.partial(eqx.filter_eval_shape, pf.Field, 4, 2, 3, key=getkey())
+    parallel = shaped(schedule=_UserSmooth(), composition=pf.ParallelBlock())
     assert parallel.pieces() == pf.Pieces(width=3.0, branches=(0,), periods=1)
-    sequential = pf.Field(4, 2, 3, key=getkey(), schedule=_UserSmooth())
+    sequential = shaped(schedule=_UserSmooth())
     assert sequential.pieces() == pf.Pieces(width=0.5, branches=(0, 1), periods=3)
-    interpolated = pf.Field(
-        4, 2, 3, key=getkey(), schedule=pf.Interpolated(), composition=pf.ParallelBlock()
-    )
+    interpolated = shaped(schedule=pf.Interpolated(), composition=pf.ParallelBlock())
     assert interpolated.pieces() == pf.Pieces(width=1.0, branches=(0,), periods=3)
 
 
