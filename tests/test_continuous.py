@@ -29,7 +29,12 @@ def _tight(field, x, mask):
     return ref(field, x, mask).u
 
 
-@pytest.mark.parametrize("solver,order", [(diffrax.Euler(), 1.0), (diffrax.Heun(), 2.0)])
+# Heun (second order) in the default tier; Euler, which is `Discrete()` bit for bit
+# (tests/test_reference.py), in the slow tier.
+@pytest.mark.parametrize(
+    "solver,order",
+    [pytest.param(diffrax.Euler(), 1.0, marks=pytest.mark.slow), (diffrax.Heun(), 2.0)],
+)
 def test_fixed_step_convergence_order(getkey, solver, order):
     with jax.enable_x64(True):
         field, x, mask = _small(getkey(), jnp.float64)
@@ -181,6 +186,7 @@ def test_schedules_select_the_right_weights(getkey, schedule):
         np.testing.assert_allclose(block.attention.qkv_weight, expect, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # the default tier saves states in tests/test_reference.py
 def test_saved_states_and_interpolated_field_run(getkey):
     field, x, mask = _small(getkey(), jnp.float32, schedule=pf.Interpolated())
     sol = pf.Continuous()(field, x, mask, save_at=[0.0, 1.0, 2.0])

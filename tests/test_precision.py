@@ -114,6 +114,7 @@ def test_bfloat16_field_computes_its_matmuls_in_bfloat16(getkey):
     assert _dot_operand_dtypes(rate.lower(_field(getkey()), u).as_text()) == {"f32"}
 
 
+@pytest.mark.slow  # two adaptive solves; the default tier checks the bfloat16 rate's dtypes
 def test_mixed_precision_adaptive_solve_keeps_a_float32_state(getkey):
     key = getkey()
     u0 = jr.normal(getkey(), (2, 8, 16))
