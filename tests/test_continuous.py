@@ -85,8 +85,8 @@ def test_tolerance_trades_accuracy_for_compute():
 @pytest.mark.parametrize(
     "solver",
     [
-        # A fixed-step and an adaptive FSAL method in the default tier; the others slow.
-        diffrax.Euler(),
+        # An adaptive FSAL method in the default tier; the others slow.
+        pytest.param(diffrax.Euler(), marks=pytest.mark.slow),
         pytest.param(diffrax.Heun(), marks=pytest.mark.slow),
         pytest.param(diffrax.Midpoint(), marks=pytest.mark.slow),
         pytest.param(diffrax.Bosh3(), marks=pytest.mark.slow),

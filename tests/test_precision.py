@@ -167,6 +167,7 @@ def test_compute_dtype_is_validated(getkey, bad):
         _field(getkey(), compute_dtype=bad)
 
 
+@pytest.mark.slow  # two adaptive solves to compile, for a property of the CPU backend
 def test_pinned_precision_changes_nothing_on_cpu(getkey):
     if jax.default_backend() != "cpu":
         pytest.skip("float32 matmuls are exact only on the CPU backend")
