@@ -218,6 +218,7 @@ def _jumpy_field():
     )
 
 
+@pytest.mark.slow  # four solves; the default tier checks the snap itself (no sliver steps)
 def test_tighter_tolerance_never_takes_fewer_steps():
     """Issue 25's reproduction: a step that ended a few ulps short of a jump used to leave a
     sliver step onto the jump and a controller restarting from ~1e-16 (27 steps at rtol

@@ -76,6 +76,11 @@ def test_max_steps_too_small(field, getkey):
     depth = pf.Continuous(controller=diffrax.PIDController(rtol=1e-8, atol=1e-8), max_steps=2)
     with pytest.raises(eqx.EquinoxRuntimeError, match="max_steps"):
         depth(field, u0)
+
+
+@pytest.mark.slow  # another solve to compile; the default tier checks the error above
+def test_max_steps_too_small_without_throwing(field, getkey):
+    u0 = jr.normal(getkey(), (4, 8))
     quiet = pf.Continuous(
         controller=diffrax.PIDController(rtol=1e-8, atol=1e-8), max_steps=2, throw=False
     )
