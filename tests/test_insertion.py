@@ -123,7 +123,7 @@ def test_gradients_reach_every_point(getkey, depth):
 
 @pytest.mark.parametrize(
     "schedule",
-    [pytest.param(pf.Shared(), marks=pytest.mark.slow), pf.Interpolated()],
+    [pf.Shared(), pytest.param(pf.Interpolated(), marks=pytest.mark.slow)],
     ids=["shared", "interp"],
 )
 def test_points_follow_the_schedule(getkey, schedule):

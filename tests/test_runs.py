@@ -326,6 +326,7 @@ def test_partial_last_log_line_is_dropped_and_stale_temporaries_removed(task, tm
     assert [json.loads(s)["step"] for s in lines] == list(range(6))
 
 
+@pytest.mark.slow  # two more training setups; the CLI tests below refuse other settings
 def test_resume_refuses_other_data_or_integrator(task, tmp_path):
     out = tmp_path / "run"
     _interrupted(task, out)
