@@ -326,7 +326,6 @@ def test_partial_last_log_line_is_dropped_and_stale_temporaries_removed(task, tm
     assert [json.loads(s)["step"] for s in lines] == list(range(6))
 
 
-@pytest.mark.slow  # two more training setups; the CLI tests below refuse other settings
 def test_resume_refuses_other_data_or_integrator(task, tmp_path):
     out = tmp_path / "run"
     _interrupted(task, out)
@@ -356,6 +355,10 @@ def test_failed_resume_changes_nothing_in_the_run_directory(task, tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
+# The command line end to end (a training run through `pdeformer train`, then resumed or
+# evaluated through the CLI): `-m integration`. The refusals themselves are checked above,
+# through `train`.
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "change, listed",
     [
@@ -375,12 +378,14 @@ def test_cli_resume_with_other_settings_is_refused(cli_run, capsys, change, list
     assert _snapshot(cli_run) == before
 
 
+@pytest.mark.integration
 def test_cli_resume_with_other_data_dir_is_refused(cli_run, capsys, tmp_path):
     argv = ["train", *TASK_ARGS, "--steps", "2", "--out", str(cli_run), "--resume"]
     assert cli.main([*argv, "--data-dir", str(tmp_path)]) == 2
     assert f"--data-dir: None -> {tmp_path}" in _error_line(capsys)
 
 
+@pytest.mark.integration
 def test_cli_failed_resume_leaves_run_json_untouched(cli_run, capsys, tmp_path):
     run = tmp_path / "copy"
     run.mkdir()
@@ -427,6 +432,7 @@ def test_cli_debug_shows_the_traceback(tmp_path):
         cli.main(["train", "--out", str(tmp_path), "--lr", "-1", "--debug"])
 
 
+@pytest.mark.integration
 def test_cli_evaluate_errors(cli_run, capsys, tmp_path):
     assert cli.main(["evaluate", str(tmp_path)]) == 2
     assert "is not a run directory" in _error_line(capsys)
