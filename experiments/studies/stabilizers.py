@@ -925,7 +925,7 @@ def _markdown(results: dict[str, Any]) -> str:
         "## Did the paper's claims hold in our runs?",
         "",
         "Criteria (ours; paper B gives neither metrics, tasks nor sizes; `assess_claims` in "
-        "`experiments/stabilizers.py`): **drift** — at initialisation the arm's last-layer "
+        "`experiments/studies/stabilizers.py`): **drift** — at initialisation the arm's last-layer "
         "cosine to the input is at least 0.3 below the baseline's, and after training its test "
         "accuracy is at least 5 points below (held: both; partly: one). **Explosion** — a "
         "non-finite event, or max gradient norm or activation RMS at least 10x the baseline's "
