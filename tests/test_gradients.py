@@ -110,7 +110,7 @@ def test_default_adjoint_recomputes_exactly(default_gradient):
 
 
 # The backward pass of a tight adaptive solve compiles for about 20 s: slow tier. The default
-# tier checks the gradient of one step of each adaptive method against the wrapped solver's
+# tier checks the gradient of one step of Heun and Dopri5 against the wrapped solver's
 # (tests/test_unrolled.py) and the discrete gradient against finite differences
 # (tests/test_regularisers.py).
 @pytest.mark.slow

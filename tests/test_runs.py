@@ -356,8 +356,8 @@ def test_failed_resume_changes_nothing_in_the_run_directory(task, tmp_path):
 
 
 # The command line end to end (a training run through `pdeformer train`, then resumed or
-# evaluated through the CLI): `-m integration`. The refusals themselves are checked above,
-# through `train`.
+# evaluated through the CLI): `-m integration`. The library's refusals (other data, another
+# integrator, a model the checkpoint does not fit) are checked above, through `train`.
 @pytest.mark.integration
 @pytest.mark.parametrize(
     "change, listed",

@@ -181,10 +181,10 @@ def test_stabilizer_criteria_thresholds_and_claims(experiments):
     module = experiments("studies/stabilizers")
     # Divergence only: a run that learns slowly or not at all does not diverge (the
     # learning gate decides whether it learnt).
-    assert module.instability([2.3] * 60, False, 0) is None
-    assert module.instability([2.3] * 10 + [1.0] * 50, False, 3) is None
-    assert module.instability([2.3] * 10 + [1.0] * 50, False, 4).startswith("4 loss spikes")
-    assert module.instability([2.3], True, 0).startswith("non-finite")
+    assert module.divergence([2.3] * 60, False, 0) is None
+    assert module.divergence([2.3] * 10 + [1.0] * 50, False, 3) is None
+    assert module.divergence([2.3] * 10 + [1.0] * 50, False, 4).startswith("4 loss spikes")
+    assert module.divergence([2.3], True, 0).startswith("non-finite")
     assert module.largest_stable({1e-3: True, 1e-2: True, 1e-1: False}) == (1e-2, 1e-1)
     # Too small a rate fails by not learning: a stable rate above a failing one counts.
     assert module.largest_stable({1e-3: True, 1e-2: False, 1e-1: True}) == (1e-1, None)

@@ -120,9 +120,10 @@ PARTLY_FACTOR = 3.0
 loss spikes than the baseline."""
 
 # The explosion claim as a threshold: it holds when the arm's largest stable learning rate
-# is below the baseline's (or it has none), does not hold when it is at least the
-# baseline's, and is not resolved when the baseline has no stable rate or both are stable
-# at the largest rate of the sweep.
+# is below the baseline's (or it has none) and the arm diverges at its first failing rate;
+# it does not hold when that rate is at least the baseline's; it is not resolved when the
+# baseline has no stable rate, when both are stable at the largest rate of the sweep, or
+# when the arm fails below the baseline's threshold only by not learning.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,7 +362,7 @@ def count_spikes(losses: list[float], factor: float, window: int) -> int:
     return count
 
 
-def instability(losses: list[float], non_finite: bool, spikes: int) -> str | None:
+def divergence(losses: list[float], non_finite: bool, spikes: int) -> str | None:
     """Why a run diverges under the criteria above (`MAX_STABLE_SPIKES`), or `None` if it
     does not.
 
@@ -464,7 +465,7 @@ def _run(arm: Arm, lr: float, seed: int, task, probe, config: StabilizerConfig) 
         else None
     )
     spikes = count_spikes(history["loss"], config.spike_factor, config.spike_window)
-    diverged = instability(history["loss"], non_finite is not None or not act_finite, spikes)
+    diverged = divergence(history["loss"], non_finite is not None or not act_finite, spikes)
     if diverged is not None:
         unstable = f"diverged: {diverged}"
     elif gate is None or not gate.passed:
@@ -658,7 +659,7 @@ def thresholds(groups: list[dict[str, Any]]) -> dict[str, Any]:
             "by_lr": {
                 f"{lr:g}": {
                     "stable": stable[lr],
-                    "diverged": any(r.get("diverged", False) for r in g["runs"]),
+                    "diverged": any(r["diverged"] for r in g["runs"]),
                     "unstable_reasons": [r["unstable_reason"] for r in g["runs"]],
                     "test_accuracy": g["summary"]["test_accuracy"],
                     "max_grad_norm": g["summary"]["max_grad_norm"],

@@ -250,8 +250,8 @@ class Continuous(AbstractContinuous):
       straight-line code, so that reverse mode no longer recomputes every stage inside
       diffrax's stage loop on top of the adjoint's recomputation of the step (a faster
       backward pass, with all of a differentiated step's stage intermediates held at once;
-      see `docs/architecture.md`). `False` keeps
-      diffrax's stage loop. Solvers `Unrolled` does not take are used as given.
+      see `docs/architecture.md`). `False` keeps diffrax's stage loop. Solvers `Unrolled`
+      does not take are used as given.
     - `regularisers`: a tuple of `KineticEnergy`, `JacobianFrobenius`, `ErrorEstimate`
       (see `pdeformer.regularisers`), integrated inside the same solve as extra state
       left out of step-size control (an adaptive controller's norm is restricted to the
