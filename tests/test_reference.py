@@ -21,23 +21,26 @@ from helpers import max_abs_diff, prefix_mask
 def _layer_norm(x, w, b, eps):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / jnp.sqrt(var + eps) * w + b
+    return (x - mu) / np.sqrt(var + eps) * w + b
 
 
 def _gelu_tanh(x):
-    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False, residual=True, hooks=None):
-    """A plain pre-LN (or post-LN) Transformer encoder over one sequence `x: (seq, dim)`.
+    """A plain pre-LN (or post-LN) Transformer encoder over one sequence `x: (seq, dim)`,
+    in NumPy, in the dtype of `x`.
 
     With `residual=False` each branch's output replaces the stream (the ablation's arm).
     `hooks` maps insertion point names to `hook(layer, x) -> x`, applied where the
     documentation of `pdeformer.placement` says.
     """
+    W = {name: np.asarray(w) for name, w in W.items()}
+    x, mask = np.asarray(x), np.asarray(mask)
     skip = 1.0 if residual else 0.0
     hooks = hooks or {}
-    hook = lambda name, layer, v: hooks[name](layer, v) if name in hooks else v
+    hook = lambda name, layer, v: np.asarray(hooks[name](layer, v)) if name in hooks else v
     seq, dim = x.shape
     hd = dim // num_heads
     num_layers = W["qkv_w"].shape[0]
@@ -50,12 +53,12 @@ def _reference_encoder(W, x, mask, num_heads, eps, post_ln=False, residual=True,
         heads = []
         for i in range(num_heads):
             sl = slice(i * hd, (i + 1) * hd)
-            logits = (q[:, sl] @ k[:, sl].T) / math.sqrt(hd)
-            logits = jnp.where(mask[None, :], logits, -jnp.inf)
-            p = jnp.exp(logits - logits.max(-1, keepdims=True))
+            logits = (q[:, sl] @ k[:, sl].T) / x.dtype.type(math.sqrt(hd))
+            logits = np.where(mask[None, :], logits, -np.inf)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
             p = p / p.sum(-1, keepdims=True)
             heads.append(p @ v[:, sl])
-        a = jnp.concatenate(heads, axis=-1) @ W["out_w"][layer] + W["out_b"][layer]
+        a = np.concatenate(heads, axis=-1) @ W["out_w"][layer] + W["out_b"][layer]
         x = skip * x + hook("after_attention", layer, a)
         if post_ln:
             x = _layer_norm(x, W["ln1_w"][layer], W["ln1_b"][layer], eps)
@@ -77,6 +80,7 @@ def _reflect(j, n):
 def _plain_diffusion(x, n, alphas, dilations, num_steps):
     """`num_steps` explicit steps of `sum_s alpha_s (x[i+d] - 2 x[i] + x[i-d])` on the first
     `n` tokens, neighbours past either end mirrored (`x[n] = x[n-1]`, `x[-1] = x[0]`)."""
+    x, alphas = np.asarray(x), np.asarray(alphas)
     v = x[:n]
     for _ in range(num_steps):
         new = v
@@ -85,7 +89,7 @@ def _plain_diffusion(x, n, alphas, dilations, num_steps):
             down = np.array([_reflect(i - d, n) for i in range(n)])
             new = new + alphas[s] * (v[up] - 2 * v + v[down])
         v = new
-    return jnp.concatenate([v, x[n:]], axis=0)
+    return np.concatenate([v, x[n:]], axis=0)
 
 
 def _weights(field):
@@ -330,10 +334,9 @@ def test_insertion_points_euler_half_step_is_discrete(getkey, point):
     if point != "all":
         return
     # The state saved at t = 1 is D_0 applied to the state at the end of layer 0.
-    end0 = pf.Discrete()(
-        eqx.tree_at(lambda f: f.transitions, field, None), x, mask, save_at=[1.0]
-    ).us[0]
-    mapped = field.transition(0, end0, mask)
+    no_maps = eqx.tree_at(lambda f: f.transitions, field, None)
+    end0 = jax.jit(lambda f: pf.Discrete()(f, x, mask, save_at=[1.0]).us[0])(no_maps)
+    mapped = eqx.filter_jit(lambda f, u: f.transition(0, u, mask))(field, end0)
     np.testing.assert_allclose(np.asarray(a_us[2]), np.asarray(mapped), rtol=1e-6, atol=1e-6)
 
 

@@ -147,11 +147,11 @@ def test_hutchinson_mean_is_frobenius_norm(getkey, gaussian):
         u, mask = _state(getkey(), lengths=(3, 2), seq=3)
         reg = pf.JacobianFrobenius(1.0, gaussian=gaussian)
         count = R.token_count(u, mask)
-        jac = _exact_jacobian(field, u, mask)
+        n = float(count)
+        jac = np.asarray(_exact_jacobian(field, u, mask))
         a = jac @ jac.T
-        exact = float(jnp.trace(a)) / float(count)
-        var = 2 * (float(jnp.sum(a**2)) - (0.0 if gaussian else float(jnp.sum(jnp.diag(a) ** 2))))
-        var = var / float(count) ** 2
+        exact = np.trace(a) / n
+        var = 2 * (np.sum(a**2) - (0.0 if gaussian else np.sum(np.diag(a) ** 2))) / n**2
 
         def one(key):
             probe = R.draw_probe((reg,), u, mask, key)
@@ -161,18 +161,23 @@ def test_hutchinson_mean_is_frobenius_norm(getkey, gaussian):
             return value
 
         draws = 4000
-        values = jax.jit(jax.vmap(one))(jr.split(getkey(), draws))
-        assert abs(float(values.mean()) - exact) <= 5 * np.sqrt(var / draws)
+        values = np.asarray(jax.jit(jax.vmap(one))(jr.split(getkey(), draws)))
+        assert abs(values.mean() - exact) <= 5 * np.sqrt(var / draws)
         # Rows of pads are zero (frozen tokens), and so is the probe there.
         probe = R.draw_probe((reg,), u, mask, getkey())
         assert float(jnp.max(jnp.abs(probe[1, 2]))) == 0.0
         assert exact > 0
 
 
-def _directional_fd(loss, params, direction, eps=1e-6):
-    plus = jax.tree.map(lambda p, d: p + eps * d, params, direction)
-    minus = jax.tree.map(lambda p, d: p - eps * d, params, direction)
-    return (loss(plus) - loss(minus)) / (2 * eps)
+def _shifted_loss(loss):
+    """`(params, direction, eps) -> loss(params + eps * direction)`, for one compiled program
+    of the shift and the loss."""
+    return lambda p, d, eps: loss(jax.tree.map(lambda a, b: a + eps * b, p, d))
+
+
+def _directional_fd(shifted, params, direction, eps=1e-6):
+    eps = jnp.asarray(eps, jax.tree.leaves(params)[0].dtype)
+    return (shifted(params, direction, eps) - shifted(params, direction, -eps)) / (2 * eps)
 
 
 # The solves' gradients compile long: the adaptive (with the error estimate) and
@@ -215,17 +220,17 @@ def test_gradient_of_regularised_loss_matches_finite_differences(getkey, integra
             sol = depth(eqx.combine(p, static), u0, mask, key=key)
             return 0.1 * jnp.mean(sol.u**2) + R.penalty(depth.regularisers, sol.regularisation)
 
-        grads = jax.jit(jax.grad(loss))(params)
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jr.split(getkey(), len(leaves))
-        direction = jax.tree.unflatten(
-            treedef, [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
-        )
-        ad = sum(
-            jnp.vdot(g, d)
-            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
-        )
-        fd = _directional_fd(loss, params, direction)
+        @jax.jit  # one program, not a compile per weight shape
+        def grad_along(params, key):
+            leaves, treedef = jax.tree.flatten(params)
+            keys = jr.split(key, len(leaves))
+            draws = [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+            grads = jax.tree.leaves(jax.grad(loss)(params))
+            ad = sum(jnp.vdot(g, d) for g, d in zip(grads, draws, strict=True))
+            return ad, jax.tree.unflatten(treedef, draws)
+
+        ad, direction = grad_along(params, getkey())
+        fd = _directional_fd(jax.jit(_shifted_loss(loss)), params, direction)
         np.testing.assert_allclose(float(ad), float(fd), rtol=1e-6)
         assert abs(float(ad)) > 1e-4
 
@@ -571,15 +576,27 @@ def test_smooth_field_steps_across_layers(getkey):
     ctrl = diffrax.PIDController(rtol=1e-2, atol=1e-4)
     depth = pf.Continuous(diffrax.Tsit5(), ctrl)
     steps = {}
-    fields = {}
     for name, schedule in (("poly", pf.Polynomial(2)), ("per_layer", pf.PerLayer())):
         field = pf.Field(8, 2, layers, key=key, schedule=schedule, composition=pf.ParallelBlock())
-        fields[name] = field
         steps[name] = int(depth(field, u0).stats.num_steps)
     assert steps["per_layer"] >= layers
     assert steps["poly"] < layers, steps
+
+
+# The default tier takes one fixed step over a whole smooth field (`Shared()` with
+# `ParallelBlock()`, tests/test_reference.py) and checks the refusal of a step that does not
+# divide a per-layer field's pieces (tests/test_errors.py).
+@pytest.mark.slow
+def test_smooth_field_takes_fixed_steps_across_layers(getkey):
     # A fixed-step solve may take steps longer than a layer on the one smooth piece (two
     # Heun steps of four layers each); the per-layer field refuses them.
+    layers = 8
+    key = getkey()
+    u0 = jr.normal(getkey(), (5, 8))
+    fields = {
+        name: pf.Field(8, 2, layers, key=key, schedule=schedule, composition=pf.ParallelBlock())
+        for name, schedule in (("poly", pf.Polynomial(2)), ("per_layer", pf.PerLayer()))
+    }
     coarse = pf.Continuous(diffrax.Heun(), diffrax.ConstantStepSize(), dt0=4.0)
     sol = coarse(fields["poly"], u0)
     assert int(sol.stats.num_steps) == 2 and int(sol.stats.nfe) == 4
