@@ -91,7 +91,9 @@ class CompareConfig:
 
     @classmethod
     def quick(cls) -> CompareConfig:
-        """About four minutes on 2 idle CPU cores, compilation included."""
+        """The README's main job: the digits, a discrete model (800 steps) and a smooth one
+        trained in continuous mode (600 steps), then the solver and tolerance sweep (the
+        results page gives the measured wall time)."""
         setup = TaskSetup.digits(steps=800)
         return cls(
             name="quick",

@@ -24,8 +24,8 @@ Run: `python experiments/studies/lra_placement.py [--preset smoke|quick|full] [-
 [--tasks listops text ...] [--data-dir DIR] [--seeds 0 1 ...] [--baseline-only]
 [--steps N]` (every field of `Config` is a flag; `--help`).
 The quick preset (the default) runs three CPU-sized tasks whose baselines pass the learning
-gate, each with its own model and budget (`Config.quick`: about 20 minutes per task on two
-cores; the script prints its estimate); `--preset full` studies all five with the LRA
+gate, each with its own model and budget (`Config.quick`; the script prints its time
+estimate); `--preset full` studies all five with the LRA
 Transformer's per-task configurations (`lra.TASKS`) on the official data of `--data-dir`
 (offline stand-ins only with `--allow-stand-in`, and then labelled so), and `--dry-run`
 prints the runs' parameter counts, FLOPs and GPU hours as JSON without training
@@ -341,8 +341,7 @@ class Config:
     def quick(cls) -> Config:
         """Three CPU-sized tasks whose baselines pass the learning gate, each with its own
         model and budget, the six `QUICK_ARMS` and the baseline, 8 paired seeds, validation
-        every 100 steps: about 20 minutes per task on two cores (the script prints its
-        estimate).
+        every 100 steps (the script prints its time estimate).
 
         - `image`: the 8x8 digits at their native size (64 tokens), 4 layers, width 32, lr
           1e-3, 700 steps: 89% test accuracy in a probe, 10% for the majority class.

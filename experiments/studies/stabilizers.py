@@ -215,8 +215,8 @@ class StabilizerConfig:
         """The learning-rate sweep on a task that passes the learning gate: the 8x8 digits
         (`TaskSetup.digits`: 4 layers, width 32), 400 steps (warm-up 40), 8 peak learning
         rates from 1e-4 to 0.3 (a factor of about 3 apart), the four arms, 3 seeds (3 to 5:
-        seeds 0 to 2 ran under the criteria's first version): 96 runs, about 25 minutes on
-        two cores (the script prints its estimate)."""
+        seeds 0 to 2 ran under the criteria's first version): 96 runs (the script prints
+        its time estimate)."""
         digits = TaskSetup.digits(400)
         return cls(
             name="quick",

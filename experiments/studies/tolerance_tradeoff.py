@@ -26,7 +26,7 @@ parallel-block evaluation counts one, a sequential half step one half). Then:
   points of the baseline's accuracy;
 - a control: a discrete model with as many layers as that cheapest solve evaluates blocks.
 
-    python experiments/studies/tolerance_tradeoff.py                 # quick: ~20 min, 2 cores
+    python experiments/studies/tolerance_tradeoff.py                 # quick: 3 seeds, CPU
     python experiments/studies/tolerance_tradeoff.py --preset full   # more seeds and steps
     python experiments/studies/tolerance_tradeoff.py --preset smoke  # seconds, for tests
 
@@ -191,8 +191,8 @@ class TradeoffConfig:
 
     @classmethod
     def quick(cls) -> TradeoffConfig:
-        """About 20 minutes on 2 idle CPU cores (estimated from training steps timed on a
-        loaded machine): the digits, 3 seeds, the smooth models 500 steps."""
+        """The digits, 3 seeds, the smooth models 500 steps (the results page gives the
+        measured wall time)."""
         setup = TaskSetup.digits(steps=800)
         return cls(
             name="quick",
