@@ -194,12 +194,11 @@ class TradeoffConfig:
         """The digits, 3 seeds, the smooth models 500 steps (the results page gives the
         measured wall time); the regularised model penalises the solver's error estimates.
 
-        Why that regulariser and weight: with `KineticEnergy(0.01) + JacobianFrobenius(0.01)`
-        (seeds 0 to 2) the NFE at the training tolerance fell only 1.08x. A one-seed probe
-        (seed 0, 500 steps, the test split) then tried `ErrorEstimate` alone: weight 0.03 and
-        0.1 left that NFE at 45 to 52, 0.3 brought it from 45 to 25 (accuracy 76.2% to
-        80.7%), and 1 (300 steps) to 25 with 18 points less accuracy. The study runs 0.3 on
-        seeds the probe did not see (3 to 5)."""
+        Why that regulariser and weight: `KineticEnergy(0.01) + JacobianFrobenius(0.01)`
+        (seeds 0 to 2, the run of commit 1d6cbab) cut the NFE at the training tolerance only
+        1.08x. The weight 0.3 of `ErrorEstimate` was then picked by a one-seed probe (seed 0,
+        not kept in the repository, so not a result); the study runs it on seeds the probe
+        did not see (3 to 5), and its results page is the measurement."""
         setup = TaskSetup.digits(steps=800)
         return cls(
             name="quick",
