@@ -38,9 +38,10 @@ def test_adjoints_agree(getkey):
         field, x, mask = _setup(getkey())
         ctrl = diffrax.PIDController(rtol=1e-8, atol=1e-8)
 
-        # A small max_steps keeps DirectAdjoint's compile time (it grows with max_steps) low.
+        # A small max_steps keeps DirectAdjoint's compile time (it grows with max_steps) low;
+        # seeds 0-15 took 9 to 39 steps.
         def grad(adjoint):
-            depth = pf.Continuous(diffrax.Tsit5(), ctrl, adjoint, max_steps=64)
+            depth = pf.Continuous(diffrax.Tsit5(), ctrl, adjoint, max_steps=128)
             return _flat(_grad(field, x, mask, depth))
 
         rc = grad(diffrax.RecursiveCheckpointAdjoint())
