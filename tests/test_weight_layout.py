@@ -79,3 +79,23 @@ def test_padded_positions_are_carried_unchanged():
         u = solve(depth, field)
         np.testing.assert_array_equal(u[1, 3:], u0[1, 3:])
         assert not np.allclose(u[1, :3], u0[1, :3])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_initial_weights_are_the_documented_uniform_draws(dtype):
+    # Drawn in one batched program, yet each matrix is exactly `jr.uniform` of its own key
+    # (the i-th of `jr.split(key)`) at its own shape, bounds +-1/sqrt(fan_in).
+    key = jr.PRNGKey(7)
+    k1, k2 = jr.split(key)
+    lim = lambda fan_in: 1.0 / np.sqrt(fan_in)
+    attn = pf.MultiHeadAttention(4, 2, key=key, dtype=dtype)
+    reaction = pf.Reaction(4, 6, key=key, dtype=dtype)
+    expected = [
+        (attn.qkv_weight, jr.uniform(k1, (4, 12), dtype, -lim(4), lim(4))),
+        (attn.out_weight, jr.uniform(k2, (4, 4), dtype, -lim(4), lim(4))),
+        (reaction.w1, jr.uniform(k1, (4, 6), dtype, -lim(4), lim(4))),
+        (reaction.w2, jr.uniform(k2, (6, 4), dtype, -lim(6), lim(6))),
+    ]
+    for ours, draw in expected:
+        assert ours.dtype == dtype
+        np.testing.assert_array_equal(ours, draw)

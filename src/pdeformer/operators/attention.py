@@ -93,9 +93,24 @@ def _current_platform() -> str:
     return backend
 
 
-def _dense_init(key: PRNGKeyArray, fan_in: int, shape: tuple[int, ...], dtype) -> Array:
-    lim = 1.0 / math.sqrt(fan_in)
-    return jr.uniform(key, shape, dtype, -lim, lim)
+def _dense_init(
+    key: PRNGKeyArray, weights: tuple[tuple[int, tuple[int, ...]], ...], dtype
+) -> list[Array]:
+    """Weights `jr.uniform(k_i, shape_i, dtype, -1/sqrt(fan_in_i), 1/sqrt(fan_in_i))` for
+    `weights = ((fan_in_i, shape_i), ...)`, `k_i` the keys of `jr.split(key, len(weights))`.
+
+    One batched draw of the longest flat length, cut to each shape: the same numbers (JAX's
+    threefry draws element `j` of any shape from counter `j`), from one random-number
+    program instead of one per shape; XLA compiles each of those programs anew for every
+    model size, which dominates the time to build a small model.
+    """
+    keys = jr.split(key, len(weights))
+    size = max(math.prod(shape) for _, shape in weights)
+    lims = jnp.asarray([1.0 / math.sqrt(fan_in) for fan_in, _ in weights], dtype)
+    flat = jax.vmap(lambda k, lim: jr.uniform(k, (size,), dtype, -lim, lim))(keys, lims)
+    return [
+        flat[i, : math.prod(shape)].reshape(shape) for i, (_, shape) in enumerate(weights)
+    ]
 
 
 def dense(x: Float[Array, "*rows fan_in"], w: Float[Array, "fan_in fan_out"], b=None):
@@ -496,10 +511,10 @@ class MultiHeadAttention(eqx.Module):
                 f"positive number of query rows per block ({DEFAULT_BLOCK_SIZE} is the "
                 "default)."
             )
-        kq, ko = jr.split(key)
-        self.qkv_weight = _dense_init(kq, dim, (dim, 3 * dim), dtype)
+        self.qkv_weight, self.out_weight = _dense_init(
+            key, ((dim, (dim, 3 * dim)), (dim, (dim, dim))), dtype
+        )
         self.qkv_bias = jnp.zeros((3 * dim,), dtype)
-        self.out_weight = _dense_init(ko, dim, (dim, dim), dtype)
         self.out_bias = jnp.zeros((dim,), dtype)
         self.num_heads = num_heads
         self.implementation = implementation

@@ -48,10 +48,8 @@ class Reaction(eqx.Module):
     ):
         if hidden < 1:
             raise ValueError(f"Reaction needs hidden >= 1; got hidden={hidden}. Pass e.g. 4*dim.")
-        k1, k2 = jr.split(key)
-        self.w1 = _dense_init(k1, dim, (dim, hidden), dtype)
+        self.w1, self.w2 = _dense_init(key, ((dim, (dim, hidden)), (hidden, (hidden, dim))), dtype)
         self.b1 = jnp.zeros((hidden,), dtype)
-        self.w2 = _dense_init(k2, hidden, (hidden, dim), dtype)
         self.b2 = jnp.zeros((dim,), dtype)
         self.activation = activation
 
