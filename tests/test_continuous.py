@@ -29,12 +29,11 @@ def _tight(field, x, mask):
     return ref(field, x, mask).u
 
 
-# Heun (second order) in the default tier; Euler, which is `Discrete()` bit for bit
-# (tests/test_reference.py), in the slow tier.
-@pytest.mark.parametrize(
-    "solver,order",
-    [pytest.param(diffrax.Euler(), 1.0, marks=pytest.mark.slow), (diffrax.Heun(), 2.0)],
-)
+# Slow tier (three compiled solves each). The default tier has the order of the constant-step
+# exponential solver (tests/test_stiff.py), Euler as `Discrete()` bit for bit
+# (tests/test_reference.py) and the adaptive error following the tolerance (below).
+@pytest.mark.slow
+@pytest.mark.parametrize("solver,order", [(diffrax.Euler(), 1.0), (diffrax.Heun(), 2.0)])
 def test_fixed_step_convergence_order(getkey, solver, order):
     with jax.enable_x64(True):
         field, x, mask = _small(getkey(), jnp.float64)
@@ -87,12 +86,12 @@ def test_tolerance_trades_accuracy_for_compute():
 @pytest.mark.parametrize(
     "solver",
     [
-        # An adaptive FSAL method in the default tier; the others slow.
+        # An adaptive FSAL method with few stages in the default tier; the others slow.
         pytest.param(diffrax.Euler(), marks=pytest.mark.slow),
         pytest.param(diffrax.Heun(), marks=pytest.mark.slow),
         pytest.param(diffrax.Midpoint(), marks=pytest.mark.slow),
-        pytest.param(diffrax.Bosh3(), marks=pytest.mark.slow),
-        diffrax.Tsit5(),
+        diffrax.Bosh3(),
+        pytest.param(diffrax.Tsit5(), marks=pytest.mark.slow),
         pytest.param(diffrax.Dopri5(), marks=pytest.mark.slow),
         pytest.param(diffrax.Dopri8(), marks=pytest.mark.slow),
     ],
@@ -242,25 +241,28 @@ def test_no_sliver_steps_at_jumps():
     with jax.enable_x64(True):
         field = _jumpy_field()
         term = diffrax.ODETerm(lambda t, y, args: field(t, y, None))
-        for rtol in (1e-3, 1e-4):
-            depth = pf.Continuous(diffrax.Tsit5(), diffrax.PIDController(rtol=rtol, atol=rtol / 10))
-            controller = depth._controller(field, jnp.float64)
-            solve = jax.jit(
-                lambda u0, c=controller: (
-                    diffrax.diffeqsolve(
-                        term,
-                        diffrax.Tsit5(),
-                        0.0,
-                        field.t1,
-                        0.5,
-                        u0,
-                        stepsize_controller=c,
-                        saveat=diffrax.SaveAt(steps=True),
-                        max_steps=256,
-                    ).ts
-                )
+        # The tolerances traced: both share one compiled solve.
+        solve = eqx.filter_jit(
+            lambda u0, c: (
+                diffrax.diffeqsolve(
+                    term,
+                    diffrax.Tsit5(),
+                    0.0,
+                    field.t1,
+                    0.5,
+                    u0,
+                    stepsize_controller=c,
+                    saveat=diffrax.SaveAt(steps=True),
+                    max_steps=256,
+                ).ts
             )
+        )
+        for rtol in (1e-3, 1e-4):
+            tol = dict(rtol=jnp.asarray(rtol), atol=jnp.asarray(rtol / 10))
+            depth = pf.Continuous(diffrax.Tsit5(), diffrax.PIDController(**tol))
+            controller = depth._controller(field, jnp.float64)
             for seed in range(100, 106):
-                ts = np.asarray(solve(jr.normal(jr.PRNGKey(seed), (1, 12, 16), jnp.float64)))
+                u0 = jr.normal(jr.PRNGKey(seed), (1, 12, 16), jnp.float64)
+                ts = np.asarray(solve(u0, controller))
                 h = np.diff(np.concatenate([[0.0], ts[np.isfinite(ts)]]))
                 assert h.min() > 1e-6 * np.median(h), (rtol, seed, h)

@@ -87,14 +87,16 @@ def test_encoder_points_are_applied_once(getkey):
     assert max_abs_diff(got, want) <= 1e-5
 
 
+# Slow tier (a backward pass through every insertion point compiles long). The default tier
+# checks every point's forward pass against the written-out model (above, and
+# tests/test_reference.py) and the gradient of a regularised loss through the discrete
+# steps against finite differences (tests/test_regularisers.py).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "depth",
     [
         pf.Discrete(),
-        pytest.param(
-            pf.Continuous(diffrax.Heun(), diffrax.PIDController(rtol=1e-3, atol=1e-5)),
-            marks=pytest.mark.slow,  # a backward pass through an adaptive solve: compiles long
-        ),
+        pf.Continuous(diffrax.Heun(), diffrax.PIDController(rtol=1e-3, atol=1e-5)),
     ],
     ids=["discrete", "continuous"],
 )

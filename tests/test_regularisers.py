@@ -133,11 +133,11 @@ def _exact_jacobian(field, u, mask):
     return jax.jit(jax.jacrev(flat))(u.ravel())
 
 
-@pytest.mark.parametrize(
-    "gaussian",
-    [False, pytest.param(True, marks=pytest.mark.slow)],
-    ids=["rademacher", "gaussian"],
-)
+# Slow tier (a dense Jacobian and 4,000 probes to compile). The default tier checks the
+# one-probe integrand of the discrete solve against the vector-Jacobian products of the
+# Euler steps (test_discrete_integrals_are_sums_over_euler_steps).
+@pytest.mark.slow
+@pytest.mark.parametrize("gaussian", [False, True], ids=["rademacher", "gaussian"])
 def test_hutchinson_mean_is_frobenius_norm(getkey, gaussian):
     # The mean of many one-probe estimates against ||J||_F^2 / n from the dense Jacobian,
     # within 5 standard errors; the variance is known exactly from J:
@@ -193,7 +193,7 @@ def _directional_fd(shifted, params, direction, eps=1e-6):
         ("discrete", False),
     ],
 )
-def test_gradient_of_regularised_loss_matches_finite_differences(getkey, integrator, jacobian):
+def test_gradient_of_regularised_loss_matches_finite_differences(getkey, rng, integrator, jacobian):
     with jax.enable_x64(True):
         field = pf.Field(4, 2, 2, key=getkey(), hidden=8, dtype=jnp.float64)
         u0, mask = _state(getkey())
@@ -220,16 +220,17 @@ def test_gradient_of_regularised_loss_matches_finite_differences(getkey, integra
             sol = depth(eqx.combine(p, static), u0, mask, key=key)
             return 0.1 * jnp.mean(sol.u**2) + R.penalty(depth.regularisers, sol.regularisation)
 
-        @jax.jit  # one program, not a compile per weight shape
-        def grad_along(params, key):
-            leaves, treedef = jax.tree.flatten(params)
-            keys = jr.split(key, len(leaves))
-            draws = [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
-            grads = jax.tree.leaves(jax.grad(loss)(params))
-            ad = sum(jnp.vdot(g, d) for g, d in zip(grads, draws, strict=True))
-            return ad, jax.tree.unflatten(treedef, draws)
+        # The direction from numpy: JAX's random-number programs compile once per shape.
+        direction = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
 
-        ad, direction = grad_along(params, getkey())
+        @jax.jit  # one program, not a compile per weight shape
+        def grad_along(params, direction):
+            grads = jax.tree.leaves(jax.grad(loss)(params))
+            return sum(
+                jnp.vdot(g, d) for g, d in zip(grads, jax.tree.leaves(direction), strict=True)
+            )
+
+        ad = grad_along(params, direction)
         fd = _directional_fd(jax.jit(_shifted_loss(loss)), params, direction)
         np.testing.assert_allclose(float(ad), float(fd), rtol=1e-6)
         assert abs(float(ad)) > 1e-4
@@ -565,6 +566,10 @@ def test_pieces_follow_the_schedules_smooth_property(getkey):
     assert interpolated.pieces() == pf.Pieces(width=1.0, branches=(0,), periods=3)
 
 
+# Slow tier (two adaptive solves of eight layers to compile). The default tier checks that
+# the polynomial field is one smooth piece (above) and that such a piece takes a single
+# fixed step across all its layers (tests/test_reference.py).
+@pytest.mark.slow
 def test_smooth_field_steps_across_layers(getkey):
     # Eight layers: the per-layer field jumps at every boundary and an adaptive solve takes
     # at least one step per layer; the polynomial field is one smooth piece and does not.

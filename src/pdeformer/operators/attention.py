@@ -108,9 +108,7 @@ def _dense_init(
     size = max(math.prod(shape) for _, shape in weights)
     lims = jnp.asarray([1.0 / math.sqrt(fan_in) for fan_in, _ in weights], dtype)
     flat = jax.vmap(lambda k, lim: jr.uniform(k, (size,), dtype, -lim, lim))(keys, lims)
-    return [
-        flat[i, : math.prod(shape)].reshape(shape) for i, (_, shape) in enumerate(weights)
-    ]
+    return [flat[i, : math.prod(shape)].reshape(shape) for i, (_, shape) in enumerate(weights)]
 
 
 def dense(x: Float[Array, "*rows fan_in"], w: Float[Array, "fan_in fan_out"], b=None):
