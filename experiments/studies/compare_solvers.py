@@ -92,13 +92,13 @@ class CompareConfig:
     @classmethod
     def quick(cls) -> CompareConfig:
         """The README's main job: the digits, a discrete model (800 steps) and a smooth one
-        trained in continuous mode (600 steps), then the solver and tolerance sweep (the
+        trained in continuous mode (500 steps), then the solver and tolerance sweep (the
         results page gives the measured wall time)."""
         setup = TaskSetup.digits(steps=800)
         return cls(
             name="quick",
             setup=setup,
-            smooth_train=dataclasses.replace(setup.train, lr=2e-3, total_steps=600),
+            smooth_train=dataclasses.replace(setup.train, lr=2e-3, total_steps=500),
         )
 
     @classmethod
