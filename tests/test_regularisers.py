@@ -133,9 +133,9 @@ def _exact_jacobian(field, u, mask):
     return jax.jit(jax.jacrev(flat))(u.ravel())
 
 
-# Slow tier (a dense Jacobian and 4,000 probes to compile). The default tier checks the
-# one-probe integrand of the discrete solve against the vector-Jacobian products of the
-# Euler steps (test_discrete_integrals_are_sums_over_euler_steps).
+# Slow tier (a dense Jacobian and a vmapped one-probe estimate to compile). The default
+# tier checks the one-probe integrand of the discrete solve against the vector-Jacobian
+# products of the Euler steps (test_discrete_integrals_are_sums_over_euler_steps).
 @pytest.mark.slow
 @pytest.mark.parametrize("gaussian", [False, True], ids=["rademacher", "gaussian"])
 def test_hutchinson_mean_is_frobenius_norm(getkey, gaussian):

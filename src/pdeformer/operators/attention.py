@@ -101,8 +101,7 @@ def _dense_init(
 
     One batched draw of the longest flat length, cut to each shape: the same numbers (JAX's
     threefry draws element `j` of any shape from counter `j`), from one random-number
-    program instead of one per shape; XLA compiles each of those programs anew for every
-    model size, which dominates the time to build a small model.
+    program instead of one per shape (XLA compiles such a program for every new shape).
     """
     keys = jr.split(key, len(weights))
     size = max(math.prod(shape) for _, shape in weights)
