@@ -173,3 +173,18 @@ def test_throughput_mode_refuses_bad_settings(experiments, flags, match):
     config = module._cli.parse(module.PRESETS, args, description="")
     with pytest.raises(ValueError, match=match):
         module.main(config)
+
+
+def test_build_mode_smoke(experiments, tmp_path):
+    # Fresh processes build the same fields both ways: the same weights, a positive ratio.
+    module = experiments("bench/overhead")
+    argv = ["--preset", "smoke", "--mode", "build", "--build.dims", "4", "--out", str(tmp_path)]
+    top = module._cli.parse(module.PRESETS, argv, description="")
+    assert top.build.repeats == 1  # the smoke preset's value
+    result = module.main(top)
+    assert result["same_weights"] is True
+    ratio = result["ratios"]["build_batched_vs_per_matrix"]
+    assert ratio == result["median_s"]["batched"] / result["median_s"]["per_matrix"] > 0
+    assert "build_batched_vs_per_matrix" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="multiple of heads"):
+        module.run_build(module.BuildConfig(dims="5", heads=2))

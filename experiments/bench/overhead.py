@@ -1,5 +1,5 @@
-"""Overhead of pdeformer's depth integrators against a plainly written JAX Transformer, and
-the throughput of a training step (two modes).
+"""Overhead of pdeformer's depth integrators against a plainly written JAX Transformer, the
+throughput of a training step, and the time to build a model (three modes).
 
 **`--mode integrators`** (the default) measures jitted forward+backward (`value_and_grad`
 of `mean(u_T**2)` w.r.t. the weights) of
@@ -32,12 +32,19 @@ layers. Steady-state times are medians over round-robin repeats after warm-up.
    against a `"highest"`-precision solve `reference_factor` times tighter. On a CPU the
    precisions do not differ (XLA's CPU backend has no TF32).
 
+**`--mode build`** times building `Field`s of several widths in fresh processes (nothing
+compiled yet, as when a user starts), with the library's initialiser (each module's dense
+matrices from one batched random-number program) against drawing each matrix on its own
+(what the library did before; the same numbers, which the run checks): median seconds over
+interleaved fresh processes, and their ratio.
+
 Usage:
 
     python experiments/bench/overhead.py                                  # quick (CPU sizes)
     python experiments/bench/overhead.py --preset smoke                   # seconds (tests)
     python experiments/bench/overhead.py --mode throughput                # CPU sizes
     python experiments/bench/overhead.py --preset full --mode throughput  # GPU: seq 4096
+    python experiments/bench/overhead.py --mode build                     # model building
 
 Writes `results.json` and `results.md` into `--out` (default `runs/bench/overhead`);
 progress goes to stderr.
@@ -46,7 +53,9 @@ progress goes to stderr.
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -789,6 +798,126 @@ def throughput_table(result: dict[str, Any], c: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# Building a model: the batched initialiser against one random-number program per matrix.
+# ---------------------------------------------------------------------------------------
+
+BUILD_TARGET = 0.95  # a performance change stays only if it gains at least 5%
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Settings of the build mode.
+
+    **Arguments:**
+
+    - `dims`: comma-separated widths; one `Field(dim, heads, layers, hidden=4 * dim)` each,
+      all built in one process.
+    - `heads`, `layers`: their heads and depth.
+    - `repeats`: fresh processes per variant, interleaved (median reported).
+    """
+
+    dims: str = "8,16,32,64,128"
+    heads: int = 2
+    layers: int = 2
+    repeats: int = 3
+
+
+# Run in a fresh process: `python -c _BUILD variant dims heads layers`; prints JSON.
+_BUILD = """
+import hashlib, json, math, sys, time
+import jax, jax.random as jr, numpy as np
+import pdeformer as pf
+variant, dims, heads, layers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if variant == "per_matrix":
+    from pdeformer.operators import attention, reaction
+
+    def per_matrix(key, weights, dtype):
+        keys = jr.split(key, len(weights))
+        return [jr.uniform(k, shape, dtype, -1 / math.sqrt(f), 1 / math.sqrt(f))
+                for k, (f, shape) in zip(keys, weights)]
+
+    attention._dense_init = reaction._dense_init = per_matrix
+dims = [int(d) for d in dims.split(",")]
+start = time.perf_counter()
+fields = [pf.Field(d, heads, layers, key=jr.PRNGKey(i), hidden=4 * d) for i, d in enumerate(dims)]
+jax.block_until_ready(fields)
+seconds = time.perf_counter() - start
+digest = hashlib.sha256()
+for leaf in jax.tree.leaves(fields):
+    if isinstance(leaf, jax.Array):
+        digest.update(np.asarray(leaf).tobytes())
+print(json.dumps({"seconds": seconds, "weights_sha256": digest.hexdigest()}))
+"""
+
+BUILD_VARIANTS = ("batched", "per_matrix")
+
+
+def _build_once(variant: str, config: BuildConfig) -> dict[str, Any]:
+    argv = [sys.executable, "-c", _BUILD, variant, config.dims, str(config.heads)]
+    done = subprocess.run([*argv, str(config.layers)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the {variant} fields failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_build(config: BuildConfig) -> dict[str, Any]:
+    """The build mode: seconds to build the fields in a fresh process, per variant.
+
+    **Returns:**
+
+    A JSON-serialisable dict: `seconds` (per variant, every process), `median_s`,
+    `ratios` (`build_batched_vs_per_matrix`), `passed_targets`, and `same_weights`
+    (whether both variants built bit-identical weights).
+    """
+    dims = [int(d) for d in _names(config.dims, "dims")]
+    if any(d % config.heads for d in dims) or min(config.heads, config.layers, config.repeats) < 1:
+        raise ValueError(
+            f"every dim must be a multiple of heads, and heads, layers, repeats >= 1; got "
+            f"dims {config.dims!r}, heads {config.heads}, layers {config.layers}, "
+            f"repeats {config.repeats}."
+        )
+    seconds = {v: [] for v in BUILD_VARIANTS}
+    digests = {v: set() for v in BUILD_VARIANTS}
+    for r in range(config.repeats):
+        for variant in BUILD_VARIANTS:
+            out = _build_once(variant, config)
+            seconds[variant].append(out["seconds"])
+            digests[variant].add(out["weights_sha256"])
+            _log(f"build {r + 1}/{config.repeats}, {variant}: {out['seconds']:.2f} s")
+    median = {v: statistics.median(t) for v, t in seconds.items()}
+    ratio = median["batched"] / median["per_matrix"]
+    return {
+        "seconds": seconds,
+        "median_s": median,
+        "ratios": {"build_batched_vs_per_matrix": ratio},
+        "passed_targets": {"build_batched_vs_per_matrix": ratio <= BUILD_TARGET},
+        "same_weights": len(digests["batched"]) == 1
+        and digests["batched"] == digests["per_matrix"],
+    }
+
+
+def build_table(result: dict[str, Any], c: dict[str, Any]) -> str:
+    """The build mode as a Markdown table."""
+    m = result["median_s"]
+    ratio = result["ratios"]["build_batched_vs_per_matrix"]
+    verdict = "met" if result["passed_targets"]["build_batched_vs_per_matrix"] else "**not met**"
+    return "\n".join(
+        [
+            f"Fields of widths {c['dims']} ({c['heads']} heads, {c['layers']} layers, FFN "
+            f"4 x dim) built in a fresh process; median of {c['repeats']} interleaved "
+            f"processes per variant. Same weights: {result['same_weights']}.",
+            "",
+            "| variant | seconds |",
+            "|---|---:|",
+            f"| batched (the library) | {m['batched']:.2f} |",
+            f"| one program per matrix | {m['per_matrix']:.2f} |",
+            f"| `build_batched_vs_per_matrix` (target <= {BUILD_TARGET}) | {ratio:.3f} "
+            f"({verdict}) |",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # The command line.
 # ---------------------------------------------------------------------------------------
 
@@ -800,15 +929,17 @@ class Config:
     **Arguments:**
 
     - `mode`: `integrators` (the library's integrators against a hand-written
-      Transformer) or `throughput` (tokens/s and MFU of a training step; TF32).
-    - `integrators`, `throughput`: the settings of each mode.
+      Transformer), `throughput` (tokens/s and MFU of a training step; TF32) or `build`
+      (the time to build a model).
+    - `integrators`, `throughput`, `build`: the settings of each mode.
     - `platform`: JAX platform (`cpu`, `gpu`, ...); `None`: JAX's default.
     - `out`: the output directory (`None`: print only).
     """
 
-    mode: Literal["integrators", "throughput"] = "integrators"
+    mode: Literal["integrators", "throughput", "build"] = "integrators"
     integrators: IntegratorsConfig = IntegratorsConfig()
     throughput: ThroughputConfig = ThroughputConfig()
+    build: BuildConfig = BuildConfig()
     platform: str | None = None
     out: Path | None = Path("runs/bench/overhead")
 
@@ -818,15 +949,17 @@ PRESETS = {
     "smoke": lambda: Config(
         integrators=IntegratorsConfig(**INTEGRATORS_SMOKE),
         throughput=ThroughputConfig(**THROUGHPUT_SMOKE),
+        build=BuildConfig(dims="8,16", repeats=1),
     ),
     "quick": Config,
     "full": lambda: Config(throughput=ThroughputConfig(**THROUGHPUT_GPU)),
 }
-MODES = {"integrators": run_integrators, "throughput": run_throughput}
-TABLES = {"integrators": integrators_table, "throughput": throughput_table}
+MODES = {"integrators": run_integrators, "throughput": run_throughput, "build": run_build}
+TABLES = {"integrators": integrators_table, "throughput": throughput_table, "build": build_table}
 TITLES = {
     "integrators": "Overhead of the depth integrators against a hand-written JAX Transformer",
     "throughput": "Throughput and model FLOP utilisation of a training step; TF32",
+    "build": "Time to build a model: one batched random-number program or one per matrix",
 }
 
 
